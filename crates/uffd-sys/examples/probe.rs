@@ -1,0 +1,5 @@
+//! Prints what userfaultfd can do on this host (`cargo run -p uffd-sys --example probe`).
+
+fn main() {
+    print!("{}", uffd_sys::probe());
+}
