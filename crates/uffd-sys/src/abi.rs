@@ -149,7 +149,7 @@ pub struct uffdio_move {
 /// `repr(C)` with 8-byte alignment gives the same 32 bytes).
 ///
 /// The kernel's union `arg` is kept as four raw `u64` words and decoded by
-/// [`crate::Event::decode`], so no union access (and no unsafe) is needed to read it.
+/// the event decoder, so no union access (and no unsafe) is needed to read it.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct uffd_msg {

@@ -87,6 +87,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A range given relative to a [`crate::Mapping`] does not fit inside it.
+    #[error("[{offset:#x}, +{len:#x}) is outside the {size:#x}-byte mapping")]
+    OutOfBounds {
+        /// Offset into the mapping.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the mapping.
+        size: u64,
+    },
     /// Reading events from the descriptor failed.
     #[error("reading userfaultfd events failed")]
     Read(#[source] io::Error),
@@ -104,7 +114,10 @@ impl Error {
         match self {
             Error::Api { source, .. } | Error::Range { source, .. } => source.raw_os_error(),
             Error::Read(e) | Error::Poll(e) => e.raw_os_error(),
-            Error::Open { .. } | Error::MissingFeatures { .. } | Error::ShortRead(_) => None,
+            Error::Open { .. }
+            | Error::MissingFeatures { .. }
+            | Error::OutOfBounds { .. }
+            | Error::ShortRead(_) => None,
         }
     }
 

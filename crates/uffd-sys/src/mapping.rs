@@ -11,6 +11,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use crate::{CopyMode, Uffd, Wake};
+
 /// The memory kinds userfaultfd treats differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MemoryKind {
@@ -277,6 +279,47 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+impl Mapping {
+    fn check_uffd(&self, offset: usize, len: usize) -> crate::Result<u64> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.addr() + offset as u64),
+            _ => Err(crate::Error::OutOfBounds {
+                offset: offset as u64,
+                len: len as u64,
+                size: self.len as u64,
+            }),
+        }
+    }
+
+    /// Places `src` at `offset` with `UFFDIO_COPY` through `uffd`, on which the range
+    /// must be MISSING-registered; see [`Uffd::copy`] for the errors. Safe, unlike
+    /// [`Uffd::copy`] itself: a `Mapping` hands out no references into its memory.
+    pub fn copy_in(
+        &self,
+        uffd: &Uffd,
+        offset: usize,
+        src: &[u8],
+        mode: CopyMode,
+    ) -> crate::Result<u64> {
+        let dst = self.check_uffd(offset, src.len())?;
+        // SAFETY: the range lies inside this mapping (checked), whose memory is only ever
+        // accessed through copies and atomics, never through Rust references.
+        unsafe { uffd.copy(dst, src, mode) }
+    }
+
+    /// Places zero pages at `offset` with `UFFDIO_ZEROPAGE` through `uffd`, bounds-checked.
+    pub fn zero_in(
+        &self,
+        uffd: &Uffd,
+        offset: usize,
+        len: usize,
+        wake: Wake,
+    ) -> crate::Result<u64> {
+        let start = self.check_uffd(offset, len)?;
+        uffd.zeropage(start, len as u64, wake)
     }
 }
 

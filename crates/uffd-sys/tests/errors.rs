@@ -149,3 +149,38 @@ fn a_closed_descriptor_gives_typed_errors() {
     );
     std::mem::forget(u);
 }
+
+#[test]
+fn mapping_placement_is_bounds_checked() {
+    let test = "mapping_placement_is_bounds_checked";
+    let Some(u) = uffd(test, Features::empty()) else {
+        return;
+    };
+    let map = Mapping::new(MemoryKind::Anonymous, 2 * PAGE as usize).unwrap();
+    u.register(map.addr(), map.len() as u64, RegisterMode::MISSING)
+        .unwrap();
+    let page = [1u8; PAGE as usize];
+    let e = map
+        .copy_in(&u, 2 * PAGE as usize, &page, CopyMode::empty())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::OutOfBounds {
+                offset: 8192,
+                len: 4096,
+                size: 8192
+            }
+        ),
+        "{e:?}"
+    );
+    let e = map.zero_in(&u, usize::MAX, 1, Wake::Yes).unwrap_err();
+    assert!(matches!(e, Error::OutOfBounds { .. }), "{e:?}");
+    assert_eq!(
+        map.copy_in(&u, PAGE as usize, &page, CopyMode::empty())
+            .unwrap(),
+        PAGE
+    );
+    assert_eq!(map.zero_in(&u, 0, PAGE as usize, Wake::Yes).unwrap(), PAGE);
+    assert_eq!(map.load_u8(PAGE as usize).unwrap(), 1);
+}
