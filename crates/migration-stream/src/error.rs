@@ -1,0 +1,278 @@
+//! Errors of the encoders and decoders.
+//!
+//! Every way a stream can be malformed has its own variant with the context
+//! needed to find the bad byte (block ids, offsets in hex, lengths and their
+//! caps). A decoder returns one of these for any input; it never panics.
+
+use std::io;
+
+use crate::block::BlockId;
+use crate::header::{MigrationId, Role};
+
+/// Which tag enum a tag byte belonged to, for [`Error::UnknownTag`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagKind {
+    /// A frame tag on the main or preempt channel.
+    Frame,
+    /// A command tag.
+    Command,
+    /// A return-path message tag.
+    ReturnPath,
+    /// The role byte of a hello.
+    Role,
+}
+
+impl std::fmt::Display for TagKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TagKind::Frame => "frame",
+            TagKind::Command => "command",
+            TagKind::ReturnPath => "return-path message",
+            TagKind::Role => "channel role",
+        })
+    }
+}
+
+/// An error of the migration wire format: a malformed, hostile or truncated
+/// stream, an I/O failure of the underlying channel, or a caller asking to
+/// encode something the format cannot carry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The underlying reader or writer failed.
+    #[error("I/O error while {context}")]
+    Io {
+        /// What was being read or written.
+        context: &'static str,
+        /// The error of the channel.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer closed the channel cleanly between two frames.
+    #[error("channel closed by the peer at a frame boundary")]
+    Closed,
+    /// The stream ended in the middle of a frame.
+    #[error("stream truncated while reading {what}")]
+    Truncated {
+        /// The field that could not be read in full.
+        what: &'static str,
+    },
+    /// The stream does not start with the format's magic.
+    #[error("bad stream magic {found:#010x} (expected {expected:#010x})")]
+    BadMagic {
+        /// The four bytes found, big-endian.
+        found: u32,
+        /// The magic of this format.
+        expected: u32,
+    },
+    /// The stream declares a format version this crate does not speak.
+    #[error("unsupported wire format version {found} (this side speaks {supported})")]
+    UnsupportedVersion {
+        /// The version in the header.
+        found: u32,
+        /// The version this crate speaks.
+        supported: u32,
+    },
+    /// A tag byte with no meaning (including the reserved `Invalid = 0`).
+    #[error("unknown {kind} tag {value:#04x}")]
+    UnknownTag {
+        /// The enum the tag belongs to.
+        kind: TagKind,
+        /// The tag byte.
+        value: u8,
+    },
+    /// Flag bits that are undefined or form an invalid combination.
+    #[error("invalid {what} flags {bits:#x}")]
+    InvalidFlags {
+        /// Which flag word.
+        what: &'static str,
+        /// The bits as received.
+        bits: u32,
+    },
+    /// A declared length or count exceeds its cap.
+    #[error("{what} length {len} exceeds the cap of {max}")]
+    TooLong {
+        /// The field.
+        what: &'static str,
+        /// The declared length or count.
+        len: u64,
+        /// The cap from [`crate::limits`].
+        max: u64,
+    },
+    /// A frame body length that does not match what its contents require.
+    #[error("{what} body is {len} bytes, expected {expected}")]
+    BadLength {
+        /// The frame.
+        what: &'static str,
+        /// The declared body length.
+        len: u64,
+        /// The length its contents require.
+        expected: u64,
+    },
+    /// A name that is empty, too long or not UTF-8.
+    #[error("invalid {what} name: {reason}")]
+    InvalidName {
+        /// Block or device.
+        what: &'static str,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// Two blocks of one block table share a name.
+    #[error("duplicate RAM block name {name:?}")]
+    DuplicateBlockName {
+        /// The repeated name.
+        name: String,
+    },
+    /// A page size that is not a power of two between 4 KiB and 1 GiB.
+    #[error("invalid page size {page_size:#x}")]
+    InvalidPageSize {
+        /// The page size.
+        page_size: u64,
+    },
+    /// A block whose size is zero, too large, or not a multiple of its page
+    /// size.
+    #[error("invalid size {size:#x} of RAM block {name:?} (page size {page_size:#x})")]
+    InvalidBlockSize {
+        /// The block's name.
+        name: String,
+        /// The declared size.
+        size: u64,
+        /// The declared page size.
+        page_size: u32,
+    },
+    /// A block id that the caller's block table does not know.
+    #[error("unknown RAM block {block}")]
+    UnknownBlock {
+        /// The id.
+        block: BlockId,
+    },
+    /// A record or request said "same block as before" with no block before.
+    #[error("{what} refers to the previous block but none was named yet")]
+    NoCurrentBlock {
+        /// The record or message.
+        what: &'static str,
+    },
+    /// An offset not aligned to the block's page size.
+    #[error(
+        "offset {offset:#x} in RAM block {block} is not aligned to its page size {page_size:#x}"
+    )]
+    Misaligned {
+        /// The block.
+        block: BlockId,
+        /// The offset.
+        offset: u64,
+        /// The block's page size.
+        page_size: u32,
+    },
+    /// A range that does not lie inside its block.
+    #[error("range {offset:#x}+{len:#x} is outside RAM block {block} of size {block_size:#x}")]
+    OutOfRange {
+        /// The block.
+        block: BlockId,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the block.
+        block_size: u64,
+    },
+    /// A range length that is zero or not a multiple of the page size.
+    #[error("length {len:#x} in RAM block {block} is not a non-zero multiple of its page size {page_size:#x}")]
+    BadRangeLength {
+        /// The block.
+        block: BlockId,
+        /// The length.
+        len: u64,
+        /// The block's page size.
+        page_size: u32,
+    },
+    /// A received bitmap whose bit count does not match its block.
+    #[error("received bitmap of RAM block {block} has {bits} bits, block has {expected} pages")]
+    BitmapSizeMismatch {
+        /// The block.
+        block: BlockId,
+        /// Bits declared.
+        bits: u64,
+        /// Pages of the block.
+        expected: u64,
+    },
+    /// Bits set past the end of a received bitmap.
+    #[error("received bitmap of RAM block {block} has bits set past bit {bits}")]
+    BitmapTrailingBits {
+        /// The block.
+        block: BlockId,
+        /// Bits declared.
+        bits: u64,
+    },
+    /// A frame body with bytes left over after its contents.
+    #[error("{what} body has {extra} trailing bytes")]
+    TrailingBytes {
+        /// The frame.
+        what: &'static str,
+        /// Bytes left over.
+        extra: u64,
+    },
+    /// A `Packaged` command inside a `Packaged` command.
+    #[error("nested packaged command")]
+    NestedPackage,
+    /// The caller read the next frame while a page payload was still unread.
+    #[error("page payload of {remaining} bytes not consumed (block {block}, offset {offset:#x})")]
+    PayloadPending {
+        /// Block of the pending page.
+        block: BlockId,
+        /// Offset of the pending page.
+        offset: u64,
+        /// Bytes of payload still unread.
+        remaining: u64,
+    },
+    /// The caller asked for a page payload but none is pending.
+    #[error("no page payload is pending")]
+    NoPayloadPending,
+    /// A page buffer whose length differs from the page size.
+    #[error("page buffer is {actual} bytes, the page is {expected} bytes")]
+    BufferSize {
+        /// The page size.
+        expected: u64,
+        /// The buffer's length.
+        actual: u64,
+    },
+    /// A hello naming another role than the one expected on this channel.
+    #[error("channel hello names role {found:?}, expected {expected:?}")]
+    RoleMismatch {
+        /// The expected role.
+        expected: Role,
+        /// The role in the hello.
+        found: Role,
+    },
+    /// A hello naming another migration than this one.
+    #[error("channel hello names migration {found}, expected {expected}")]
+    MigrationMismatch {
+        /// The expected migration id.
+        expected: MigrationId,
+        /// The migration id in the hello.
+        found: MigrationId,
+    },
+}
+
+/// Result of this crate's encoders and decoders.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Whether this error says the channel ended (cleanly between frames or
+    /// in the middle of one), as opposed to carrying malformed bytes. A
+    /// postcopy destination uses this to enter `postcopy-paused` rather than
+    /// fail.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            Error::Closed | Error::Truncated { .. } => true,
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+}
