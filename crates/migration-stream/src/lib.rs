@@ -7,8 +7,11 @@ pub mod command;
 pub mod error;
 pub mod header;
 pub mod limits;
+pub mod memory_pipe;
 pub mod record;
 pub mod retpath;
+pub mod transport;
+pub mod uri;
 mod wire;
 
 pub use block::{BlockGeometry, BlockId, BlockInfo, BlockResolver, BlockTable};
@@ -19,6 +22,11 @@ pub use header::{
 };
 pub use record::{FrameTag, PageHeader, PagePayload, RamFlags, Record, StreamReader, StreamWriter};
 pub use retpath::{ReceivedBitmap, ReturnMessage, ReturnPathReader, ReturnPathWriter, ReturnTag};
+pub use transport::{
+    connect, connect_str, memory_pair, memory_pair_with_capacity, BoxedReader, BoxedWriter,
+    Connection, ConnectionHandle, Listener, ListenerCanceller, TransportError,
+};
+pub use uri::{MigrationUri, UriError};
 
 #[cfg(test)]
 mod hostile_tests;

@@ -1,0 +1,691 @@
+//! Transports: TCP, Unix socket, file and in-memory connections, each split
+//! into boxed read and write halves so a caller can run one reader thread
+//! and one writer thread per connection, plus a handle that shuts the
+//! connection down from any other thread (cancel).
+//!
+//! Tuning: TCP sockets the source opens for the main channel keep Nagle's
+//! algorithm (throughput; [`crate::StreamWriter`] batches into a 1 MiB
+//! buffer and flushes explicitly), while preempt and return-path sockets set
+//! `TCP_NODELAY` (latency: a faulting vCPU waits on them). Every socket the
+//! destination accepts sets `TCP_NODELAY`, since all it sends is return-path
+//! messages. The standard library does not expose `SO_SNDBUF`/`SO_RCVBUF`;
+//! the kernel's buffer autotuning plus the large user-space buffers of
+//! [`crate::StreamWriter`] and [`crate::StreamReader`] stand in for them.
+//!
+//! A `file:` migration has no return path: the source's connection reads
+//! end of file at once, and the destination's discards what it writes.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::header::Role;
+use crate::memory_pipe::{pipe, PipeShutdown, DEFAULT_PIPE_CAPACITY};
+use crate::uri::{MigrationUri, UriError};
+
+/// Why a connection could not be made or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The URI did not parse.
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    /// Connecting failed.
+    #[error("cannot connect to {uri}")]
+    Connect {
+        /// The URI.
+        uri: String,
+        /// The error of the connect call.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding a listener failed.
+    #[error("cannot listen on {uri}")]
+    Bind {
+        /// The URI.
+        uri: String,
+        /// The error of the bind call.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting a connection failed.
+    #[error("cannot accept a connection on {uri}")]
+    Accept {
+        /// The URI.
+        uri: String,
+        /// The error of the accept call.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or creating the file of a `file:` URI failed.
+    #[error("cannot open migration file {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The error of the open call.
+        #[source]
+        source: io::Error,
+    },
+    /// Duplicating or configuring a socket failed.
+    #[error("cannot set up the socket for {uri}: {what}")]
+    Setup {
+        /// The URI.
+        uri: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The listener was cancelled with [`ListenerCanceller::cancel`].
+    #[error("listening on {uri} was cancelled")]
+    Cancelled {
+        /// The URI.
+        uri: String,
+    },
+    /// A `file:` listener has one connection, already accepted.
+    #[error("the file of {uri} was already accepted")]
+    Exhausted {
+        /// The URI.
+        uri: String,
+    },
+}
+
+/// The read half of a connection.
+pub type BoxedReader = Box<dyn Read + Send>;
+/// The write half of a connection.
+pub type BoxedWriter = Box<dyn Write + Send>;
+
+/// An open connection: independent read and write halves and a handle to
+/// shut it down.
+pub struct Connection {
+    /// Bytes from the peer.
+    pub reader: BoxedReader,
+    /// Bytes to the peer.
+    pub writer: BoxedWriter,
+    /// Shuts the connection down or tunes it, from any thread.
+    pub handle: ConnectionHandle,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum HandleInner {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    File,
+    Memory(Vec<PipeShutdown>),
+}
+
+/// A cloneable, `Send + Sync` handle on a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionHandle {
+    inner: Arc<HandleInner>,
+    peer: Arc<str>,
+}
+
+impl ConnectionHandle {
+    /// Shuts both directions down: a thread blocked reading this connection
+    /// (here or at the peer) sees end of file, a writer gets an error. Used
+    /// to cancel a migration or to simulate a network failure. A connection
+    /// already shut down is not an error. No-op for files.
+    pub fn shutdown(&self) -> io::Result<()> {
+        let r = match &*self.inner {
+            HandleInner::Tcp(s) => s.shutdown(Shutdown::Both),
+            HandleInner::Unix(s) => s.shutdown(Shutdown::Both),
+            HandleInner::File => Ok(()),
+            HandleInner::Memory(pipes) => {
+                pipes.iter().for_each(PipeShutdown::shutdown);
+                Ok(())
+            }
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Sets `TCP_NODELAY`; no-op on other transports.
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        match &*self.inner {
+            HandleInner::Tcp(s) => s.set_nodelay(nodelay),
+            _ => Ok(()),
+        }
+    }
+
+    /// A description of the peer, for logs (`tcp:1.2.3.4:5`, `unix:...`).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
+fn tcp_connection(
+    stream: TcpStream,
+    uri: &str,
+    nodelay: bool,
+) -> Result<Connection, TransportError> {
+    let setup = |what| {
+        move |source| TransportError::Setup {
+            uri: uri.into(),
+            what,
+            source,
+        }
+    };
+    stream
+        .set_nodelay(nodelay)
+        .map_err(setup("set TCP_NODELAY"))?;
+    let peer = stream
+        .peer_addr()
+        .map(|a| {
+            MigrationUri::Tcp {
+                host: a.ip().to_string(),
+                port: a.port(),
+            }
+            .to_string()
+        })
+        .unwrap_or_else(|_| uri.to_string());
+    let reader = stream.try_clone().map_err(setup("clone the socket"))?;
+    let handle = stream.try_clone().map_err(setup("clone the socket"))?;
+    Ok(Connection {
+        reader: Box::new(reader),
+        writer: Box::new(stream),
+        handle: ConnectionHandle {
+            inner: Arc::new(HandleInner::Tcp(handle)),
+            peer: peer.into(),
+        },
+    })
+}
+
+fn unix_connection(stream: UnixStream, uri: &str) -> Result<Connection, TransportError> {
+    let setup = |source| TransportError::Setup {
+        uri: uri.into(),
+        what: "clone the socket",
+        source,
+    };
+    let reader = stream.try_clone().map_err(setup)?;
+    let handle = stream.try_clone().map_err(setup)?;
+    Ok(Connection {
+        reader: Box::new(reader),
+        writer: Box::new(stream),
+        handle: ConnectionHandle {
+            inner: Arc::new(HandleInner::Unix(handle)),
+            peer: uri.into(),
+        },
+    })
+}
+
+fn host_or<'a>(host: &'a str, default: &'static str) -> &'a str {
+    if host.is_empty() {
+        default
+    } else {
+        host
+    }
+}
+
+/// Opens an outgoing connection for a channel of `role` (the source's main
+/// or preempt channel). TCP sets `TCP_NODELAY` for every role but
+/// [`Role::Main`]. A `file:` URI creates (truncates) the file.
+pub fn connect(uri: &MigrationUri, role: Role) -> Result<Connection, TransportError> {
+    let text = uri.to_string();
+    match uri {
+        MigrationUri::Tcp { host, port } => {
+            let stream =
+                TcpStream::connect((host_or(host, "localhost"), *port)).map_err(|source| {
+                    TransportError::Connect {
+                        uri: text.clone(),
+                        source,
+                    }
+                })?;
+            tcp_connection(stream, &text, role != Role::Main)
+        }
+        MigrationUri::Unix { path } => {
+            let stream = UnixStream::connect(path).map_err(|source| TransportError::Connect {
+                uri: text.clone(),
+                source,
+            })?;
+            unix_connection(stream, &text)
+        }
+        MigrationUri::File { path } => {
+            let file = File::create(path).map_err(|source| TransportError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Connection {
+                reader: Box::new(io::empty()),
+                writer: Box::new(file),
+                handle: ConnectionHandle {
+                    inner: Arc::new(HandleInner::File),
+                    peer: text.into(),
+                },
+            })
+        }
+    }
+}
+
+/// Parses `uri` and connects; see [`connect`].
+pub fn connect_str(uri: &str, role: Role) -> Result<Connection, TransportError> {
+    connect(&uri.parse()?, role)
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    File(Mutex<Option<File>>),
+}
+
+/// A listening endpoint of the destination.
+#[derive(Debug)]
+pub struct Listener {
+    inner: ListenerInner,
+    uri: MigrationUri,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Cancels a blocked [`Listener::accept`] from another thread.
+#[derive(Debug, Clone)]
+pub struct ListenerCanceller {
+    uri: MigrationUri,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl ListenerCanceller {
+    /// Makes the pending and every later `accept` return
+    /// [`TransportError::Cancelled`]. A blocked `accept` is woken by a
+    /// throw-away connection to the listener.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        match &self.uri {
+            MigrationUri::Tcp { host, port } => {
+                let host = match host.as_str() {
+                    "" | "0.0.0.0" => "127.0.0.1",
+                    "::" => "::1",
+                    h => h,
+                };
+                // Best effort: if the wake-up connection fails the listener
+                // is gone or unreachable, and accept is not blocked on it.
+                let _ = TcpStream::connect((host, *port));
+            }
+            MigrationUri::Unix { path } => {
+                let _ = UnixStream::connect(path);
+            }
+            MigrationUri::File { .. } => {}
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+impl Listener {
+    /// Listens on `uri`. A `tcp:` port of 0 picks a free port (see
+    /// [`Listener::local_uri`]); a stale Unix socket file at the path is
+    /// replaced (never any other kind of file); a `file:` URI opens the file
+    /// for reading.
+    pub fn bind(uri: &MigrationUri) -> Result<Self, TransportError> {
+        let text = uri.to_string();
+        let bind_err = |source| TransportError::Bind {
+            uri: text.clone(),
+            source,
+        };
+        let (inner, uri) = match uri {
+            MigrationUri::Tcp { host, port } => {
+                let l = TcpListener::bind((host_or(host, "0.0.0.0"), *port)).map_err(bind_err)?;
+                let local = l.local_addr().map_err(bind_err)?;
+                (
+                    ListenerInner::Tcp(l),
+                    MigrationUri::Tcp {
+                        host: if host.is_empty() {
+                            String::new()
+                        } else {
+                            local.ip().to_string()
+                        },
+                        port: local.port(),
+                    },
+                )
+            }
+            MigrationUri::Unix { path } => {
+                remove_stale_socket(path);
+                let l = UnixListener::bind(path).map_err(bind_err)?;
+                (ListenerInner::Unix(l, path.clone()), uri.clone())
+            }
+            MigrationUri::File { path } => {
+                let f = File::open(path).map_err(|source| TransportError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+                (ListenerInner::File(Mutex::new(Some(f))), uri.clone())
+            }
+        };
+        Ok(Listener {
+            inner,
+            uri,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Parses `uri` and binds; see [`Listener::bind`].
+    pub fn bind_str(uri: &str) -> Result<Self, TransportError> {
+        Self::bind(&uri.parse()?)
+    }
+
+    /// The URI a peer connects to (with the real port if 0 was asked for).
+    pub fn local_uri(&self) -> &MigrationUri {
+        &self.uri
+    }
+
+    /// A handle that cancels `accept` from another thread.
+    pub fn canceller(&self) -> ListenerCanceller {
+        ListenerCanceller {
+            uri: self.uri.clone(),
+            cancelled: self.cancelled.clone(),
+        }
+    }
+
+    fn check_cancelled(&self) -> Result<(), TransportError> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            Err(TransportError::Cancelled {
+                uri: self.uri.to_string(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for the next connection. TCP connections get `TCP_NODELAY`
+    /// (the destination only sends return-path messages). A `file:`
+    /// listener yields its file once.
+    pub fn accept(&self) -> Result<Connection, TransportError> {
+        self.check_cancelled()?;
+        let text = self.uri.to_string();
+        let accept_err = |source| TransportError::Accept {
+            uri: text.clone(),
+            source,
+        };
+        match &self.inner {
+            ListenerInner::Tcp(l) => {
+                let (s, _) = l.accept().map_err(accept_err)?;
+                self.check_cancelled()?;
+                tcp_connection(s, &text, true)
+            }
+            ListenerInner::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(accept_err)?;
+                self.check_cancelled()?;
+                unix_connection(s, &text)
+            }
+            ListenerInner::File(f) => {
+                let file = f
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
+                    .ok_or(TransportError::Exhausted { uri: text.clone() })?;
+                Ok(Connection {
+                    reader: Box::new(file),
+                    writer: Box::new(io::sink()),
+                    handle: ConnectionHandle {
+                        inner: Arc::new(HandleInner::File),
+                        peer: text.into(),
+                    },
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerInner::Unix(_, path) = &self.inner {
+            remove_stale_socket(path);
+        }
+    }
+}
+
+/// Two connected in-memory endpoints, like a socket pair: what one writes
+/// the other reads. Each direction buffers up to `capacity` bytes; either
+/// handle's `shutdown` closes both directions for both ends.
+pub fn memory_pair_with_capacity(capacity: usize) -> (Connection, Connection) {
+    let (a_read, b_write) = pipe(capacity);
+    let (b_read, a_write) = pipe(capacity);
+    let shuts = vec![a_read.shutdown_handle(), b_read.shutdown_handle()];
+    let handle = |peer: &str| ConnectionHandle {
+        inner: Arc::new(HandleInner::Memory(shuts.clone())),
+        peer: peer.into(),
+    };
+    (
+        Connection {
+            reader: Box::new(a_read),
+            writer: Box::new(a_write),
+            handle: handle("memory:b"),
+        },
+        Connection {
+            reader: Box::new(b_read),
+            writer: Box::new(b_write),
+            handle: handle("memory:a"),
+        },
+    )
+}
+
+/// [`memory_pair_with_capacity`] with [`DEFAULT_PIPE_CAPACITY`].
+pub fn memory_pair() -> (Connection, Connection) {
+    memory_pair_with_capacity(DEFAULT_PIPE_CAPACITY)
+}
+
+/// Resolves a TCP URI's host and port, for callers that need the address.
+pub fn resolve_tcp(uri: &MigrationUri) -> io::Result<Vec<std::net::SocketAddr>> {
+    match uri {
+        MigrationUri::Tcp { host, port } => Ok((host_or(host, "localhost"), *port)
+            .to_socket_addrs()?
+            .collect()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a tcp: URI",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::tests::table;
+    use crate::header::{read_preamble, Hello, MigrationId};
+    use crate::record::{Record, StreamReader, StreamWriter};
+    use crate::retpath::{ReturnMessage, ReturnPathReader, ReturnPathWriter};
+    use crate::{BlockId, Error};
+    use std::thread;
+    use std::time::Duration;
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("migration-stream-{}-{name}", std::process::id()))
+    }
+
+    /// Source sends a preamble, a page and Complete on `src`; destination
+    /// answers with a return-path preamble and Shut on the same connection.
+    fn exchange(src: Connection, dst: Connection) {
+        let id = MigrationId::generate();
+        let t = table();
+        let Connection {
+            reader: src_r,
+            writer: src_w,
+            ..
+        } = src;
+        let source = thread::spawn(move || {
+            let mut w = StreamWriter::new(src_w);
+            w.write_preamble(&Hello::new(Role::Main, id)).unwrap();
+            w.write_page(BlockId(0), 4096, &[0x42; 4096]).unwrap();
+            w.write_complete().unwrap();
+            w.flush().unwrap();
+            let mut rp = src_r;
+            read_preamble(&mut rp)
+                .unwrap()
+                .expect(Role::ReturnPath, id)
+                .unwrap();
+            let mut r = ReturnPathReader::new(rp);
+            assert_eq!(
+                r.read_message(&table()).unwrap(),
+                ReturnMessage::Shut { status: 0 }
+            );
+        });
+        let Connection {
+            reader: mut dst_r,
+            writer: dst_w,
+            ..
+        } = dst;
+        let hello = read_preamble(&mut dst_r).unwrap();
+        hello.expect(Role::Main, id).unwrap();
+        let mut r = StreamReader::new(dst_r);
+        assert!(matches!(r.read_record(&t).unwrap(), Record::Page(_)));
+        let mut page = [0u8; 4096];
+        r.read_page_into(&mut page).unwrap();
+        assert_eq!(page, [0x42; 4096]);
+        assert_eq!(r.read_record(&t).unwrap(), Record::Complete);
+        let mut w = ReturnPathWriter::new(dst_w);
+        w.write_preamble(&Hello::new(Role::ReturnPath, id)).unwrap();
+        w.send(&ReturnMessage::Shut { status: 0 }).unwrap();
+        source.join().unwrap();
+    }
+
+    #[test]
+    fn tcp_loopback_both_directions() {
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let uri = l.local_uri().clone();
+        assert!(matches!(uri, MigrationUri::Tcp { port, .. } if port != 0));
+        let client = thread::spawn(move || connect(&uri, Role::Main).unwrap());
+        let dst = l.accept().unwrap();
+        let src = client.join().unwrap();
+        assert!(src.handle.peer().starts_with("tcp:127.0.0.1:"));
+        exchange(src, dst);
+    }
+
+    #[test]
+    fn unix_socket_both_directions() {
+        let path = temp_path("unix.sock");
+        let uri = MigrationUri::Unix { path: path.clone() };
+        let l = Listener::bind(&uri).unwrap();
+        let client = thread::spawn(move || connect(&uri, Role::Main).unwrap());
+        let dst = l.accept().unwrap();
+        exchange(client.join().unwrap(), dst);
+        drop(l);
+        assert!(!path.exists(), "socket file removed on drop");
+    }
+
+    #[test]
+    fn memory_pair_both_directions() {
+        let (a, b) = memory_pair();
+        exchange(a, b);
+    }
+
+    #[test]
+    fn file_round_trip_without_return_path() {
+        let path = temp_path("stream.bin");
+        let uri = MigrationUri::File { path: path.clone() };
+        let id = MigrationId::generate();
+        {
+            let c = connect(&uri, Role::Main).unwrap();
+            let mut w = StreamWriter::new(c.writer);
+            w.write_preamble(&Hello::new(Role::Main, id)).unwrap();
+            w.write_zero_page(BlockId(0), 0).unwrap();
+            w.write_complete().unwrap();
+            w.flush().unwrap();
+            let mut rp = c.reader;
+            assert!(matches!(read_preamble(&mut rp), Err(Error::Closed)));
+        }
+        let l = Listener::bind(&uri).unwrap();
+        let mut c = l.accept().unwrap();
+        assert!(matches!(l.accept(), Err(TransportError::Exhausted { .. })));
+        assert_eq!(read_preamble(&mut c.reader).unwrap().migration_id, id);
+        let mut r = StreamReader::new(c.reader);
+        assert!(matches!(
+            r.read_record(&table()).unwrap(),
+            Record::ZeroPage(_)
+        ));
+        assert_eq!(r.read_record(&table()).unwrap(), Record::Complete);
+        // Writes to a file's return path go nowhere.
+        c.writer.write_all(b"ignored").unwrap();
+        c.handle.shutdown().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn blocked_reader_woken_by_shutdown(a: Connection, b: Connection) {
+        let handle = a.handle.clone();
+        let mut reader = a.reader;
+        let t = thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            reader.read(&mut buf)
+        });
+        thread::sleep(Duration::from_millis(50));
+        handle.shutdown().unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), 0, "reader sees end of file");
+        let mut w = a.writer;
+        assert!(w.write_all(&[0; 8]).and_then(|()| w.flush()).is_err());
+        // Shutting down twice is fine.
+        handle.shutdown().unwrap();
+        drop(b);
+    }
+
+    #[test]
+    fn shutdown_cancels_tcp() {
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let a = connect(l.local_uri(), Role::PostcopyPreempt).unwrap();
+        let b = l.accept().unwrap();
+        blocked_reader_woken_by_shutdown(a, b);
+    }
+
+    #[test]
+    fn shutdown_cancels_memory() {
+        let (a, b) = memory_pair_with_capacity(64);
+        let mut b_reader = b.reader;
+        a.handle.shutdown().unwrap();
+        // The peer sees end of file too.
+        let mut buf = [0u8; 1];
+        assert_eq!(b_reader.read(&mut buf).unwrap(), 0);
+        let (a, b) = memory_pair_with_capacity(64);
+        blocked_reader_woken_by_shutdown(a, b);
+    }
+
+    #[test]
+    fn accept_can_be_cancelled() {
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let c = l.canceller();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            c.cancel();
+        });
+        assert!(matches!(l.accept(), Err(TransportError::Cancelled { .. })));
+        t.join().unwrap();
+        assert!(matches!(l.accept(), Err(TransportError::Cancelled { .. })));
+    }
+
+    #[test]
+    fn connect_errors_are_typed() {
+        assert!(matches!(
+            connect_str("tcp:127.0.0.1", Role::Main),
+            Err(TransportError::Uri(UriError::MissingPort { .. }))
+        ));
+        let missing = temp_path("no-such.sock");
+        assert!(matches!(
+            connect(&MigrationUri::Unix { path: missing }, Role::Main),
+            Err(TransportError::Connect { .. })
+        ));
+        assert!(matches!(
+            Listener::bind_str("file:/nonexistent-dir/x"),
+            Err(TransportError::Open { .. })
+        ));
+        assert!(!resolve_tcp(&"tcp:127.0.0.1:1".parse().unwrap())
+            .unwrap()
+            .is_empty());
+    }
+}
