@@ -203,7 +203,7 @@ impl Command {
 
     /// Checks the command against the format's caps and returns its body
     /// length.
-    fn body_len(&self) -> Result<u32> {
+    pub(crate) fn body_len(&self) -> Result<u32> {
         let len: u64 = match self {
             Command::Advise(flags) => {
                 AdviseFlags::from_wire(flags.bits())?;

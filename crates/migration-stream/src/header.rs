@@ -34,6 +34,9 @@ pub const VERSION: u32 = 1;
 pub const PREAMBLE_LEN: usize = 4 + 4 + 1 + 4 + 16;
 
 /// The role of one direction of a connection, named in its hello.
+///
+/// On the wire a `u8`; the value 0 is reserved (`Invalid`) and, like any
+/// unknown value, rejected with [`Error::UnknownTag`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Role {

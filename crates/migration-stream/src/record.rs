@@ -273,11 +273,9 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes a command. Fails without writing if it breaks a cap.
     pub fn write_command(&mut self, command: &Command) -> Result<()> {
-        // Encode into the buffer only once the command passed its checks:
-        // `encode` validates before writing its first byte, but the frame
-        // tag must not go out alone either.
-        let mut probe = io::sink();
-        command.encode(&mut probe)?;
+        // Check the caps first so a refused command leaves no frame tag
+        // behind in the buffer.
+        command.body_len()?;
         self.inner
             .write_all(&[FrameTag::Command as u8])
             .map_err(write_err("writing a command"))?;
@@ -328,6 +326,11 @@ struct Pending {
 /// Every length is checked against [`crate::limits`] and every block
 /// reference against the caller's [`BlockResolver`] before anything is
 /// allocated or written.
+///
+/// After an error other than [`Error::PayloadPending`],
+/// [`Error::NoPayloadPending`] or [`Error::BufferSize`] (caller mistakes,
+/// which consume nothing) the position in the stream is undefined: drop the
+/// reader and fail or recover the channel.
 #[derive(Debug)]
 pub struct StreamReader<R: Read> {
     inner: Counted<BufReader<R>>,
