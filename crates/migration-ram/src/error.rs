@@ -1,0 +1,186 @@
+//! The error type of this crate.
+//!
+//! Variants carry what is needed to find the fault: block names, offsets in
+//! hex, the announced and local values of a mismatch, and the underlying
+//! wire-format or guest-memory error as `#[source]` (the Display text does
+//! not repeat it).
+
+use migration_stream::BlockId;
+
+/// An error of RAM migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `RamBlocks::from_guest_memory` got a different number of names than
+    /// the memory has regions.
+    #[error("{names} RAM block names given for {regions} guest memory regions")]
+    NameCount {
+        /// Regions in the guest memory.
+        regions: usize,
+        /// Names given.
+        names: usize,
+    },
+    /// A block that breaks the wire format's rules (name, size, page size).
+    #[error("invalid RAM block {name:?}")]
+    InvalidBlock {
+        /// The block's name.
+        name: String,
+        /// What the format says is wrong.
+        #[source]
+        source: migration_stream::Error,
+    },
+    /// A block list that breaks the wire format's rules (count, duplicate
+    /// names).
+    #[error("invalid RAM block list")]
+    InvalidBlockList {
+        /// What the format says is wrong.
+        #[source]
+        source: migration_stream::Error,
+    },
+    /// A block that no single guest memory region holds in full.
+    #[error(
+        "RAM block {name:?} at guest address {guest_addr:#x} (size {size:#x}) is not inside one guest memory region"
+    )]
+    NotInMemory {
+        /// The block's name.
+        name: String,
+        /// Its guest physical address.
+        guest_addr: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The source announced another number of blocks than the destination
+    /// has.
+    #[error("source announced {announced} RAM blocks, destination has {local}")]
+    BlockCountMismatch {
+        /// Blocks in the `RamSetup` record.
+        announced: usize,
+        /// Blocks of the destination.
+        local: usize,
+    },
+    /// The source's block `index` has another name than the destination's.
+    #[error("RAM block #{index} is named {announced:?} by the source, {local:?} here")]
+    BlockNameMismatch {
+        /// Index of the block.
+        index: usize,
+        /// The source's name.
+        announced: String,
+        /// The destination's name.
+        local: String,
+    },
+    /// A block whose size differs between source and destination.
+    #[error("RAM block {name:?} has size {announced:#x} on the source, {local:#x} here")]
+    BlockSizeMismatch {
+        /// The block's name.
+        name: String,
+        /// The source's size.
+        announced: u64,
+        /// The destination's size.
+        local: u64,
+    },
+    /// A block whose page size differs between source and destination.
+    #[error("RAM block {name:?} has page size {announced:#x} on the source, {local:#x} here")]
+    PageSizeMismatch {
+        /// The block's name.
+        name: String,
+        /// The source's page size.
+        announced: u32,
+        /// The destination's page size.
+        local: u32,
+    },
+    /// A block id this side does not have.
+    #[error("unknown RAM block {block}")]
+    UnknownBlock {
+        /// The id.
+        block: BlockId,
+    },
+    /// A page record that does not fit its block (only when the caller
+    /// decoded it with another resolver than the loader's blocks).
+    #[error(
+        "page at offset {offset:#x} (page size {page_size:#x}) does not fit RAM block {name:?} (size {size:#x}, page size {block_page_size:#x})"
+    )]
+    BadPage {
+        /// The block's name.
+        name: String,
+        /// Offset of the page.
+        offset: u64,
+        /// Page size in the record.
+        page_size: u32,
+        /// Size of the block.
+        size: u64,
+        /// Page size of the block.
+        block_page_size: u32,
+    },
+    /// A page arrived before the `RamSetup` record was checked.
+    #[error("page for RAM block {block} at offset {offset:#x} before the RAM setup record")]
+    PageBeforeSetup {
+        /// The block of the page.
+        block: BlockId,
+        /// The offset of the page.
+        offset: u64,
+    },
+    /// A second `RamSetup` record.
+    #[error("RAM setup record received twice")]
+    SetupRepeated,
+    /// Reading or writing guest memory failed.
+    #[error("{op} page at offset {offset:#x} of RAM block {name:?}")]
+    Memory {
+        /// `"reading"` or `"writing"`.
+        op: &'static str,
+        /// The block's name.
+        name: String,
+        /// Offset of the page in the block.
+        offset: u64,
+        /// The error of vm-memory.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The wire format or its channel failed.
+    #[error("migration stream error")]
+    Stream(
+        /// The error of the stream.
+        #[from]
+        migration_stream::Error,
+    ),
+    /// A [`crate::DirtyLog`] implementation failed.
+    #[error("dirty log {op} failed")]
+    DirtyLog {
+        /// `"start"`, `"sync"`, `"clear"` or `"stop"`.
+        op: &'static str,
+        /// The implementation's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The cancel flag was raised.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// A method was called in a state that does not allow it.
+    #[error("{op} is not allowed in state {state}")]
+    InvalidState {
+        /// The method.
+        op: &'static str,
+        /// The state.
+        state: &'static str,
+    },
+}
+
+impl Error {
+    /// Wraps the error of a [`crate::DirtyLog`] implementation.
+    pub fn dirty_log<E>(op: &'static str, source: E) -> Self
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        Error::DirtyLog {
+            op,
+            source: source.into(),
+        }
+    }
+
+    /// Whether this error says the channel ended or broke (see
+    /// [`migration_stream::Error::is_disconnect`]).
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, Error::Stream(e) if e.is_disconnect())
+    }
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
