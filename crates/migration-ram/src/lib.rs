@@ -2,25 +2,107 @@
 //!
 //! This crate holds the algorithms that move a guest's RAM from a source to
 //! a destination; the bytes they exchange are `migration-stream`'s wire
-//! format, and the hypervisor plugs in through the [`DirtyLog`] trait. It has no unsafe code and needs no KVM: any [`GuestMemoryMmap`]
-//! works, which is how its tests run.
+//! format, and the hypervisor plugs in through the [`DirtyLog`] trait. It
+//! has no unsafe code and needs no KVM: any [`GuestMemoryMmap`] works, which
+//! is how its tests run.
 //!
 //! | piece | module |
 //! |-------|--------|
 //! | [`DirtyBitmap`]: atomic, one bit per page, taken in chunks | [`bitmap`] |
 //! | [`RamBlock`], [`RamBlocks`]: named blocks over guest memory; the destination's [`BlockResolver`](migration_stream::BlockResolver) | [`block`] |
 //! | [`DirtyLog`], [`VmmDirtyLog`], [`CompositeDirtyLog`] | [`dirty_log`] |
+//! | [`PrecopySaver`], [`PrecopyLoader`] | [`precopy`] |
+//! | [`PrecopyParams`], [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
+//!
+//! # Precopy in short
+//!
+//! The source sends every page once, zero pages as flags only, while the
+//! guest runs; then, pass after pass, the pages the guest dirtied in the
+//! meantime, under a bandwidth limit. When what remains can be sent within
+//! the downtime limit at the measured bandwidth, the caller pauses the
+//! vCPUs and the saver sends the rest. The destination checks the block
+//! list, writes each page and records it as received. See [`precopy`].
+//!
+//! # Examples
+//!
+//! Precopy of a guest that is not running, into a `Vec`, then loaded into
+//! fresh memory and compared.
+//!
+//! ```
+//! use std::sync::atomic::AtomicBool;
+//! use std::sync::Arc;
+//!
+//! use migration_ram::{
+//!     GuestMemoryMmap, PrecopyLoader, PrecopyParams, PrecopySaver, RamBlocks, RamStats,
+//!     VmmDirtyLog,
+//! };
+//! use migration_stream::{Record, StreamReader, StreamWriter};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // 640 KiB below a hole, 1 MiB above it.
+//! let ranges = [(GuestAddress(0), 640 << 10), (GuestAddress(1 << 20), 1 << 20)];
+//! let names = ["pc.ram", "pc.ram.high"];
+//! let src = Arc::new(GuestMemoryMmap::from_ranges(&ranges)?);
+//! src.write_slice(b"hello, destination", GuestAddress(0x1000))?;
+//! src.write_slice(&[0xab; 4096], GuestAddress(0x10_0000))?;
+//!
+//! // Source.
+//! let stats = Arc::new(RamStats::new());
+//! let mut saver = PrecopySaver::new(
+//!     src.clone(),
+//!     RamBlocks::from_guest_memory(&src, &names)?,
+//!     Arc::new(VmmDirtyLog::new(src.clone())),
+//!     PrecopyParams::default().shared(),
+//!     stats.clone(),
+//!     Arc::new(AtomicBool::new(false)),
+//! );
+//! let mut w = StreamWriter::new(Vec::new());
+//! saver.setup(&mut w)?;
+//! let pass = saver.iterate(&mut w)?;
+//! assert!(pass.switchover, "nothing runs, nothing is dirtied again");
+//! saver.complete(&mut w)?;
+//! w.write_complete()?;
+//! let stream = w.into_inner()?;
+//! let s = stats.snapshot();
+//! assert_eq!((s.normal, s.remaining), (2, 0));
+//! assert_eq!(s.normal + s.duplicate, (640 << 10) / 4096 + (1 << 20) / 4096);
+//!
+//! // Destination.
+//! let dst = Arc::new(GuestMemoryMmap::from_ranges(&ranges)?);
+//! let mut loader = PrecopyLoader::new(
+//!     dst.clone(),
+//!     RamBlocks::from_guest_memory(&dst, &names)?,
+//!     Arc::new(RamStats::new()),
+//! );
+//! let mut r = StreamReader::new(&stream[..]);
+//! assert_eq!(loader.load(&mut r)?, Record::Complete);
+//!
+//! for (at, len) in ranges {
+//!     let (mut a, mut b) = (vec![0; len], vec![0; len]);
+//!     src.read_slice(&mut a, at)?;
+//!     dst.read_slice(&mut b, at)?;
+//!     assert!(a == b);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 #![deny(unsafe_code)]
 
 pub mod bitmap;
 pub mod block;
 pub mod dirty_log;
 pub mod error;
+pub mod precopy;
+mod rate;
+pub mod stats;
 
 pub use bitmap::{DirtyBitmap, TakenPages};
 pub use block::{RamBlock, RamBlocks, DEFAULT_PAGE_SIZE};
 pub use dirty_log::{CompositeDirtyLog, DirtyLog, VmmDirtyLog};
 pub use error::{Error, Result};
+pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
+pub use stats::{PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
 /// The vm-memory crate this crate is built on, for callers that want the
 /// same version.
 pub use vm_memory;

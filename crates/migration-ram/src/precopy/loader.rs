@@ -1,0 +1,197 @@
+//! The precopy destination: see the [module docs](super).
+
+use std::io::Read;
+use std::sync::Arc;
+
+use migration_stream::{BlockInfo, PageHeader, Record, StreamReader};
+use vm_memory::Bytes;
+
+use crate::block::{RamBlock, RamBlocks};
+use crate::error::{Error, Result};
+use crate::stats::RamStats;
+use crate::GuestMemoryMmap;
+
+/// The destination side of precopy.
+pub struct PrecopyLoader {
+    mem: Arc<GuestMemoryMmap>,
+    blocks: Arc<RamBlocks>,
+    stats: Arc<RamStats>,
+    page: Vec<u8>,
+    setup_done: bool,
+    fresh_memory: bool,
+}
+
+impl std::fmt::Debug for PrecopyLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrecopyLoader")
+            .field("blocks", &self.blocks.len())
+            .field("setup_done", &self.setup_done)
+            .field("fresh_memory", &self.fresh_memory)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrecopyLoader {
+    /// A loader into `blocks` of `mem`.
+    ///
+    /// It assumes `mem` is fresh (all zeros) where no page was received
+    /// yet, and skips writing zero pages there, so untouched guest memory
+    /// stays unallocated; see [`set_fresh_memory`] otherwise.
+    ///
+    /// [`set_fresh_memory`]: PrecopyLoader::set_fresh_memory
+    pub fn new(
+        mem: Arc<GuestMemoryMmap>,
+        blocks: impl Into<Arc<RamBlocks>>,
+        stats: Arc<RamStats>,
+    ) -> Self {
+        let blocks = blocks.into();
+        stats.set_total(blocks.total_bytes());
+        PrecopyLoader {
+            page: vec![0; blocks.max_page_size() as usize],
+            mem,
+            blocks,
+            stats,
+            setup_done: false,
+            fresh_memory: true,
+        }
+    }
+
+    /// Whether guest memory is known to be zero where no page was received
+    /// (default `true`). With `false`, every zero page is written.
+    pub fn set_fresh_memory(&mut self, fresh: bool) {
+        self.fresh_memory = fresh;
+    }
+
+    /// The destination's blocks: the [`BlockResolver`] to pass to
+    /// [`StreamReader::read_record`], so that offsets are checked against
+    /// this side's memory.
+    ///
+    /// [`BlockResolver`]: migration_stream::BlockResolver
+    pub fn blocks(&self) -> &RamBlocks {
+        &self.blocks
+    }
+
+    /// The blocks, shared (for a postcopy fault thread, say).
+    pub fn blocks_arc(&self) -> &Arc<RamBlocks> {
+        &self.blocks
+    }
+
+    /// The statistics.
+    pub fn stats(&self) -> &Arc<RamStats> {
+        &self.stats
+    }
+
+    /// Checks a `RamSetup` record against the destination's blocks and
+    /// memory. Must succeed before any page is accepted; a second call
+    /// fails.
+    pub fn check_setup(&mut self, announced: &[BlockInfo]) -> Result<()> {
+        if self.setup_done {
+            return Err(Error::SetupRepeated);
+        }
+        self.blocks.check_against(announced)?;
+        self.blocks.check_memory(&self.mem)?;
+        self.setup_done = true;
+        Ok(())
+    }
+
+    /// The block and page number of a page record, checked again here
+    /// (the decoder may have used another resolver).
+    fn locate<'b>(
+        blocks: &'b RamBlocks,
+        setup_done: bool,
+        hdr: &PageHeader,
+    ) -> Result<(&'b RamBlock, u64)> {
+        if !setup_done {
+            return Err(Error::PageBeforeSetup {
+                block: hdr.block,
+                offset: hdr.offset,
+            });
+        }
+        let block = blocks
+            .get(hdr.block)
+            .ok_or(Error::UnknownBlock { block: hdr.block })?;
+        let page = u64::from(block.page_size());
+        let fits = hdr.page_size == block.page_size()
+            && hdr.offset % page == 0
+            && hdr.offset < block.size();
+        if !fits {
+            return Err(Error::BadPage {
+                name: block.name().to_owned(),
+                offset: hdr.offset,
+                page_size: hdr.page_size,
+                size: block.size(),
+                block_page_size: block.page_size(),
+            });
+        }
+        Ok((block, hdr.offset / page))
+    }
+
+    /// Reads the payload of page `hdr` from `r` into a page buffer, then
+    /// writes it to guest memory and marks it received. A payload that
+    /// cannot be read in full leaves guest memory untouched.
+    /// Allocation-free.
+    pub fn load_page<R: Read>(&mut self, hdr: PageHeader, r: &mut StreamReader<R>) -> Result<()> {
+        let (block, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
+        let buf = &mut self.page[..block.page_size() as usize];
+        r.read_page_into(buf)?;
+        self.mem
+            .write_slice(buf, block.page_addr(page))
+            .map_err(|source| Error::Memory {
+                op: "writing",
+                name: block.name().to_owned(),
+                offset: hdr.offset,
+                source,
+            })?;
+        block.received().set(page);
+        self.stats.add_normal_pages(1, u64::from(block.page_size()));
+        Ok(())
+    }
+
+    /// Handles a zero page: writes zeros if the page was received before
+    /// (or memory is not fresh), else leaves the fresh page alone, and
+    /// marks it received.
+    pub fn load_zero_page(&mut self, hdr: PageHeader) -> Result<()> {
+        let (block, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
+        if !self.fresh_memory || block.received().test(page) {
+            let buf = &mut self.page[..block.page_size() as usize];
+            buf.fill(0);
+            self.mem
+                .write_slice(buf, block.page_addr(page))
+                .map_err(|source| Error::Memory {
+                    op: "writing",
+                    name: block.name().to_owned(),
+                    offset: hdr.offset,
+                    source,
+                })?;
+        }
+        block.received().set(page);
+        self.stats.add_zero_pages(1);
+        Ok(())
+    }
+
+    /// Pages received so far (each counted once).
+    pub fn received_pages(&self) -> u64 {
+        self.blocks.received_pages()
+    }
+
+    /// Reads and applies RAM records (`RamSetup`, pages, zero pages,
+    /// `EndOfSection`, `Sync`) until another record (a command or
+    /// `Complete`), which it returns for the caller to handle.
+    pub fn load<R: Read>(&mut self, r: &mut StreamReader<R>) -> Result<Record> {
+        loop {
+            let before = r.bytes_read();
+            let record = r.read_record(&*self.blocks)?;
+            match record {
+                Record::RamSetup(announced) => self.check_setup(&announced)?,
+                Record::Page(hdr) => self.load_page(hdr, r)?,
+                Record::ZeroPage(hdr) => self.load_zero_page(hdr)?,
+                Record::EndOfSection | Record::Sync { .. } => {}
+                other => {
+                    self.stats.add_transferred(r.bytes_read() - before);
+                    return Ok(other);
+                }
+            }
+            self.stats.add_transferred(r.bytes_read() - before);
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Precopy: send all of RAM while the guest runs, then what it dirtied,
+//! pass after pass, until the rest fits in the downtime limit.
+//!
+//! # Source ([`PrecopySaver`])
+//!
+//! ```text
+//!  new ──> setup ──> iterate* ──> complete        (caller pauses vCPUs before
+//!            │          │            │             complete, writes device
+//!            └──────────┴────────────┴──> abort    state and Complete after)
+//! ```
+//!
+//! - `setup` starts the dirty log, marks every page dirty, syncs once and
+//!   writes `RamSetup`.
+//! - `iterate` is one pass: every dirty page is sent once, zero pages as
+//!   flags only, then `EndOfSection` and `Sync`; the dirty log is synced
+//!   and the remaining dirty bytes are compared with what the measured
+//!   bandwidth moves in the downtime limit.
+//! - `complete` (vCPUs paused) syncs a last time, sends everything still
+//!   dirty without a bandwidth limit, writes `EndOfSection` and stops the
+//!   dirty log.
+//! - `abort` stops the dirty log. Nothing is lost before it: pages are
+//!   taken from the dirty bitmap in chunks of at most 256 pages (1 MiB),
+//!   and a chunk's bits are cleared for good only once its records were
+//!   flushed to the channel; if anything fails in between (read, write,
+//!   flush, cancel), the whole chunk is marked dirty again.
+//!
+//! For each chunk the saver clears the bits, calls
+//! [`DirtyLog::clear`](crate::DirtyLog::clear) for it, then reads and sends
+//! its pages, so a write racing with the read is reported by the next sync.
+//!
+//! # Destination ([`PrecopyLoader`])
+//!
+//! The loader checks the announced blocks against its own
+//! ([`PrecopyLoader::check_setup`]), refuses pages before that, and writes
+//! each page from a page buffer (a truncated payload never reaches guest
+//! memory), recording it in the block's `received` bitmap. Offsets were
+//! already checked by the decoder against [`PrecopyLoader::blocks`], the
+//! destination's own geometry.
+
+mod loader;
+mod saver;
+
+pub use loader::PrecopyLoader;
+pub use saver::{IterationOutcome, PrecopySaver};
+
+/// Largest chunk of pages taken from a dirty bitmap at once, in bytes.
+const CHUNK_BYTES: u64 = 1 << 20;
+
+/// Pages per chunk for a page size: 1 MiB worth, between 1 and
+/// [`crate::bitmap::TAKE_MAX_PAGES`].
+pub(crate) fn chunk_pages(page_size: u32) -> u64 {
+    (CHUNK_BYTES / u64::from(page_size)).clamp(1, crate::bitmap::TAKE_MAX_PAGES)
+}
+
+/// Whether `buf` is all zeros: 16-byte words OR-ed over 256-byte blocks,
+/// stopping at the first non-zero block.
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    fn word(c: &[u8]) -> u128 {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(c);
+        u128::from_ne_bytes(a)
+    }
+    let mut blocks = buf.chunks_exact(256);
+    blocks
+        .by_ref()
+        .all(|b| b.chunks_exact(16).fold(0u128, |acc, c| acc | word(c)) == 0)
+        && blocks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        for at in [0, 15, 16, 255, 256, 4000, 4095] {
+            page[at] = 1;
+            assert!(!is_zero(&page), "{at}");
+            page[at] = 0;
+        }
+        assert!(is_zero(&[0u8; 300]));
+        assert!(!is_zero(&[0, 0, 0, 1]));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn chunks() {
+        assert_eq!(chunk_pages(4096), 256);
+        assert_eq!(chunk_pages(64 << 10), 16);
+        assert_eq!(chunk_pages(2 << 20), 1);
+        assert_eq!(chunk_pages(1 << 30), 1);
+    }
+}

@@ -1,0 +1,205 @@
+//! Migration parameters and statistics, as QEMU's `query-migrate-parameters`
+//! and the `ram` object of `query-migrate` name them.
+//!
+//! [`RamStats`] is a set of atomics the saver (or loader) updates while it
+//! works and any thread reads with [`RamStats::snapshot`]; the parameters
+//! are read through a [`SharedParams`] handle at least once per chunk of
+//! pages, so a `migrate-set-parameters` takes effect during a pass.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+/// QEMU's default `max-bandwidth` (`MAX_THROTTLE`, 128 MiB/s).
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+
+/// QEMU's default `downtime-limit` (300 ms).
+pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
+
+/// The tunables of precopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecopyParams {
+    /// Bandwidth cap of the iterations in bytes per second; 0 means
+    /// unlimited. Not applied while the guest is paused (completion).
+    pub max_bandwidth: u64,
+    /// How long the guest may stay paused for the last pass: switchover is
+    /// allowed once the remaining dirty bytes fit in this time at the
+    /// measured bandwidth.
+    pub downtime_limit: Duration,
+}
+
+impl Default for PrecopyParams {
+    fn default() -> Self {
+        PrecopyParams {
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
+            downtime_limit: DEFAULT_DOWNTIME_LIMIT,
+        }
+    }
+}
+
+impl PrecopyParams {
+    /// These parameters behind a shared handle.
+    pub fn shared(self) -> SharedParams {
+        Arc::new(RwLock::new(self))
+    }
+}
+
+/// Parameters shared between the controller (which changes them) and the
+/// saver (which reads them while it runs).
+pub type SharedParams = Arc<RwLock<PrecopyParams>>;
+
+/// Live RAM migration statistics.
+#[derive(Debug, Default)]
+pub struct RamStats {
+    transferred: AtomicU64,
+    remaining: AtomicU64,
+    total: AtomicU64,
+    duplicate: AtomicU64,
+    normal: AtomicU64,
+    normal_bytes: AtomicU64,
+    mbps_bits: AtomicU64,
+    dirty_sync_count: AtomicU64,
+    postcopy_requests: AtomicU64,
+    dirty_pages_rate: AtomicU64,
+    iterations: AtomicU64,
+}
+
+/// A copy of [`RamStats`] at one instant, with QEMU's field meanings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RamStatsSnapshot {
+    /// Bytes written to the stream, record headers included.
+    pub transferred: u64,
+    /// Bytes of the pages still dirty.
+    pub remaining: u64,
+    /// Bytes of guest RAM.
+    pub total: u64,
+    /// Zero pages (sent as flags only).
+    pub duplicate: u64,
+    /// Full pages sent.
+    pub normal: u64,
+    /// Bytes of the full pages sent.
+    pub normal_bytes: u64,
+    /// Measured throughput in megabits (10^6 bits) per second.
+    pub mbps: f64,
+    /// Dirty-log syncs so far.
+    pub dirty_sync_count: u64,
+    /// Pages requested by a postcopy destination.
+    pub postcopy_requests: u64,
+    /// Pages newly dirtied per second, measured between the last two syncs.
+    pub dirty_pages_rate: u64,
+    /// Completed precopy passes.
+    pub iterations: u64,
+}
+
+impl RamStats {
+    /// All counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A consistent-enough copy of every counter (each read atomically).
+    pub fn snapshot(&self) -> RamStatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RamStatsSnapshot {
+            transferred: r(&self.transferred),
+            remaining: r(&self.remaining),
+            total: r(&self.total),
+            duplicate: r(&self.duplicate),
+            normal: r(&self.normal),
+            normal_bytes: r(&self.normal_bytes),
+            mbps: f64::from_bits(r(&self.mbps_bits)),
+            dirty_sync_count: r(&self.dirty_sync_count),
+            postcopy_requests: r(&self.postcopy_requests),
+            dirty_pages_rate: r(&self.dirty_pages_rate),
+            iterations: r(&self.iterations),
+        }
+    }
+
+    /// Adds `bytes` to `transferred` (for example device state the
+    /// controller writes on the same stream).
+    pub fn add_transferred(&self, bytes: u64) {
+        self.transferred.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `n` page requests of a postcopy destination.
+    pub fn add_postcopy_requests(&self, n: u64) {
+        self.postcopy_requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_remaining(&self, bytes: u64) {
+        self.remaining.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_zero_pages(&self, n: u64) {
+        self.duplicate.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_normal_pages(&self, n: u64, page_size: u64) {
+        self.normal.fetch_add(n, Ordering::Relaxed);
+        self.normal_bytes
+            .fetch_add(n * page_size, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_bandwidth(&self, bytes_per_sec: f64) {
+        let mbps = bytes_per_sec * 8.0 / 1e6;
+        self.mbps_bits.store(mbps.to_bits(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_sync(&self, dirty_pages_rate: u64) {
+        self.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
+        self.dirty_pages_rate
+            .store(dirty_pages_rate, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_iteration(&self) {
+        self.iterations.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_qemus() {
+        let p = PrecopyParams::default();
+        assert_eq!(p.max_bandwidth, 134_217_728);
+        assert_eq!(p.downtime_limit, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn snapshot_reads_every_counter() {
+        let s = RamStats::new();
+        s.add_transferred(10);
+        s.set_remaining(20);
+        s.set_total(30);
+        s.add_zero_pages(1);
+        s.add_normal_pages(2, 4096);
+        s.set_bandwidth(125_000_000.0);
+        s.add_sync(77);
+        s.add_postcopy_requests(3);
+        s.add_iteration();
+        assert_eq!(
+            s.snapshot(),
+            RamStatsSnapshot {
+                transferred: 10,
+                remaining: 20,
+                total: 30,
+                duplicate: 1,
+                normal: 2,
+                normal_bytes: 8192,
+                mbps: 1000.0,
+                dirty_sync_count: 1,
+                postcopy_requests: 3,
+                dirty_pages_rate: 77,
+                iterations: 1,
+            }
+        );
+    }
+}

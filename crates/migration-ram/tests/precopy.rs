@@ -1,0 +1,197 @@
+//! Precopy end to end, in one process: a source guest memory with a hole,
+//! a thread dirtying it during the iterations, an in-memory connection, a
+//! loader thread, and a byte-for-byte comparison at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use migration_ram::{
+    PrecopyLoader, PrecopyParams, PrecopySaver, RamStats, RamStatsSnapshot, VmmDirtyLog,
+};
+use migration_stream::{
+    memory_pair, read_preamble, Hello, MigrationId, Record, Role, StreamReader, StreamWriter,
+};
+
+#[test]
+fn live_precopy_with_a_dirtying_writer_converges_and_copies_everything() {
+    // 640 KiB below the hole, 1 MiB..16 MiB above it.
+    let src = memory(640 << 10, 15 << 20);
+    fill(&src, 3, 0x1234);
+    let dst = fresh_like(&src);
+    let total_pages = (640 << 10) / PAGE + (15 << 20) / PAGE;
+
+    let (a, b) = memory_pair();
+    let id = MigrationId::generate();
+
+    // Destination: a thread loading until Complete.
+    let dst_stats = Arc::new(RamStats::new());
+    let loader_thread = {
+        let dst = dst.clone();
+        let stats = dst_stats.clone();
+        let mut reader = b.reader;
+        std::thread::spawn(move || {
+            read_preamble(&mut reader)
+                .unwrap()
+                .expect(Role::Main, id)
+                .unwrap();
+            let mut loader = PrecopyLoader::new(dst.clone(), blocks(&dst), stats);
+            let mut r = StreamReader::new(reader);
+            let end = loader.load(&mut r).unwrap();
+            assert_eq!(end, Record::Complete);
+            loader.received_pages()
+        })
+    };
+
+    // Source.
+    let src_stats = Arc::new(RamStats::new());
+    let log = Arc::new(Recording::new(VmmDirtyLog::new(src.clone())));
+    let mut saver = PrecopySaver::new(
+        src.clone(),
+        blocks(&src),
+        log.clone(),
+        PrecopyParams {
+            max_bandwidth: 0,
+            downtime_limit: Duration::from_millis(300),
+        }
+        .shared(),
+        src_stats.clone(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut w = StreamWriter::new(a.writer);
+    w.write_preamble(&Hello::new(Role::Main, id)).unwrap();
+    saver.setup(&mut w).unwrap();
+
+    // Dirty pages on both sides of the hole while iterating.
+    let dirtier = Dirtier::start(src.clone(), all_pages(&src));
+    let mut sent = Vec::new();
+    let first = saver.iterate(&mut w).unwrap();
+    assert_eq!(first.pages_sent, total_pages, "the first pass sends all");
+    sent.push(first.pages_sent);
+    for _ in 0..3 {
+        // Make sure the writer dirties pages after the last pass's closing
+        // sync: the next sync reports them, the pass after resends them.
+        dirtier.wait_for(dirtier.writes() + 200);
+        let out = saver.iterate(&mut w).unwrap();
+        sent.push(out.pages_sent);
+    }
+    assert!(
+        sent[2] > 0 && sent[3] > 0,
+        "dirtied pages are resent: {sent:?}"
+    );
+    let writes = dirtier.finish();
+    assert!(writes > 600);
+
+    // With the writer stopped, at most two more passes leave nothing
+    // behind: one for the pages the last sync found, one for the writes
+    // made between that sync and the stop.
+    loop {
+        let out = saver.iterate(&mut w).unwrap();
+        sent.push(out.pages_sent);
+        if out.remaining_bytes == 0 {
+            assert!(out.switchover);
+            assert!(out.bandwidth > 0.0);
+            break;
+        }
+        assert!(sent.len() < 6, "no convergence without a writer: {sent:?}");
+    }
+
+    // "Pause the vCPUs": nothing writes any more. Complete.
+    saver.complete(&mut w).unwrap();
+    assert!(log.stopped.load(std::sync::atomic::Ordering::SeqCst));
+    w.write_complete().unwrap();
+    w.flush().unwrap();
+    drop(w);
+
+    let received = loader_thread.join().unwrap();
+    assert_eq!(received, total_pages, "every page was received");
+    assert_same(&src, &dst);
+
+    let s: RamStatsSnapshot = src_stats.snapshot();
+    let d = dst_stats.snapshot();
+    let sent_by_passes: u64 = sent.iter().sum();
+    assert!(s.normal + s.duplicate >= sent_by_passes);
+    assert_eq!(
+        (s.normal, s.duplicate),
+        (d.normal, d.duplicate),
+        "each side counts the same page records"
+    );
+    assert_eq!(s.normal_bytes, s.normal * PAGE);
+    assert!(s.duplicate >= total_pages / 3, "zero pages go as flags");
+    assert!(s.transferred > s.normal_bytes);
+    // The destination also read the final Complete byte.
+    assert_eq!(d.transferred, s.transferred + 1);
+    assert_eq!(s.total, total_pages * PAGE);
+    assert_eq!(s.remaining, 0);
+    assert_eq!(s.iterations, sent.len() as u64);
+    // Setup, one per pass, and completion.
+    assert_eq!(s.dirty_sync_count, sent.len() as u64 + 2);
+    assert!(s.mbps > 0.0);
+    assert_eq!(s.postcopy_requests, 0);
+}
+
+#[test]
+fn stopped_guest_precopy_over_a_vec() {
+    let src = memory(640 << 10, 3 << 20);
+    fill(&src, 4, 99);
+    let stats = Arc::new(RamStats::new());
+    let mut saver = PrecopySaver::new(
+        src.clone(),
+        blocks(&src),
+        Arc::new(VmmDirtyLog::new(src.clone())),
+        PrecopyParams::default().shared(),
+        stats.clone(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut w = StreamWriter::new(Vec::new());
+    saver.setup(&mut w).unwrap();
+    let out = saver.iterate(&mut w).unwrap();
+    assert!(out.switchover);
+    saver.complete(&mut w).unwrap();
+    w.write_complete().unwrap();
+    let stream = w.into_inner().unwrap();
+
+    let dst = fresh_like(&src);
+    assert_eq!(load_partial(&dst, &stream), StreamEnd::Complete);
+    assert_same(&src, &dst);
+    let s = stats.snapshot();
+    assert_eq!(s.normal + s.duplicate, out.pages_sent);
+    assert_eq!(s.transferred + 1, stream.len() as u64);
+    assert_eq!(s.dirty_sync_count, 3);
+}
+
+#[test]
+fn a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination() {
+    use vm_memory::{Bytes, GuestAddress};
+    let src = memory(64 << 10, 64 << 10);
+    src.write_slice(&[7; 4096], GuestAddress(8192)).unwrap();
+    let mut saver = PrecopySaver::new(
+        src.clone(),
+        blocks(&src),
+        Arc::new(VmmDirtyLog::new(src.clone())),
+        PrecopyParams::default().shared(),
+        Arc::new(RamStats::new()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut w = StreamWriter::new(Vec::new());
+    saver.setup(&mut w).unwrap();
+    saver.iterate(&mut w).unwrap();
+    src.write_slice(&[0; 4096], GuestAddress(8192)).unwrap();
+    // The pass sends what the previous sync found (nothing); its closing
+    // sync finds the page.
+    let out = saver.iterate(&mut w).unwrap();
+    assert_eq!(out.pages_sent, 0);
+    assert_eq!(out.remaining_bytes, 4096);
+    let out = saver.iterate(&mut w).unwrap();
+    assert_eq!((out.pages_sent, out.remaining_bytes), (1, 0));
+    saver.complete(&mut w).unwrap();
+    w.write_complete().unwrap();
+    let stream = w.into_inner().unwrap();
+    let dst = fresh_like(&src);
+    assert_eq!(load_partial(&dst, &stream), StreamEnd::Complete);
+    assert_same(&src, &dst);
+}
