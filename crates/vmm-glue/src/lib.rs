@@ -11,15 +11,19 @@
 //! - [`serial`]: a minimal 16550 on COM1 whose registers migrate with the guest.
 //! - [`vm`]: the VM of `demovm` (memory layout with a hole below 1 MiB, vCPUs, serial)
 //!   and RAM verification helpers (`x-ram-digest`, `x-ram-sample`).
+//! - [`controller`]: the migration controller (QEMU's states, source and destination
+//!   threads, statistics) and its QMP commands.
 //! - [`json`]: a small JSON value, parser and writer, hardened against hostile input.
 //! - [`qmp`]: a QMP-compatible control socket (QEMU's greeting, negotiation, errors and
 //!   events), with commands run by a [`qmp::QmpHandler`].
 
 #![deny(unsafe_code)]
 
+pub mod controller;
 pub mod json;
 #[allow(unsafe_code)]
 pub mod kvm;
+mod logger;
 pub mod qmp;
 pub mod serial;
 pub mod soft;
@@ -29,6 +33,8 @@ pub mod vm;
 /// Guest memory as this crate uses it: mmap-backed, with vm-memory's atomic dirty
 /// bitmap recording the writes the VMM (or a soft vCPU) makes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+pub use logger::Logger;
 
 /// An error and its sources, joined with `: `.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
