@@ -1,7 +1,7 @@
 //! `cargo xtask e2e`: the end-to-end scenarios of the `tests` crate, run on the real
 //! kernel and summed up in a table (or `--json`, one object per scenario).
 
-use e2e::{Failure, SCENARIOS};
+use e2e::{Failure, Outcome, SCENARIOS};
 
 use crate::json::{object, Value};
 use crate::Opts;
@@ -26,24 +26,32 @@ pub fn main(args: &[String]) -> Result<bool, String> {
     }
     if !opts.json {
         println!(
-            "{:<16} {:<8} {:>9} {:>8} {:>8} {:>8}  note",
-            "scenario", "status", "total ms", "pages", "faults", "MiB"
+            "{:<22} {:<8} {:>9} {:>12} {:>9}  note",
+            "scenario", "status", "total ms", "downtime ms", "MiB sent"
         );
     }
     let mut all_ok = true;
     for (name, run) in chosen {
-        let (status, ms, pages, faults, mib, note) = match run() {
-            Ok(o) => (
-                "passed",
-                o.total.as_secs_f64() * 1000.0,
-                o.pages,
-                o.faults,
-                o.bytes as f64 / (1024.0 * 1024.0),
-                o.note,
+        let (status, o) = match run() {
+            Ok(o) => ("passed", o),
+            Err(Failure::Skipped(why)) => (
+                "SKIPPED",
+                Outcome {
+                    note: why,
+                    ..Outcome::default()
+                },
             ),
-            Err(Failure::Skipped(why)) => ("SKIPPED", 0.0, 0, 0, 0.0, why),
-            Err(Failure::Failed(why)) => ("FAILED", 0.0, 0, 0, 0.0, why),
+            Err(Failure::Failed(why)) => (
+                "FAILED",
+                Outcome {
+                    note: why,
+                    ..Outcome::default()
+                },
+            ),
         };
+        let ms = o.total.as_secs_f64() * 1000.0;
+        let downtime = o.downtime.map(|d| d.as_secs_f64() * 1000.0);
+        let mib = o.bytes as f64 / (1024.0 * 1024.0);
         all_ok &= status != "FAILED";
         if opts.json {
             println!(
@@ -52,14 +60,19 @@ pub fn main(args: &[String]) -> Result<bool, String> {
                     ("scenario", Value::Str((*name).into())),
                     ("status", Value::Str(status.to_lowercase())),
                     ("total_ms", Value::Num((ms * 10.0).round() / 10.0)),
-                    ("pages", Value::Int(pages)),
-                    ("faults", Value::Int(faults)),
-                    ("mib", Value::Num((mib * 10.0).round() / 10.0)),
-                    ("note", Value::Str(note)),
+                    ("downtime_ms", downtime.map_or(Value::Null, Value::Num)),
+                    ("mib_sent", Value::Num((mib * 10.0).round() / 10.0)),
+                    ("pages", Value::Int(o.pages)),
+                    ("faults", Value::Int(o.faults)),
+                    ("note", Value::Str(o.note)),
                 ])
             );
         } else {
-            println!("{name:<16} {status:<8} {ms:>9.1} {pages:>8} {faults:>8} {mib:>8.1}  {note}");
+            let dt = downtime.map_or("-".to_owned(), |d| format!("{d:.0}"));
+            println!(
+                "{name:<22} {status:<8} {ms:>9.1} {dt:>12} {mib:>9.1}  {}",
+                o.note
+            );
         }
     }
     Ok(all_ok)

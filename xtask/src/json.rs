@@ -7,6 +7,7 @@ pub enum Value {
     Str(String),
     Num(f64),
     Int(u64),
+    Null,
 }
 
 /// Quotes a string for JSON.
@@ -40,6 +41,7 @@ pub fn object(fields: &[(&str, Value)]) -> String {
                 Value::Num(n) if n.is_finite() => format!("{n}"),
                 Value::Num(_) => "null".into(),
                 Value::Int(i) => i.to_string(),
+                Value::Null => "null".into(),
             };
             format!("{}: {v}", quote(k))
         })

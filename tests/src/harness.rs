@@ -1,0 +1,405 @@
+//! Runs `demovm` processes and talks QMP to them, as an operator's tooling would.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vmm_glue::json::Json;
+
+/// How long any single wait may take before the scenario is declared hung. A hang
+/// guard, not a performance limit.
+pub const HANG_GUARD: Duration = Duration::from_secs(300);
+
+/// Start of the memory the built-in workloads use.
+pub const WORKLOAD_START: u64 = 0x10_0000;
+
+/// The `demovm` binary: `DEMOVM_BIN`, or beside the running executable (built with
+/// cargo in the same profile when missing).
+pub fn demovm_path() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("DEMOVM_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().ok_or("no executable directory")?;
+    let candidates = [dir.join("demovm"), dir.join("../demovm")];
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let release = exe.components().any(|c| c.as_os_str() == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "vmm-glue", "--bin", "demovm"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let st = cmd
+        .status()
+        .map_err(|e| format!("cannot run cargo to build demovm: {e}"))?;
+    if !st.success() {
+        return Err("building demovm failed".into());
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| "demovm not found after building it".into())
+}
+
+/// A QMP client over a Unix socket.
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+    /// Events received so far, in order.
+    pub events: Vec<Json>,
+}
+
+impl Qmp {
+    /// Connects (retrying while the socket appears), reads the greeting and negotiates.
+    pub fn connect(path: &Path) -> Result<Qmp, String> {
+        let start = Instant::now();
+        let w = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > HANG_GUARD => {
+                    return Err(format!("QMP socket {} never came up: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        w.set_read_timeout(Some(HANG_GUARD))
+            .map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            r: BufReader::new(w.try_clone().map_err(|e| e.to_string())?),
+            w,
+            events: Vec::new(),
+        };
+        let greeting = q.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP greeting: {greeting}"));
+        }
+        q.cmd("qmp_capabilities", Json::obj::<&str>([]))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Json, String> {
+        let mut line = String::new();
+        let n = self
+            .r
+            .read_line(&mut line)
+            .map_err(|e| format!("QMP read: {e}"))?;
+        if n == 0 {
+            return Err("QMP connection closed".into());
+        }
+        Json::parse(&line).map_err(|e| format!("QMP reply is not JSON ({e}): {line}"))
+    }
+
+    /// Runs a command; `Ok(return value)`, or `Err((class, desc))` for a QMP error.
+    pub fn execute(
+        &mut self,
+        name: &str,
+        args: Json,
+    ) -> Result<Result<Json, (String, String)>, String> {
+        let req = Json::obj([("execute", Json::str(name)), ("arguments", args)]);
+        self.w
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let v = self.read()?;
+            if v.get("event").is_some() {
+                self.events.push(v);
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(Ok(r.clone()));
+            }
+            if let Some(e) = v.get("error") {
+                let s = |k| e.get(k).and_then(Json::as_str).unwrap_or("").to_owned();
+                return Ok(Err((s("class"), s("desc"))));
+            }
+            return Err(format!("unexpected QMP reply {v}"));
+        }
+    }
+
+    /// Runs a command that must succeed.
+    pub fn cmd(&mut self, name: &str, args: Json) -> Result<Json, String> {
+        self.execute(name, args)?
+            .map_err(|(c, d)| format!("{name} failed: {c}: {d}"))
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A `demovm` process with its QMP client; killed on drop.
+pub struct DemoVm {
+    /// A name for messages.
+    pub name: String,
+    child: Child,
+    /// The QMP client.
+    pub qmp: Qmp,
+    /// The VM's scratch directory.
+    pub dir: PathBuf,
+    /// Where its COM1 output goes.
+    pub serial: PathBuf,
+    /// Top of guest memory.
+    pub mem: u64,
+}
+
+/// How to start a `demovm`.
+pub struct VmOpts<'a> {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// `builtin:ab`, `builtin:random`, ...
+    pub guest: &'a str,
+    /// `--incoming` value, if any.
+    pub incoming: Option<&'a str>,
+}
+
+impl DemoVm {
+    /// Starts a VM and connects to its QMP socket.
+    pub fn start(name: &str, o: &VmOpts<'_>) -> Result<DemoVm, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "e2e-{}-{}-{name}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let qmp_path = dir.join("qmp.sock");
+        let serial = dir.join("serial.out");
+        let mut cmd = Command::new(demovm_path()?);
+        cmd.arg("--mem")
+            .arg(format!("{}M", o.mem_mib))
+            .arg("--vcpus")
+            .arg(o.vcpus.to_string())
+            .arg("--guest")
+            .arg(o.guest)
+            .arg("--qmp")
+            .arg(&qmp_path)
+            .arg("--serial")
+            .arg(&serial)
+            .env(
+                "DEMOVM_LOG",
+                std::env::var("DEMOVM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).map_err(|e| e.to_string())?,
+            ));
+        if let Some(i) = o.incoming {
+            cmd.arg("--incoming").arg(i);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start demovm: {e}"))?;
+        let qmp = match Qmp::connect(&qmp_path) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                return Err(format!("{name}: {e}; its stderr: {log}"));
+            }
+        };
+        Ok(DemoVm {
+            name: name.into(),
+            child,
+            qmp,
+            dir,
+            serial,
+            mem: o.mem_mib << 20,
+        })
+    }
+
+    /// `query-migrate`.
+    pub fn query_migrate(&mut self) -> Result<Json, String> {
+        self.qmp.cmd("query-migrate", Json::obj::<&str>([]))
+    }
+
+    /// The migration status word.
+    pub fn migration_status(&mut self) -> Result<String, String> {
+        Ok(self
+            .query_migrate()?
+            .get("status")
+            .and_then(Json::as_str)
+            .unwrap_or("?")
+            .to_owned())
+    }
+
+    /// Polls `query-migrate` until `done` accepts it; returns that reply.
+    pub fn wait_migration(
+        &mut self,
+        what: &str,
+        done: impl Fn(&Json) -> bool,
+    ) -> Result<Json, String> {
+        let start = Instant::now();
+        loop {
+            let q = self.query_migrate()?;
+            if done(&q) {
+                return Ok(q);
+            }
+            if start.elapsed() > HANG_GUARD {
+                return Err(format!(
+                    "{}: waited too long for {what}; last query-migrate: {q}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for one of the final states and returns the reply.
+    pub fn wait_finished(&mut self) -> Result<Json, String> {
+        self.wait_migration("the migration to finish", |q| {
+            matches!(
+                q.get("status").and_then(Json::as_str),
+                Some("completed" | "failed" | "cancelled")
+            )
+        })
+    }
+
+    /// `query-status` status word.
+    pub fn run_status(&mut self) -> Result<String, String> {
+        Ok(self
+            .qmp
+            .cmd("query-status", Json::obj::<&str>([]))?
+            .get("status")
+            .and_then(Json::as_str)
+            .unwrap_or("?")
+            .to_owned())
+    }
+
+    /// `x-ram-digest`.
+    pub fn digest(&mut self) -> Result<Json, String> {
+        self.qmp.cmd("x-ram-digest", Json::obj::<&str>([]))
+    }
+
+    /// The first byte of each 4 KiB page of the workload memory.
+    pub fn page_bytes(&mut self) -> Result<Vec<u8>, String> {
+        let r = self.qmp.cmd(
+            "x-ram-sample",
+            Json::obj([
+                ("start", Json::uint(WORKLOAD_START)),
+                ("end", Json::uint(self.mem)),
+                ("stride", Json::uint(4096)),
+            ]),
+        )?;
+        let data = r
+            .get("data")
+            .and_then(Json::as_str)
+            .ok_or("x-ram-sample gave no data")?;
+        base64_decode(data)
+    }
+
+    /// Bytes of COM1 output so far.
+    pub fn serial_len(&self) -> u64 {
+        std::fs::metadata(&self.serial)
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Waits until COM1 output grows past `len`.
+    pub fn wait_serial_beyond(&self, len: u64) -> Result<u64, String> {
+        let start = Instant::now();
+        loop {
+            let now = self.serial_len();
+            if now > len {
+                return Ok(now);
+            }
+            if start.elapsed() > HANG_GUARD {
+                return Err(format!(
+                    "{}: the guest printed nothing new (stuck at {len} bytes)",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The listening address of an incoming migration, as a URI.
+    pub fn incoming_uri(&mut self) -> Result<String, String> {
+        let q = self.query_migrate()?;
+        let a = q
+            .get("socket-address")
+            .and_then(Json::as_array)
+            .and_then(|a| a.first())
+            .ok_or_else(|| format!("{}: no socket-address in {q}", self.name))?;
+        let s = |k| a.get(k).and_then(Json::as_str).unwrap_or("").to_owned();
+        Ok(match s("type").as_str() {
+            "inet" => format!("tcp:{}:{}", s("host"), s("port")),
+            "unix" => format!("unix:{}", s("path")),
+            t => format!("{t}:{}", s("path")),
+        })
+    }
+
+    /// Kills the process at once (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still alive.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Asks the process to quit and waits for it.
+    pub fn quit(mut self) -> Result<(), String> {
+        let _ = self.qmp.execute("quit", Json::obj::<&str>([]));
+        let st = self.child.wait().map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err(format!("{} exited with {st}", self.name));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DemoVm {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Decodes standard base64.
+pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
+    let val = |c: u8| -> Result<u32, String> {
+        Ok(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return Err(format!("bad base64 byte {c:#x}")),
+        }
+        .into())
+    };
+    let b = s.as_bytes();
+    if b.len() % 4 != 0 {
+        return Err("base64 length not a multiple of 4".into());
+    }
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    for c in b.chunks(4) {
+        let pad = c.iter().rev().take_while(|&&x| x == b'=').count();
+        let mut n = 0u32;
+        for &x in &c[..4 - pad] {
+            n = (n << 6) | val(x)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Ok(out)
+}
+
+/// A JSON integer field of a `query-migrate` reply (`ram.transferred` style paths).
+pub fn field(q: &Json, path: &str) -> u64 {
+    path.split('.')
+        .try_fold(q, |v, k| v.get(k))
+        .and_then(Json::as_u64)
+        .unwrap_or(0)
+}

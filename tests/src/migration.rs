@@ -1,0 +1,539 @@
+//! Migration scenarios between `demovm` processes, driven over QMP.
+//!
+//! Each checks what an operator would: final states on both sides, whether the guest
+//! runs where it should, RAM equal on both sides (`x-ram-digest`) or passing the a-b
+//! check, and clear errors where something went wrong.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use migration_stream::{BlockId, BlockInfo, Hello, MigrationId, Role, StreamWriter};
+use vmm_glue::json::Json;
+use vmm_glue::vm::ab_check;
+
+use crate::harness::{field, DemoVm, VmOpts};
+use crate::{Failure, Outcome};
+
+fn args(fields: &[(&str, Json)]) -> Json {
+    Json::obj(fields.iter().map(|(k, v)| (*k, v.clone())))
+}
+
+fn no_args() -> Json {
+    Json::obj::<&str>([])
+}
+
+fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Failure::Failed(what()))
+    }
+}
+
+fn status(q: &Json) -> &str {
+    q.get("status").and_then(Json::as_str).unwrap_or("?")
+}
+
+/// Settings under which an `ab` guest converges: no bandwidth cap, a generous downtime.
+fn converge(vm: &mut DemoVm) -> Result<(), String> {
+    vm.qmp
+        .cmd(
+            "migrate-set-parameters",
+            args(&[
+                ("max-bandwidth", Json::uint(0)),
+                ("downtime-limit", Json::uint(5000)),
+            ]),
+        )
+        .map(drop)
+}
+
+fn migrate(src: &mut DemoVm, uri: &str) -> Result<(), String> {
+    src.qmp
+        .cmd("migrate", args(&[("uri", Json::str(uri))]))
+        .map(drop)
+}
+
+fn outcome(q: &Json, note: String) -> Outcome {
+    Outcome {
+        total: Duration::from_millis(field(q, "total-time")),
+        downtime: q
+            .get("downtime")
+            .and_then(Json::as_u64)
+            .map(Duration::from_millis),
+        bytes: field(q, "ram.transferred"),
+        pages: field(q, "ram.normal") + field(q, "ram.duplicate"),
+        faults: 0,
+        note,
+    }
+}
+
+/// A destination that loads and then stays paused (`--incoming defer`, `stop`,
+/// `migrate-incoming`), so its RAM can be compared with the source's.
+fn paused_destination(
+    name: &str,
+    mem_mib: u64,
+    vcpus: usize,
+    guest: &str,
+    uri: &str,
+) -> Result<DemoVm, String> {
+    let mut dst = DemoVm::start(
+        name,
+        &VmOpts {
+            mem_mib,
+            vcpus,
+            guest,
+            incoming: Some("defer"),
+        },
+    )?;
+    dst.qmp.cmd("stop", no_args())?;
+    dst.qmp
+        .cmd("migrate-incoming", args(&[("uri", Json::str(uri))]))?;
+    Ok(dst)
+}
+
+fn stopped(transport: &str) -> Result<Outcome, Failure> {
+    let mut src = DemoVm::start(
+        "src",
+        &VmOpts {
+            mem_mib: 64,
+            vcpus: 1,
+            guest: "builtin:ab",
+            incoming: None,
+        },
+    )?;
+    src.wait_serial_beyond(2)?;
+    src.qmp.cmd("stop", no_args())?;
+    let uri = match transport {
+        "tcp" => "tcp:127.0.0.1:0".to_owned(),
+        _ => format!("unix:{}", src.dir.join("migration.sock").display()),
+    };
+    let mut dst = DemoVm::start(
+        "dst",
+        &VmOpts {
+            mem_mib: 64,
+            vcpus: 1,
+            guest: "builtin:ab",
+            incoming: Some(&uri),
+        },
+    )?;
+    let uri = dst.incoming_uri()?;
+    migrate(&mut src, &uri)?;
+    let q = src.wait_finished()?;
+    expect(status(&q) == "completed", || format!("source: {q}"))?;
+    let d = dst.wait_finished()?;
+    expect(status(&d) == "completed", || format!("destination: {d}"))?;
+    let (rs_src, rs_dst) = (src.run_status()?, dst.run_status()?);
+    expect(rs_src == "postmigrate", || {
+        format!("source run state {rs_src}")
+    })?;
+    expect(rs_dst == "paused", || {
+        format!("destination run state {rs_dst}: a guest stopped on the source must stay stopped")
+    })?;
+    let (a, b) = (src.digest()?, dst.digest()?);
+    expect(a == b, || {
+        format!("RAM differs: source {a}, destination {b}")
+    })?;
+    ab_check(&dst.page_bytes()?, 1).map_err(|e| format!("destination RAM: {e}"))?;
+    Ok(outcome(&q, format!("over {transport}: x-ram-digest equal on both sides; destination paused like the source")))
+}
+
+/// A stopped guest over TCP: RAM equal on both sides.
+pub fn stopped_tcp() -> Result<Outcome, Failure> {
+    stopped("tcp")
+}
+
+/// A stopped guest over a Unix socket: RAM equal on both sides.
+pub fn stopped_unix() -> Result<Outcome, Failure> {
+    stopped("unix")
+}
+
+/// A running `ab` guest on two vCPUs migrated live. The destination is held paused
+/// after loading so its RAM can be compared with the source's exactly, then resumed:
+/// it prints new `B`s and its RAM passes the a-b check.
+pub fn live_ab() -> Result<Outcome, Failure> {
+    let mut src = DemoVm::start(
+        "src",
+        &VmOpts {
+            mem_mib: 128,
+            vcpus: 2,
+            guest: "builtin:ab",
+            incoming: None,
+        },
+    )?;
+    src.wait_serial_beyond(4)?;
+    let mut dst = paused_destination("dst", 128, 2, "builtin:ab", "tcp:127.0.0.1:0")?;
+    let uri = dst.incoming_uri()?;
+    // QEMU's defaults first (128 MiB/s, 300 ms): ab dirties all of its memory faster
+    // than that, so the migration iterates without converging...
+    migrate(&mut src, &uri)?;
+    let q = src.wait_migration("two dirty-log syncs", |q| {
+        field(q, "ram.dirty-sync-count") >= 2
+    })?;
+    expect(status(&q) == "active", || {
+        format!("should still be iterating: {q}")
+    })?;
+    expect(src.run_status()? == "running", || {
+        "the guest must run during precopy".into()
+    })?;
+    // ... until the operator allows more bandwidth and downtime, mid-migration.
+    converge(&mut src)?;
+    let q = src.wait_finished()?;
+    expect(status(&q) == "completed", || format!("source: {q}"))?;
+    let d = dst.wait_finished()?;
+    expect(status(&d) == "completed", || format!("destination: {d}"))?;
+    expect(src.run_status()? == "postmigrate", || {
+        "source should be in postmigrate".into()
+    })?;
+    let (a, b) = (src.digest()?, dst.digest()?);
+    expect(a == b, || {
+        format!("RAM differs after a live migration: source {a}, destination {b}")
+    })?;
+    let serial_src = src.serial_len();
+
+    dst.qmp.cmd("cont", no_args())?;
+    let before = dst.serial_len();
+    dst.wait_serial_beyond(before + 2)?;
+    dst.qmp.cmd("stop", no_args())?;
+    ab_check(&dst.page_bytes()?, 2).map_err(|e| format!("destination after running on: {e}"))?;
+    expect(src.serial_len() == serial_src, || {
+        "the source guest printed after it migrated away".into()
+    })?;
+    let syncs = field(&q, "ram.dirty-sync-count");
+    Ok(outcome(
+        &q,
+        format!(
+            "{syncs} dirty syncs; RAM equal at switchover; destination printed new Bs and passes the a-b check"
+        ),
+    ))
+}
+
+/// A `random` guest under a tight downtime and low bandwidth never converges; cancel
+/// returns the source to running, unharmed; a second migration then succeeds.
+pub fn cancel_random() -> Result<Outcome, Failure> {
+    let mut src = DemoVm::start(
+        "src",
+        &VmOpts {
+            mem_mib: 128,
+            vcpus: 1,
+            guest: "builtin:random",
+            incoming: None,
+        },
+    )?;
+    let mut dst1 = DemoVm::start(
+        "dst1",
+        &VmOpts {
+            mem_mib: 128,
+            vcpus: 1,
+            guest: "builtin:random",
+            incoming: Some("tcp:127.0.0.1:0"),
+        },
+    )?;
+    src.qmp.cmd(
+        "migrate-set-parameters",
+        args(&[
+            ("max-bandwidth", Json::uint(32 << 20)),
+            ("downtime-limit", Json::uint(1)),
+        ]),
+    )?;
+    let uri = dst1.incoming_uri()?;
+    migrate(&mut src, &uri)?;
+    let q = src.wait_migration("three dirty-log syncs", |q| {
+        field(q, "ram.dirty-sync-count") >= 3
+    })?;
+    expect(status(&q) == "active", || {
+        format!("a non-converging migration must stay active: {q}")
+    })?;
+    expect(field(&q, "ram.remaining") > 0, || {
+        format!("pages should remain: {q}")
+    })?;
+    src.qmp.cmd("migrate_cancel", no_args())?;
+    let q = src.wait_finished()?;
+    expect(status(&q) == "cancelled", || {
+        format!("after migrate_cancel: {q}")
+    })?;
+    expect(src.run_status()? == "running", || {
+        "the source must run again after cancel".into()
+    })?;
+    let d1 = dst1.wait_finished()?;
+    expect(status(&d1) == "failed", || {
+        format!("the abandoned destination: {d1}")
+    })?;
+    expect(dst1.run_status()? == "inmigrate", || {
+        "the abandoned destination must not run the guest".into()
+    })?;
+    // The guest is alive: its memory keeps changing.
+    let a = src.digest()?;
+    std::thread::sleep(Duration::from_millis(50));
+    expect(src.digest()? != a, || {
+        "the source guest does not run after cancel".into()
+    })?;
+
+    // A second migration, to a fresh destination, with limits that converge.
+    let mut dst2 = paused_destination("dst2", 128, 1, "builtin:random", "tcp:127.0.0.1:0")?;
+    let uri = dst2.incoming_uri()?;
+    converge(&mut src)?;
+    migrate(&mut src, &uri)?;
+    let q = src.wait_finished()?;
+    expect(status(&q) == "completed", || {
+        format!("second migration: {q}")
+    })?;
+    let d2 = dst2.wait_finished()?;
+    expect(status(&d2) == "completed", || {
+        format!("second destination: {d2}")
+    })?;
+    let (a, b) = (src.digest()?, dst2.digest()?);
+    expect(a == b, || {
+        format!("RAM differs after the second migration: {a} vs {b}")
+    })?;
+    dst2.qmp.cmd("cont", no_args())?;
+    let a = dst2.digest()?;
+    std::thread::sleep(Duration::from_millis(50));
+    expect(dst2.digest()? != a, || {
+        "the guest does not run on the second destination".into()
+    })?;
+    Ok(outcome(
+        &q,
+        "first attempt stayed active, cancelled, source unharmed; second migration completed, RAM equal".into(),
+    ))
+}
+
+/// The destination is killed mid-migration: the source reports `failed` with a clear
+/// reason and its guest keeps running.
+pub fn dest_killed() -> Result<Outcome, Failure> {
+    let mut src = DemoVm::start(
+        "src",
+        &VmOpts {
+            mem_mib: 128,
+            vcpus: 1,
+            guest: "builtin:ab",
+            incoming: None,
+        },
+    )?;
+    let mut dst = DemoVm::start(
+        "dst",
+        &VmOpts {
+            mem_mib: 128,
+            vcpus: 1,
+            guest: "builtin:ab",
+            incoming: Some("tcp:127.0.0.1:0"),
+        },
+    )?;
+    src.qmp.cmd(
+        "migrate-set-parameters",
+        args(&[("max-bandwidth", Json::uint(16 << 20))]),
+    )?;
+    let uri = dst.incoming_uri()?;
+    migrate(&mut src, &uri)?;
+    src.wait_migration("pages to flow", |q| field(q, "ram.transferred") > 4 << 20)?;
+    dst.kill();
+    let q = src.wait_finished()?;
+    expect(status(&q) == "failed", || {
+        format!("source after the destination died: {q}")
+    })?;
+    let desc = q
+        .get("error-desc")
+        .and_then(Json::as_str)
+        .unwrap_or("")
+        .to_owned();
+    expect(!desc.is_empty(), || format!("no error-desc: {q}"))?;
+    expect(src.run_status()? == "running", || {
+        "the source guest must keep running".into()
+    })?;
+    let before = src.serial_len();
+    src.wait_serial_beyond(before)?;
+    src.qmp.cmd("stop", no_args())?;
+    ab_check(&src.page_bytes()?, 1).map_err(|e| format!("source RAM after the failure: {e}"))?;
+    Ok(outcome(
+        &q,
+        format!("source failed with \"{desc}\"; guest still running, a-b check holds"),
+    ))
+}
+
+/// `migrate file:` saves a running guest; `--incoming file:` restores it exactly.
+pub fn file_save_restore() -> Result<Outcome, Failure> {
+    let mut src = DemoVm::start(
+        "src",
+        &VmOpts {
+            mem_mib: 64,
+            vcpus: 1,
+            guest: "builtin:ab",
+            incoming: None,
+        },
+    )?;
+    src.wait_serial_beyond(2)?;
+    converge(&mut src)?;
+    let path = src.dir.join("guest.mig");
+    migrate(&mut src, &format!("file:{}", path.display()))?;
+    let q = src.wait_finished()?;
+    expect(status(&q) == "completed", || format!("save: {q}"))?;
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    expect(size > 0, || "the file is empty".into())?;
+    let mut dst = paused_destination(
+        "restored",
+        64,
+        1,
+        "builtin:ab",
+        &format!("file:{}", path.display()),
+    )?;
+    let d = dst.wait_finished()?;
+    expect(status(&d) == "completed", || format!("restore: {d}"))?;
+    let (a, b) = (src.digest()?, dst.digest()?);
+    expect(a == b, || format!("restored RAM differs: {a} vs {b}"))?;
+    dst.qmp.cmd("cont", no_args())?;
+    let before = dst.serial_len();
+    dst.wait_serial_beyond(before + 1)?;
+    Ok(outcome(
+        &q,
+        format!(
+            "{} MiB file; restored RAM equal; restored guest runs",
+            size >> 20
+        ),
+    ))
+}
+
+/// A hostile peer connects to a destination and sends one bad stream.
+fn hostile_case(
+    name: &str,
+    send: impl FnOnce(&mut TcpStream) -> std::io::Result<()>,
+) -> Result<String, Failure> {
+    let mut dst = DemoVm::start(
+        name,
+        &VmOpts {
+            mem_mib: 64,
+            vcpus: 1,
+            guest: "builtin:ab",
+            incoming: Some("tcp:127.0.0.1:0"),
+        },
+    )?;
+    let before = dst.digest()?;
+    let uri = dst.incoming_uri()?;
+    let addr = uri.trim_start_matches("tcp:");
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("{name}: connect: {e}"))?;
+    // The destination may close early; its verdict is what counts.
+    let _ = send(&mut s);
+    let _ = s.flush();
+    drop(s);
+    let q = dst.wait_finished()?;
+    expect(status(&q) == "failed", || {
+        format!("{name}: the destination accepted a bad stream: {q}")
+    })?;
+    let desc = q
+        .get("error-desc")
+        .and_then(Json::as_str)
+        .unwrap_or("")
+        .to_owned();
+    expect(!desc.is_empty(), || format!("{name}: no error-desc"))?;
+    expect(dst.alive(), || {
+        format!("{name}: the destination process died")
+    })?;
+    expect(dst.run_status()? == "inmigrate", || {
+        format!("{name}: the guest must not run")
+    })?;
+    let after = dst.digest()?;
+    expect(before == after, || {
+        format!("{name}: guest memory changed: {before} -> {after}")
+    })?;
+    Ok(desc)
+}
+
+fn blocks(mem: u64) -> Vec<BlockInfo> {
+    vec![
+        BlockInfo {
+            name: "pc.ram.low".into(),
+            size: 0xa_0000,
+            page_size: 4096,
+        },
+        BlockInfo {
+            name: "pc.ram".into(),
+            size: mem - 0x10_0000,
+            page_size: 4096,
+        },
+    ]
+}
+
+fn main_stream(s: &mut TcpStream) -> std::io::Result<StreamWriter<&mut TcpStream>> {
+    let mut w = StreamWriter::new(s);
+    w.write_preamble(&Hello::new(Role::Main, MigrationId::generate()))
+        .map_err(std::io::Error::other)?;
+    Ok(w)
+}
+
+/// Hostile peers: garbage, a truncated page, an out-of-range offset, an oversized
+/// length, and blocks that do not match. Each destination fails with a clear error,
+/// keeps running as a process, and its guest memory is untouched.
+pub fn hostile_streams() -> Result<Outcome, Failure> {
+    let start = Instant::now();
+    let mut notes = Vec::new();
+    let mem = 64u64 << 20;
+    notes.push(hostile_case("garbage", |s| {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let junk: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        s.write_all(&junk)
+    })?);
+    notes.push(hostile_case("truncated", |s| {
+        let mut w = main_stream(s)?;
+        w.write_ram_setup(&blocks(mem))
+            .map_err(std::io::Error::other)?;
+        w.flush().map_err(std::io::Error::other)?;
+        let inner = w.into_inner().map_err(std::io::Error::other)?;
+        // A page record for pc.ram offset 0 with half its payload.
+        let mut rec = vec![2u8, 1];
+        rec.extend_from_slice(&1u32.to_be_bytes());
+        rec.extend_from_slice(&0u64.to_be_bytes());
+        rec.extend_from_slice(&[0xabu8; 2048]);
+        inner.write_all(&rec)
+    })?);
+    notes.push(hostile_case("out-of-range", |s| {
+        let mut w = main_stream(s)?;
+        w.write_ram_setup(&blocks(mem))
+            .map_err(std::io::Error::other)?;
+        w.flush().map_err(std::io::Error::other)?;
+        let inner = w.into_inner().map_err(std::io::Error::other)?;
+        let mut rec = vec![2u8, 1];
+        rec.extend_from_slice(&1u32.to_be_bytes());
+        rec.extend_from_slice(&(mem).to_be_bytes());
+        rec.extend_from_slice(&[0xcdu8; 4096]);
+        inner.write_all(&rec)
+    })?);
+    notes.push(hostile_case("oversized", |s| {
+        let mut w = main_stream(s)?;
+        w.write_ram_setup(&blocks(mem))
+            .map_err(std::io::Error::other)?;
+        w.flush().map_err(std::io::Error::other)?;
+        let inner = w.into_inner().map_err(std::io::Error::other)?;
+        // A DeviceState command claiming a 4 GiB body.
+        let mut rec = vec![4u8, 8];
+        rec.extend_from_slice(&u32::MAX.to_be_bytes());
+        rec.extend_from_slice(&[0u8; 64]);
+        inner.write_all(&rec)
+    })?);
+    notes.push(hostile_case("wrong-blocks", |s| {
+        let mut w = main_stream(s)?;
+        let mut b = blocks(mem);
+        b[1].size += 4096;
+        w.write_ram_setup(&b).map_err(std::io::Error::other)?;
+        w.write_page(BlockId(1), 0, &[0xeeu8; 4096])
+            .map_err(std::io::Error::other)?;
+        w.flush().map_err(std::io::Error::other)
+    })?);
+    let short: Vec<String> = notes
+        .iter()
+        .map(|n| n.chars().take(60).collect::<String>())
+        .collect();
+    Ok(Outcome {
+        total: start.elapsed(),
+        note: format!(
+            "5 bad streams refused, memory untouched: {}",
+            short.join(" | ")
+        ),
+        ..Outcome::default()
+    })
+}
