@@ -20,11 +20,15 @@ const PAGES: usize = 16 * 1024;
 const ROUNDS: usize = 5;
 
 /// One reported figure.
-struct Figure {
-    name: &'static str,
-    value: f64,
-    unit: &'static str,
-    baseline: Option<f64>,
+pub struct Figure {
+    /// Dotted name.
+    pub name: &'static str,
+    /// The measurement.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// The same quantity for the baseline, measured in the same run.
+    pub baseline: Option<f64>,
 }
 
 impl Figure {
@@ -35,7 +39,9 @@ impl Figure {
 
 pub fn main(args: &[String]) -> Result<bool, String> {
     let opts = Opts::parse(args, false)?;
-    let figures = uffd_figures()?;
+    let mut figures = uffd_figures()?;
+    figures.extend(crate::bench_precopy::stopped_figures()?);
+    figures.extend(crate::bench_precopy::live_figures()?);
     for f in &figures {
         if opts.json {
             let mut fields = vec![

@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 mod bench;
+mod bench_precopy;
 mod e2e;
 mod json;
 

@@ -1,0 +1,313 @@
+//! Precopy figures for `cargo xtask bench`.
+//!
+//! - `precopy.stopped_1g`: a stopped 1 GiB guest whose pages are all non-zero,
+//!   migrated over loopback TCP by the real saver and loader (setup, iterations, last
+//!   pass, every page checked on arrival), against a plain socket copy of the same
+//!   bytes from guest memory to guest memory in the same run.
+//! - `precopy.overhead_*_per_gib`: what the saver and loader add to a process's resident
+//!   memory per GiB of guest (bitmaps, buffers), measured as the RSS growth across
+//!   their setup with guest memory already resident.
+//! - `precopy.live_ab_1g.*`: a running 1 GiB `ab` guest between two `demovm`
+//!   processes: total time, downtime, MiB sent.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration_ram::vm_memory::{Bytes, GuestAddress};
+use migration_ram::{
+    GuestMemoryMmap, PrecopyLoader, PrecopyParams, PrecopySaver, RamBlocks, RamStats, VmmDirtyLog,
+};
+use migration_stream::{Record, StreamReader, StreamWriter};
+
+use crate::bench::Figure;
+
+const GIB: u64 = 1 << 30;
+const CHUNK: usize = 1 << 20;
+const ROUNDS: usize = 5;
+
+fn e(x: impl std::fmt::Display) -> String {
+    x.to_string()
+}
+
+fn guest(fill: bool) -> Result<Arc<GuestMemoryMmap>, String> {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GIB as usize)]).map_err(e)?;
+    let mut buf = vec![0u8; CHUNK];
+    for off in (0..GIB).step_by(CHUNK) {
+        if fill {
+            // Every 8-byte word non-zero and different per page.
+            for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+                let v = (off + i as u64 * 8) | 1;
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        // Touch every page so both sides start resident, as a running guest's RAM is.
+        mem.write_slice(&buf, GuestAddress(off)).map_err(e)?;
+    }
+    Ok(Arc::new(mem))
+}
+
+fn same(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> Result<bool, String> {
+    let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    for off in (0..GIB).step_by(CHUNK) {
+        a.read_slice(&mut x, GuestAddress(off)).map_err(e)?;
+        b.read_slice(&mut y, GuestAddress(off)).map_err(e)?;
+        if x != y {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn blocks(mem: &GuestMemoryMmap) -> Result<RamBlocks, String> {
+    RamBlocks::from_guest_memory(mem, &["pc.ram"]).map_err(e)
+}
+
+/// Resident set size of this process, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Migrates `src` into `dst` over loopback TCP; returns the elapsed time.
+fn precopy_once(
+    src: &Arc<GuestMemoryMmap>,
+    dst: &Arc<GuestMemoryMmap>,
+) -> Result<Duration, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(e)?;
+    let addr = listener.local_addr().map_err(e)?;
+    let dst = Arc::clone(dst);
+    let receiver = std::thread::spawn(move || -> Result<(), String> {
+        let (s, _) = listener.accept().map_err(e)?;
+        let mut loader =
+            PrecopyLoader::new(Arc::clone(&dst), blocks(&dst)?, Arc::new(RamStats::new()));
+        loader.set_fresh_memory(false);
+        let mut r = StreamReader::new(s);
+        match loader.load(&mut r).map_err(e)? {
+            Record::Complete => Ok(()),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    });
+    let start = Instant::now();
+    let s = TcpStream::connect(addr).map_err(e)?;
+    let mut w = StreamWriter::new(s);
+    let params = PrecopyParams {
+        max_bandwidth: 0,
+        downtime_limit: Duration::from_secs(1),
+    };
+    let mut saver = PrecopySaver::new(
+        Arc::clone(src),
+        blocks(src)?,
+        Arc::new(VmmDirtyLog::new(Arc::clone(src))),
+        params.shared(),
+        Arc::new(RamStats::new()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    saver.setup(&mut w).map_err(e)?;
+    while !saver.iterate(&mut w).map_err(e)?.switchover {}
+    saver.complete(&mut w).map_err(e)?;
+    w.write_complete().map_err(e)?;
+    w.flush().map_err(e)?;
+    receiver.join().map_err(|_| "receiver panicked")??;
+    Ok(start.elapsed())
+}
+
+/// The same bytes over a plain socket, guest memory to guest memory.
+fn socket_copy_once(
+    src: &Arc<GuestMemoryMmap>,
+    dst: &Arc<GuestMemoryMmap>,
+) -> Result<Duration, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(e)?;
+    let addr = listener.local_addr().map_err(e)?;
+    let dst = Arc::clone(dst);
+    let receiver = std::thread::spawn(move || -> Result<(), String> {
+        let (mut s, _) = listener.accept().map_err(e)?;
+        let mut buf = vec![0u8; CHUNK];
+        for off in (0..GIB).step_by(CHUNK) {
+            s.read_exact(&mut buf).map_err(e)?;
+            dst.write_slice(&buf, GuestAddress(off)).map_err(e)?;
+        }
+        Ok(())
+    });
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).map_err(e)?;
+    let mut buf = vec![0u8; CHUNK];
+    for off in (0..GIB).step_by(CHUNK) {
+        src.read_slice(&mut buf, GuestAddress(off)).map_err(e)?;
+        s.write_all(&buf).map_err(e)?;
+    }
+    s.flush().map_err(e)?;
+    receiver.join().map_err(|_| "receiver panicked")??;
+    Ok(start.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The stopped-guest throughput and the overhead figures.
+pub fn stopped_figures() -> Result<Vec<Figure>, String> {
+    let src = guest(true)?;
+    let dst = guest(false)?;
+    let mib = |d: Duration| GIB as f64 / f64::from(1u32 << 20) / d.as_secs_f64();
+    let (mut ours, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        ours.push(mib(precopy_once(&src, &dst)?));
+        if !same(&src, &dst)? {
+            return Err("precopy bench: destination differs from the source".into());
+        }
+        // Reset the destination so every round moves every byte again.
+        let zero = vec![0u8; CHUNK];
+        for off in (0..GIB).step_by(CHUNK) {
+            dst.write_slice(&zero, GuestAddress(off)).map_err(e)?;
+        }
+        plain.push(mib(socket_copy_once(&src, &dst)?));
+    }
+    let (ours, plain) = (median(ours), median(plain));
+
+    // Overheads: RSS growth across a whole pass with guest memory already resident, so
+    // every bitmap word and buffer byte the saver and loader use has been touched.
+    // The destination side loads a recorded stream (recorded before measuring).
+    let mut recorded = StreamWriter::new(Vec::new());
+    recorded
+        .write_ram_setup(&blocks(&src)?.infos())
+        .map_err(e)?;
+    let mut buf = [0u8; 4096];
+    for page in 0..4096u64 {
+        src.read_slice(&mut buf, GuestAddress(page * 4096))
+            .map_err(e)?;
+        recorded
+            .write_page(migration_stream::BlockId(0), page * 4096, &buf)
+            .map_err(e)?;
+    }
+    recorded.write_complete().map_err(e)?;
+    let recorded = recorded.into_inner().map_err(e)?;
+
+    let before = rss();
+    let mut loader = PrecopyLoader::new(Arc::clone(&dst), blocks(&dst)?, Arc::new(RamStats::new()));
+    let mut r = StreamReader::new(recorded.as_slice());
+    match loader.load(&mut r).map_err(e)? {
+        Record::Complete => {}
+        other => return Err(format!("overhead bench: unexpected {other:?}")),
+    }
+    let dst_overhead = rss().saturating_sub(before);
+
+    let before = rss();
+    let mut saver = PrecopySaver::new(
+        Arc::clone(&src),
+        blocks(&src)?,
+        Arc::new(VmmDirtyLog::new(Arc::clone(&src))),
+        PrecopyParams {
+            max_bandwidth: 0,
+            downtime_limit: Duration::from_secs(1),
+        }
+        .shared(),
+        Arc::new(RamStats::new()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut w = StreamWriter::new(std::io::sink());
+    saver.setup(&mut w).map_err(e)?;
+    saver.iterate(&mut w).map_err(e)?;
+    let src_overhead = rss().saturating_sub(before);
+    saver.abort();
+    drop((saver, w, loader, r));
+
+    Ok(vec![
+        Figure {
+            name: "precopy.stopped_1g",
+            value: ours,
+            unit: "MiB/s",
+            baseline: Some(plain),
+        },
+        Figure {
+            name: "precopy.overhead_source_per_gib",
+            value: src_overhead as f64,
+            unit: "bytes",
+            baseline: None,
+        },
+        Figure {
+            name: "precopy.overhead_destination_per_gib",
+            value: dst_overhead as f64,
+            unit: "bytes",
+            baseline: None,
+        },
+    ])
+}
+
+/// A running 1 GiB `ab` guest migrated between two `demovm` processes.
+pub fn live_figures() -> Result<Vec<Figure>, String> {
+    use e2e::harness::{field, DemoVm, VmOpts};
+    use vmm_glue::json::Json;
+    let opts = |incoming| VmOpts {
+        mem_mib: 1024,
+        vcpus: 1,
+        guest: "builtin:ab",
+        incoming,
+    };
+    let mut src = DemoVm::start("bench-src", &opts(None))?;
+    let mut dst = DemoVm::start("bench-dst", &opts(Some("tcp:127.0.0.1:0")))?;
+    src.wait_serial_beyond(1)?;
+    src.qmp.cmd(
+        "migrate-set-parameters",
+        Json::obj([
+            ("max-bandwidth", Json::uint(0)),
+            ("downtime-limit", Json::uint(5000)),
+        ]),
+    )?;
+    let uri = dst.incoming_uri()?;
+    src.qmp
+        .cmd("migrate", Json::obj([("uri", Json::str(uri))]))?;
+    let q = src.wait_finished()?;
+    if q.get("status").and_then(Json::as_str) != Some("completed") {
+        return Err(format!("live bench migration did not complete: {q}"));
+    }
+    let d = dst.wait_finished()?;
+    if d.get("status").and_then(Json::as_str) != Some("completed") {
+        return Err(format!("live bench destination: {d}"));
+    }
+    let accel = dst.qmp.cmd("x-guest-info", Json::obj::<&str>([]))?;
+    let accel = accel
+        .get("accel")
+        .and_then(Json::as_str)
+        .unwrap_or("?")
+        .to_owned();
+    let name = |n: &'static str, soft: &'static str| if accel == "soft" { soft } else { n };
+    Ok(vec![
+        Figure {
+            name: name(
+                "precopy.live_ab_1g.total",
+                "precopy.live_ab_1g_soft_vcpus.total",
+            ),
+            value: field(&q, "total-time") as f64,
+            unit: "ms",
+            baseline: None,
+        },
+        Figure {
+            name: name(
+                "precopy.live_ab_1g.downtime",
+                "precopy.live_ab_1g_soft_vcpus.downtime",
+            ),
+            value: field(&q, "downtime") as f64,
+            unit: "ms",
+            baseline: None,
+        },
+        Figure {
+            name: name(
+                "precopy.live_ab_1g.sent",
+                "precopy.live_ab_1g_soft_vcpus.sent",
+            ),
+            value: field(&q, "ram.transferred") as f64 / f64::from(1u32 << 20),
+            unit: "MiB",
+            baseline: Some(GIB as f64 / f64::from(1u32 << 20)),
+        },
+    ])
+}
