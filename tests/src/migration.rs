@@ -15,6 +15,24 @@ use vmm_glue::vm::ab_check;
 use crate::harness::{field, DemoVm, VmOpts};
 use crate::{Failure, Outcome};
 
+fn vm(
+    name: &str,
+    mem_mib: u64,
+    vcpus: usize,
+    guest: &str,
+    incoming: Option<&str>,
+) -> Result<DemoVm, String> {
+    DemoVm::start(
+        name,
+        &VmOpts {
+            mem_mib,
+            vcpus,
+            guest,
+            incoming,
+        },
+    )
+}
+
 fn args(fields: &[(&str, Json)]) -> Json {
     Json::obj(fields.iter().map(|(k, v)| (*k, v.clone())))
 }
@@ -93,30 +111,14 @@ fn paused_destination(
 }
 
 fn stopped(transport: &str) -> Result<Outcome, Failure> {
-    let mut src = DemoVm::start(
-        "src",
-        &VmOpts {
-            mem_mib: 64,
-            vcpus: 1,
-            guest: "builtin:ab",
-            incoming: None,
-        },
-    )?;
+    let mut src = vm("src", 64, 1, "builtin:ab", None)?;
     src.wait_serial_beyond(2)?;
     src.qmp.cmd("stop", no_args())?;
     let uri = match transport {
         "tcp" => "tcp:127.0.0.1:0".to_owned(),
         _ => format!("unix:{}", src.dir.join("migration.sock").display()),
     };
-    let mut dst = DemoVm::start(
-        "dst",
-        &VmOpts {
-            mem_mib: 64,
-            vcpus: 1,
-            guest: "builtin:ab",
-            incoming: Some(&uri),
-        },
-    )?;
+    let mut dst = vm("dst", 64, 1, "builtin:ab", Some(&uri))?;
     let uri = dst.incoming_uri()?;
     migrate(&mut src, &uri)?;
     let q = src.wait_finished()?;
@@ -152,15 +154,7 @@ pub fn stopped_unix() -> Result<Outcome, Failure> {
 /// after loading so its RAM can be compared with the source's exactly, then resumed:
 /// it prints new `B`s and its RAM passes the a-b check.
 pub fn live_ab() -> Result<Outcome, Failure> {
-    let mut src = DemoVm::start(
-        "src",
-        &VmOpts {
-            mem_mib: 128,
-            vcpus: 2,
-            guest: "builtin:ab",
-            incoming: None,
-        },
-    )?;
+    let mut src = vm("src", 128, 2, "builtin:ab", None)?;
     src.wait_serial_beyond(4)?;
     let mut dst = paused_destination("dst", 128, 2, "builtin:ab", "tcp:127.0.0.1:0")?;
     let uri = dst.incoming_uri()?;
@@ -211,24 +205,8 @@ pub fn live_ab() -> Result<Outcome, Failure> {
 /// A `random` guest under a tight downtime and low bandwidth never converges; cancel
 /// returns the source to running, unharmed; a second migration then succeeds.
 pub fn cancel_random() -> Result<Outcome, Failure> {
-    let mut src = DemoVm::start(
-        "src",
-        &VmOpts {
-            mem_mib: 128,
-            vcpus: 1,
-            guest: "builtin:random",
-            incoming: None,
-        },
-    )?;
-    let mut dst1 = DemoVm::start(
-        "dst1",
-        &VmOpts {
-            mem_mib: 128,
-            vcpus: 1,
-            guest: "builtin:random",
-            incoming: Some("tcp:127.0.0.1:0"),
-        },
-    )?;
+    let mut src = vm("src", 128, 1, "builtin:random", None)?;
+    let mut dst1 = vm("dst1", 128, 1, "builtin:random", Some("tcp:127.0.0.1:0"))?;
     src.qmp.cmd(
         "migrate-set-parameters",
         args(&[
@@ -301,24 +279,8 @@ pub fn cancel_random() -> Result<Outcome, Failure> {
 /// The destination is killed mid-migration: the source reports `failed` with a clear
 /// reason and its guest keeps running.
 pub fn dest_killed() -> Result<Outcome, Failure> {
-    let mut src = DemoVm::start(
-        "src",
-        &VmOpts {
-            mem_mib: 128,
-            vcpus: 1,
-            guest: "builtin:ab",
-            incoming: None,
-        },
-    )?;
-    let mut dst = DemoVm::start(
-        "dst",
-        &VmOpts {
-            mem_mib: 128,
-            vcpus: 1,
-            guest: "builtin:ab",
-            incoming: Some("tcp:127.0.0.1:0"),
-        },
-    )?;
+    let mut src = vm("src", 128, 1, "builtin:ab", None)?;
+    let mut dst = vm("dst", 128, 1, "builtin:ab", Some("tcp:127.0.0.1:0"))?;
     src.qmp.cmd(
         "migrate-set-parameters",
         args(&[("max-bandwidth", Json::uint(16 << 20))]),
@@ -352,15 +314,7 @@ pub fn dest_killed() -> Result<Outcome, Failure> {
 
 /// `migrate file:` saves a running guest; `--incoming file:` restores it exactly.
 pub fn file_save_restore() -> Result<Outcome, Failure> {
-    let mut src = DemoVm::start(
-        "src",
-        &VmOpts {
-            mem_mib: 64,
-            vcpus: 1,
-            guest: "builtin:ab",
-            incoming: None,
-        },
-    )?;
+    let mut src = vm("src", 64, 1, "builtin:ab", None)?;
     src.wait_serial_beyond(2)?;
     converge(&mut src)?;
     let path = src.dir.join("guest.mig");
@@ -397,15 +351,7 @@ fn hostile_case(
     name: &str,
     send: impl FnOnce(&mut TcpStream) -> std::io::Result<()>,
 ) -> Result<String, Failure> {
-    let mut dst = DemoVm::start(
-        name,
-        &VmOpts {
-            mem_mib: 64,
-            vcpus: 1,
-            guest: "builtin:ab",
-            incoming: Some("tcp:127.0.0.1:0"),
-        },
-    )?;
+    let mut dst = vm(name, 64, 1, "builtin:ab", Some("tcp:127.0.0.1:0"))?;
     let before = dst.digest()?;
     let uri = dst.incoming_uri()?;
     let addr = uri.trim_start_matches("tcp:");
@@ -459,6 +405,15 @@ fn main_stream(s: &mut TcpStream) -> std::io::Result<StreamWriter<&mut TcpStream
     Ok(w)
 }
 
+/// A valid preamble and `RamSetup` for `mem`, then the raw socket for what follows.
+fn after_setup(s: &mut TcpStream, mem: u64) -> std::io::Result<&mut TcpStream> {
+    let mut w = main_stream(s)?;
+    w.write_ram_setup(&blocks(mem))
+        .map_err(std::io::Error::other)?;
+    w.flush().map_err(std::io::Error::other)?;
+    w.into_inner().map_err(std::io::Error::other)
+}
+
 /// Hostile peers: garbage, a truncated page, an out-of-range offset, an oversized
 /// length, and blocks that do not match. Each destination fails with a clear error,
 /// keeps running as a process, and its guest memory is untouched.
@@ -479,11 +434,7 @@ pub fn hostile_streams() -> Result<Outcome, Failure> {
         s.write_all(&junk)
     })?);
     notes.push(hostile_case("truncated", |s| {
-        let mut w = main_stream(s)?;
-        w.write_ram_setup(&blocks(mem))
-            .map_err(std::io::Error::other)?;
-        w.flush().map_err(std::io::Error::other)?;
-        let inner = w.into_inner().map_err(std::io::Error::other)?;
+        let inner = after_setup(s, mem)?;
         // A page record for pc.ram offset 0 with half its payload.
         let mut rec = vec![2u8, 1];
         rec.extend_from_slice(&1u32.to_be_bytes());
@@ -492,11 +443,7 @@ pub fn hostile_streams() -> Result<Outcome, Failure> {
         inner.write_all(&rec)
     })?);
     notes.push(hostile_case("out-of-range", |s| {
-        let mut w = main_stream(s)?;
-        w.write_ram_setup(&blocks(mem))
-            .map_err(std::io::Error::other)?;
-        w.flush().map_err(std::io::Error::other)?;
-        let inner = w.into_inner().map_err(std::io::Error::other)?;
+        let inner = after_setup(s, mem)?;
         let mut rec = vec![2u8, 1];
         rec.extend_from_slice(&1u32.to_be_bytes());
         rec.extend_from_slice(&(mem).to_be_bytes());
@@ -504,11 +451,7 @@ pub fn hostile_streams() -> Result<Outcome, Failure> {
         inner.write_all(&rec)
     })?);
     notes.push(hostile_case("oversized", |s| {
-        let mut w = main_stream(s)?;
-        w.write_ram_setup(&blocks(mem))
-            .map_err(std::io::Error::other)?;
-        w.flush().map_err(std::io::Error::other)?;
-        let inner = w.into_inner().map_err(std::io::Error::other)?;
+        let inner = after_setup(s, mem)?;
         // A DeviceState command claiming a 4 GiB body.
         let mut rec = vec![4u8, 8];
         rec.extend_from_slice(&u32::MAX.to_be_bytes());

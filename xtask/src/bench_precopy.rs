@@ -65,6 +65,26 @@ fn blocks(mem: &GuestMemoryMmap) -> Result<RamBlocks, String> {
     RamBlocks::from_guest_memory(mem, &["pc.ram"]).map_err(e)
 }
 
+/// No bandwidth cap; switchover once a pass leaves less than a second's worth.
+fn unlimited() -> PrecopyParams {
+    PrecopyParams {
+        max_bandwidth: 0,
+        downtime_limit: Duration::from_secs(1),
+    }
+}
+
+/// A saver of all of `src`, tracking writes through vm-memory.
+fn saver(src: &Arc<GuestMemoryMmap>, params: PrecopyParams) -> Result<PrecopySaver, String> {
+    Ok(PrecopySaver::new(
+        Arc::clone(src),
+        blocks(src)?,
+        Arc::new(VmmDirtyLog::new(Arc::clone(src))),
+        params.shared(),
+        Arc::new(RamStats::new()),
+        Arc::new(AtomicBool::new(false)),
+    ))
+}
+
 /// Resident set size of this process, in bytes.
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -99,18 +119,8 @@ fn precopy_once(
     let start = Instant::now();
     let s = TcpStream::connect(addr).map_err(e)?;
     let mut w = StreamWriter::new(s);
-    let params = PrecopyParams {
-        max_bandwidth: 0,
-        downtime_limit: Duration::from_secs(1),
-    };
-    let mut saver = PrecopySaver::new(
-        Arc::clone(src),
-        blocks(src)?,
-        Arc::new(VmmDirtyLog::new(Arc::clone(src))),
-        params.shared(),
-        Arc::new(RamStats::new()),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let params = unlimited();
+    let mut saver = saver(src, params)?;
     saver.setup(&mut w).map_err(e)?;
     while !saver.iterate(&mut w).map_err(e)?.switchover {}
     saver.complete(&mut w).map_err(e)?;
@@ -202,18 +212,7 @@ pub fn stopped_figures() -> Result<Vec<Figure>, String> {
     let dst_overhead = rss().saturating_sub(before);
 
     let before = rss();
-    let mut saver = PrecopySaver::new(
-        Arc::clone(&src),
-        blocks(&src)?,
-        Arc::new(VmmDirtyLog::new(Arc::clone(&src))),
-        PrecopyParams {
-            max_bandwidth: 0,
-            downtime_limit: Duration::from_secs(1),
-        }
-        .shared(),
-        Arc::new(RamStats::new()),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let mut saver = saver(&src, unlimited())?;
     let mut w = StreamWriter::new(std::io::sink());
     saver.setup(&mut w).map_err(e)?;
     saver.iterate(&mut w).map_err(e)?;
