@@ -184,8 +184,38 @@ pub fn live_ab() -> Result<Outcome, Failure> {
         format!("RAM differs after a live migration: source {a}, destination {b}")
     })?;
     let serial_src = src.serial_len();
+    let migration_events = |vm: &DemoVm| -> Vec<String> {
+        vm.qmp
+            .events
+            .iter()
+            .filter(|e| e.get("event").and_then(Json::as_str) == Some("MIGRATION"))
+            .filter_map(|e| e.get("data")?.get("status")?.as_str().map(str::to_owned))
+            .collect()
+    };
+    let seen = migration_events(&src);
+    expect(seen == ["setup", "active", "completed"], || {
+        format!("source MIGRATION events {seen:?}, expected setup, active, completed")
+    })?;
+    let stops = src
+        .qmp
+        .events
+        .iter()
+        .filter(|e| e.get("event").and_then(Json::as_str) == Some("STOP"))
+        .count();
+    expect(stops == 1, || {
+        format!("source emitted {stops} STOP events, expected 1 at switchover")
+    })?;
 
     dst.qmp.cmd("cont", no_args())?;
+    dst.qmp.cmd("query-status", no_args())?;
+    let resumed = dst
+        .qmp
+        .events
+        .iter()
+        .any(|e| e.get("event").and_then(Json::as_str) == Some("RESUME"));
+    expect(resumed, || {
+        "the destination emitted no RESUME on cont".into()
+    })?;
     let before = dst.serial_len();
     dst.wait_serial_beyond(before + 2)?;
     dst.qmp.cmd("stop", no_args())?;
