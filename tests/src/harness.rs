@@ -278,6 +278,22 @@ impl DemoVm {
         self.qmp.cmd("x-ram-digest", Json::obj::<&str>([]))
     }
 
+    /// Waits until guest RAM differs from what it is now: the guest runs.
+    pub fn wait_ram_changes(&mut self) -> Result<(), String> {
+        let before = self.digest()?;
+        let start = Instant::now();
+        while self.digest()? == before {
+            if start.elapsed() > HANG_GUARD {
+                return Err(format!(
+                    "{}: guest RAM did not change: the guest does not run",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// The first byte of each 4 KiB page of the workload memory.
     pub fn page_bytes(&mut self) -> Result<Vec<u8>, String> {
         let r = self.qmp.cmd(

@@ -30,9 +30,9 @@ pub mod soft;
 pub mod vcpu;
 pub mod vm;
 
-/// Guest memory as this crate uses it: mmap-backed, with vm-memory's atomic dirty
-/// bitmap recording the writes the VMM (or a soft vCPU) makes.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// Guest memory as the whole stack uses it (mmap-backed, with vm-memory's atomic dirty
+/// bitmap recording the writes the VMM or a soft vCPU makes).
+pub use migration_ram::GuestMemoryMmap;
 
 pub use logger::Logger;
 

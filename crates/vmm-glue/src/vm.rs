@@ -8,7 +8,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use crate::serial::Serial;
 use crate::soft::{SoftVcpus, Workload};
 use crate::vcpu::{VcpuError, Vcpus};
-use crate::GuestMemoryMmap;
+use migration_ram::GuestMemoryMmap;
 
 /// Start of the legacy hole (VGA and BIOS area), where RAM stops below 1 MiB.
 pub const LOW_RAM_END: u64 = 0xa_0000;
@@ -115,7 +115,7 @@ pub struct Vm {
     pub serial: Arc<Serial>,
     /// What it was built from.
     pub config: VmConfig,
-    /// Why soft vCPUs run it when KVM was asked for by `Auto` (None with KVM).
+    /// Why soft vCPUs run it (None once a KVM backend runs it).
     pub accel_note: Option<String>,
 }
 
@@ -131,33 +131,26 @@ impl Vm {
                 })?,
             );
         let serial = Arc::new(Serial::new(config.serial.as_deref()).map_err(VmError::Serial)?);
-        let kvm = crate::kvm::host_facts();
-        let (use_kvm, note) = match (config.accel, &kvm) {
-            (Accel::Soft, _) => (
-                false,
-                Some("soft vCPUs requested with --accel soft".to_owned()),
-            ),
-            (Accel::Kvm, Ok(_)) | (Accel::Auto, Ok(_)) => (true, None),
+        // The KVM backend for guests is not part of this build yet: built-in guests run on
+        // soft vCPUs (the same workload over the same memory), and the note says why.
+        let accel_note = match (config.accel, crate::kvm::host_facts()) {
+            (Accel::Soft, _) => "soft vCPUs requested with --accel soft".to_owned(),
             (Accel::Kvm, Err(e)) => {
                 return Err(VmError::Config(format!(
                     "--accel kvm: KVM unusable: {}",
-                    crate::error_chain(e)
+                    crate::error_chain(&e)
                 )))
             }
-            (Accel::Auto, Err(e)) => (
-                false,
-                Some(format!(
-                    "KVM unusable ({}): soft vCPUs",
-                    crate::error_chain(e)
-                )),
-            ),
+            (_, Ok(_)) => {
+                "KVM is usable, but this build runs built-in guests on soft vCPUs".to_owned()
+            }
+            (Accel::Auto, Err(e)) => {
+                format!("KVM unusable ({}): soft vCPUs", crate::error_chain(&e))
+            }
         };
-        let vcpus: Box<dyn Vcpus> = match (&config.guest, use_kvm) {
-            (GuestSpec::Builtin(w), _) => {
-                // The KVM backend for built-in guests is not part of this build yet; the
-                // soft vCPUs run the same workload over the same memory.
-                let note_kvm = use_kvm;
-                let v = SoftVcpus::new(
+        let vcpus: Box<dyn Vcpus> = match &config.guest {
+            GuestSpec::Builtin(w) => Box::new(
+                SoftVcpus::new(
                     Arc::clone(&mem),
                     Arc::clone(&serial),
                     *w,
@@ -165,19 +158,9 @@ impl Vm {
                     HIGH_RAM_START,
                     config.mem_size,
                 )
-                .map_err(VmError::Vcpus)?;
-                if note_kvm {
-                    return Ok(Vm {
-                        mem,
-                        vcpus: Box::new(v),
-                        serial,
-                        config,
-                        accel_note: Some("built-in guests run on soft vCPUs in this build".into()),
-                    });
-                }
-                Box::new(v)
-            }
-            (GuestSpec::BootSector(p), _) => {
+                .map_err(VmError::Vcpus)?,
+            ),
+            GuestSpec::BootSector(p) => {
                 return Err(VmError::Config(format!(
                     "boot sector guest {}: needs the KVM backend, which this build does not have",
                     p.display()
@@ -189,7 +172,7 @@ impl Vm {
             vcpus,
             serial,
             config,
-            accel_note: note,
+            accel_note: Some(accel_note),
         })
     }
 }

@@ -134,14 +134,7 @@ impl PrecopyLoader {
         let (block, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
         let buf = &mut self.page[..block.page_size() as usize];
         r.read_page_into(buf)?;
-        self.mem
-            .write_slice(buf, block.page_addr(page))
-            .map_err(|source| Error::Memory {
-                op: "writing",
-                name: block.name().to_owned(),
-                offset: hdr.offset,
-                source,
-            })?;
+        write_page(&self.mem, block, page, hdr.offset, buf)?;
         block.received().set(page);
         self.stats.add_normal_pages(1, u64::from(block.page_size()));
         Ok(())
@@ -155,14 +148,7 @@ impl PrecopyLoader {
         if !self.fresh_memory || block.received().test(page) {
             let buf = &mut self.page[..block.page_size() as usize];
             buf.fill(0);
-            self.mem
-                .write_slice(buf, block.page_addr(page))
-                .map_err(|source| Error::Memory {
-                    op: "writing",
-                    name: block.name().to_owned(),
-                    offset: hdr.offset,
-                    source,
-                })?;
+            write_page(&self.mem, block, page, hdr.offset, buf)?;
         }
         block.received().set(page);
         self.stats.add_zero_pages(1);
@@ -194,4 +180,21 @@ impl PrecopyLoader {
             self.stats.add_transferred(r.bytes_read() - before);
         }
     }
+}
+
+/// Writes one page of `block` into guest memory, naming the block on failure.
+fn write_page(
+    mem: &GuestMemoryMmap,
+    block: &RamBlock,
+    page: u64,
+    offset: u64,
+    buf: &[u8],
+) -> Result<()> {
+    mem.write_slice(buf, block.page_addr(page))
+        .map_err(|source| Error::Memory {
+            op: "writing",
+            name: block.name().to_owned(),
+            offset,
+            source,
+        })
 }
