@@ -77,6 +77,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("precopy-live-ab", migration::live_ab),
     ("precopy-cancel-random", migration::cancel_random),
     ("precopy-dest-killed", migration::dest_killed),
+    ("precopy-dest-refuses", migration::dest_refuses),
     ("precopy-file", migration::file_save_restore),
     ("hostile-streams", migration::hostile_streams),
     ("uffd-postcopy", uffd::postcopy),

@@ -334,6 +334,67 @@ pub fn dest_killed() -> Result<Outcome, Failure> {
     ))
 }
 
+/// The destination refuses the migration after all RAM arrived (it has one vCPU, the
+/// source two, so the vCPU state does not load). The source reports `failed` with the
+/// destination's status, and its guest goes back to the state it had before the
+/// switchover: a stopped guest stays stopped with RAM untouched, a running guest runs
+/// again and passes the a-b check.
+pub fn dest_refuses() -> Result<Outcome, Failure> {
+    let mut notes = Vec::new();
+    let mut last = None;
+    for running in [false, true] {
+        let mut src = vm("src", 64, 2, "builtin:ab", None)?;
+        src.wait_serial_beyond(2)?;
+        if !running {
+            src.qmp.cmd("stop", no_args())?;
+        }
+        converge(&mut src)?;
+        let before = src.digest()?;
+        let mut dst = vm("dst", 64, 1, "builtin:ab", Some("tcp:127.0.0.1:0"))?;
+        let uri = dst.incoming_uri()?;
+        migrate(&mut src, &uri)?;
+        let q = src.wait_finished()?;
+        expect(status(&q) == "failed", || format!("source: {q}"))?;
+        let desc = q
+            .get("error-desc")
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_owned();
+        expect(desc.contains("destination failed to load"), || {
+            format!("the source must say the destination refused: {q}")
+        })?;
+        let d = dst.wait_finished()?;
+        expect(status(&d) == "failed", || format!("destination: {d}"))?;
+        let why = d.get("error-desc").and_then(Json::as_str).unwrap_or("");
+        expect(why.contains("vCPU"), || {
+            format!("the destination must name the vCPU state: {d}")
+        })?;
+        let rs = src.run_status()?;
+        if running {
+            expect(rs == "running", || {
+                format!("source run state {rs}: a running guest must run again")
+            })?;
+            src.wait_ram_changes()?;
+            src.qmp.cmd("stop", no_args())?;
+            ab_check(&src.page_bytes()?, 2)
+                .map_err(|e| format!("source RAM after the refusal: {e}"))?;
+            notes.push("running source runs again, a-b check holds".to_owned());
+        } else {
+            expect(rs == "paused", || {
+                format!("source run state {rs}: a guest stopped by the operator must stay stopped")
+            })?;
+            let after = src.digest()?;
+            expect(after == before, || {
+                format!("a stopped guest's RAM changed: {before} then {after}")
+            })?;
+            notes.push("stopped source stays paused, RAM unchanged".to_owned());
+        }
+        last = Some((q, desc));
+    }
+    let (q, desc) = last.ok_or_else(|| Failure::Failed("no attempt ran".into()))?;
+    Ok(outcome(&q, format!("\"{desc}\"; {}", notes.join("; "))))
+}
+
 /// `migrate file:` saves a running guest; `--incoming file:` restores it exactly.
 pub fn file_save_restore() -> Result<Outcome, Failure> {
     let mut src = vm("src", 64, 1, "builtin:ab", None)?;

@@ -45,6 +45,11 @@ fn precopy_destination_killed() {
 }
 
 #[test]
+fn precopy_destination_refuses() {
+    run("precopy-dest-refuses", e2e::migration::dest_refuses);
+}
+
+#[test]
 fn precopy_file_save_and_restore() {
     run("precopy-file", e2e::migration::file_save_restore);
 }

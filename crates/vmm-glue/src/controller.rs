@@ -154,6 +154,9 @@ struct Inner {
     incoming_deferred: bool,
     /// Whether the destination starts the guest once loaded (`cont`/`stop` set it).
     autostart: bool,
+    /// The run state the last pass paused the guest from; a migration that fails while
+    /// the guest may still run here puts it back in that state, and only that one.
+    before_switchover: Option<RunState>,
 }
 
 /// The controller of one VM.
@@ -204,6 +207,7 @@ impl Controller {
                 listen_uri: None,
                 incoming_deferred: false,
                 autostart: true,
+                before_switchover: None,
             }),
             params: PrecopyParams::default().shared(),
             stats: Mutex::new(Arc::new(RamStats::new())),
@@ -272,6 +276,7 @@ impl Controller {
         i.setup_ms = None;
         i.total_ms = None;
         i.downtime_ms = None;
+        i.before_switchover = None;
         (stats, cancel)
     }
 
@@ -515,6 +520,10 @@ impl Controller {
             }
             // Switchover: the guest stops here and resumes on the destination.
             let was_running = self.vm.vcpus.running();
+            {
+                let mut i = self.inner.lock();
+                i.before_switchover = Some(i.runstate);
+            }
             let down = Instant::now();
             self.pause_guest(RunState::FinishMigrate)
                 .map_err(|e| Stop::Failed(e.desc))?;
@@ -541,27 +550,28 @@ impl Controller {
                 w.flush()?;
                 Ok(())
             })();
-            if let Err(e) = finish {
-                if was_running {
-                    let _ = self.start_guest();
-                }
-                return Err(e);
-            }
-            // From here the destination may run the guest: never resume it here unless
-            // the destination says it will not.
-            *resume_ok = false;
+            // A failure from here to the destination's verdict leaves `resume_ok` set,
+            // and `finish_outgoing` puts the guest back as it was.
+            finish?;
             if is_file {
+                // No destination runs this guest: it is complete once the file is durable.
                 w.into_inner()?;
+                conn.handle.sync_data()?;
             } else {
+                // From here the destination may run the guest: never resume it here unless
+                // the destination says it will not.
+                *resume_ok = false;
                 match verdict_rx.recv() {
                     Ok(Ok(0)) => {}
                     Ok(Ok(status)) => {
                         *resume_ok = true;
-                        if was_running {
-                            let _ = self.start_guest();
-                        }
+                        let here = if was_running {
+                            "the guest runs here again"
+                        } else {
+                            "the guest stays here, paused as it was"
+                        };
                         return Err(Stop::Failed(format!(
-                            "the destination failed to load the migration (status {status}); the guest runs here again"
+                            "the destination failed to load the migration (status {status}); {here}"
                         )));
                     }
                     lost => {
@@ -599,8 +609,20 @@ impl Controller {
             Err(stop) => {
                 let runstate = self.inner.lock().runstate;
                 if resume_ok && runstate == RunState::FinishMigrate {
-                    // Failed while paused for the last pass, before Complete went out.
-                    let _ = self.start_guest();
+                    // Failed while paused for the last pass, and no destination runs the
+                    // guest: back to the state it was in, running only if it ran.
+                    let prior = self.inner.lock().before_switchover.take();
+                    match prior {
+                        Some(RunState::Running) => {
+                            if let Err(e) = self.start_guest() {
+                                log::error!(
+                                    "cannot resume the guest after the failed migration: {}",
+                                    e.desc
+                                );
+                            }
+                        }
+                        prior => self.set_runstate(prior.unwrap_or(RunState::Paused)),
+                    }
                 } else if !resume_ok {
                     self.set_runstate(RunState::PostMigrate);
                 }
