@@ -10,17 +10,10 @@ mod common;
 
 use std::os::fd::AsRawFd;
 
-use common::uffd;
+use common::{range_err, uffd};
 use uffd_sys::{CopyMode, Error, EventBuf, Features, Mapping, MemoryKind, Op, RegisterMode, Wake};
 
 const PAGE: u64 = 4096;
-
-fn range_err(e: &Error) -> (Op, i32) {
-    match e {
-        Error::Range { op, source, .. } => (*op, source.raw_os_error().expect("an errno")),
-        e => panic!("expected a range error, got {e:?}"),
-    }
-}
 
 #[test]
 fn a_closed_descriptor_gives_typed_errors() {

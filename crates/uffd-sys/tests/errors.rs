@@ -4,17 +4,10 @@
 
 mod common;
 
-use common::uffd;
+use common::{range_err, uffd};
 use uffd_sys::{CopyMode, Error, Features, Mapping, MemoryKind, Op, RegisterMode, Uffd, Wake};
 
 const PAGE: u64 = 4096;
-
-fn range_err(e: &Error) -> (Op, i32) {
-    match e {
-        Error::Range { op, source, .. } => (*op, source.raw_os_error().expect("an errno")),
-        e => panic!("expected a range error, got {e:?}"),
-    }
-}
 
 #[test]
 fn a_missing_feature_is_named() {

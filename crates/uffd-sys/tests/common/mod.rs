@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use uffd_sys::{Event, EventBuf, Features, PageFault, Uffd};
+use uffd_sys::{Error, Event, EventBuf, Features, Op, PageFault, Uffd};
 
 /// How long a test waits for an event before calling the kernel's behaviour broken.
 /// A hang guard, not a performance limit.
@@ -93,5 +93,13 @@ impl<T: Send + 'static> Toucher<T> {
 
     pub fn join(self) -> T {
         self.handle.join().expect("toucher panicked")
+    }
+}
+
+/// The operation and errno of a range error; panics on any other error.
+pub fn range_err(e: &Error) -> (Op, i32) {
+    match e {
+        Error::Range { op, source, .. } => (*op, source.raw_os_error().expect("an errno")),
+        e => panic!("expected a range error, got {e:?}"),
     }
 }
