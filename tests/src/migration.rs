@@ -53,6 +53,14 @@ fn status(q: &Json) -> &str {
     q.get("status").and_then(Json::as_str).unwrap_or("?")
 }
 
+/// `query-migrate`'s `error-desc`, empty when there is none.
+fn error_desc(q: &Json) -> String {
+    q.get("error-desc")
+        .and_then(Json::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// Settings under which an `ab` guest converges: no bandwidth cap, a generous downtime.
 fn converge(vm: &mut DemoVm) -> Result<(), String> {
     vm.qmp
@@ -315,11 +323,7 @@ pub fn dest_killed() -> Result<Outcome, Failure> {
     expect(status(&q) == "failed", || {
         format!("source after the destination died: {q}")
     })?;
-    let desc = q
-        .get("error-desc")
-        .and_then(Json::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let desc = error_desc(&q);
     expect(!desc.is_empty(), || format!("no error-desc: {q}"))?;
     expect(src.run_status()? == "running", || {
         "the source guest must keep running".into()
@@ -355,17 +359,13 @@ pub fn dest_refuses() -> Result<Outcome, Failure> {
         migrate(&mut src, &uri)?;
         let q = src.wait_finished()?;
         expect(status(&q) == "failed", || format!("source: {q}"))?;
-        let desc = q
-            .get("error-desc")
-            .and_then(Json::as_str)
-            .unwrap_or("")
-            .to_owned();
+        let desc = error_desc(&q);
         expect(desc.contains("destination failed to load"), || {
             format!("the source must say the destination refused: {q}")
         })?;
         let d = dst.wait_finished()?;
         expect(status(&d) == "failed", || format!("destination: {d}"))?;
-        let why = d.get("error-desc").and_then(Json::as_str).unwrap_or("");
+        let why = error_desc(&d);
         expect(why.contains("vCPU"), || {
             format!("the destination must name the vCPU state: {d}")
         })?;
@@ -447,11 +447,7 @@ fn hostile_case(
     expect(status(&q) == "failed", || {
         format!("{name}: the destination accepted a bad stream: {q}")
     })?;
-    let desc = q
-        .get("error-desc")
-        .and_then(Json::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let desc = error_desc(&q);
     expect(!desc.is_empty(), || format!("{name}: no error-desc"))?;
     expect(dst.alive(), || {
         format!("{name}: the destination process died")
