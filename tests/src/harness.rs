@@ -5,6 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use vmm_glue::json::Json;
@@ -16,18 +17,22 @@ pub const HANG_GUARD: Duration = Duration::from_secs(300);
 /// Start of the memory the built-in workloads use.
 pub const WORKLOAD_START: u64 = 0x10_0000;
 
-/// The `demovm` binary: `DEMOVM_BIN`, or beside the running executable (built with
-/// cargo in the same profile when missing).
+/// The `demovm` binary: `DEMOVM_BIN`, or the one beside the running executable, which
+/// cargo brings up to date (same profile) once per process. A binary left over from an
+/// older build is never used as it is: it would test old code under the new name.
 pub fn demovm_path() -> Result<PathBuf, String> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     if let Ok(p) = std::env::var("DEMOVM_BIN") {
         return Ok(PathBuf::from(p));
     }
+    BUILT.get_or_init(build_demovm).clone()
+}
+
+fn build_demovm() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no executable directory")?;
+    // Test executables live in `deps/`, `xtask` beside the binaries.
     let candidates = [dir.join("demovm"), dir.join("../demovm")];
-    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
-        return Ok(p.clone());
-    }
     let release = exe.components().any(|c| c.as_os_str() == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
