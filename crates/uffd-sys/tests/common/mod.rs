@@ -103,3 +103,23 @@ pub fn range_err(e: &Error) -> (Op, i32) {
         e => panic!("expected a range error, got {e:?}"),
     }
 }
+
+/// A hugetlbfs mapping of `pages` huge pages of the default size, or None after printing
+/// SKIPPED when the host has none free; fails instead when `REQUIRE_HUGETLB=1` (set by
+/// `.ci/run` once it has reserved some).
+pub fn huge_mapping(test: &str, pages: usize) -> Option<uffd_sys::Mapping> {
+    let size = uffd_sys::mapping::default_huge_page_size().unwrap_or(2 << 20);
+    match uffd_sys::Mapping::new(uffd_sys::MemoryKind::Hugetlbfs, pages * size) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            let why = format!(
+                "cannot map hugetlbfs memory ({e}): reserve huge pages with vm.nr_hugepages"
+            );
+            if std::env::var("REQUIRE_HUGETLB").as_deref() == Ok("1") {
+                panic!("{test}: huge pages required (REQUIRE_HUGETLB=1) but {why}");
+            }
+            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
+            None
+        }
+    }
+}
