@@ -375,6 +375,28 @@ mod tests {
 
     const MEM: u64 = 4 << 20;
 
+    fn guest_memory() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&memory_layout(MEM).unwrap()).unwrap())
+    }
+
+    /// `count` vCPUs running `workload` over the whole high RAM of `mem`.
+    fn vcpus(
+        mem: &Arc<GuestMemoryMmap>,
+        serial: &Arc<Serial>,
+        workload: Workload,
+        count: usize,
+    ) -> SoftVcpus {
+        SoftVcpus::new(
+            Arc::clone(mem),
+            Arc::clone(serial),
+            workload,
+            count,
+            HIGH_RAM_START,
+            MEM,
+        )
+        .unwrap()
+    }
+
     fn first_bytes(mem: &GuestMemoryMmap) -> Vec<u8> {
         (HIGH_RAM_START..MEM)
             .step_by(PAGE as usize)
@@ -395,17 +417,9 @@ mod tests {
 
     #[test]
     fn ab_survives_save_and_restore_into_another_vm() {
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&memory_layout(MEM).unwrap()).unwrap());
+        let mem = guest_memory();
         let serial = Arc::new(Serial::new(None).unwrap());
-        let v = SoftVcpus::new(
-            Arc::clone(&mem),
-            Arc::clone(&serial),
-            Workload::Ab,
-            2,
-            HIGH_RAM_START,
-            MEM,
-        )
-        .unwrap();
+        let v = vcpus(&mem, &serial, Workload::Ab, 2);
         assert!(!v.running());
         v.resume().unwrap();
         run_until(&v, 3);
@@ -420,7 +434,7 @@ mod tests {
         let (ver, state) = v.save_state().unwrap();
 
         // A second VM with a copy of memory and the saved state continues exactly.
-        let mem2 = Arc::new(GuestMemoryMmap::from_ranges(&memory_layout(MEM).unwrap()).unwrap());
+        let mem2 = guest_memory();
         for a in (HIGH_RAM_START..MEM).step_by(PAGE as usize) {
             mem2.write_obj(
                 mem.read_obj::<u8>(GuestAddress(a)).unwrap(),
@@ -429,15 +443,7 @@ mod tests {
             .unwrap();
         }
         let serial2 = Arc::new(Serial::new(None).unwrap());
-        let v2 = SoftVcpus::new(
-            Arc::clone(&mem2),
-            serial2,
-            Workload::Ab,
-            2,
-            HIGH_RAM_START,
-            MEM,
-        )
-        .unwrap();
+        let v2 = vcpus(&mem2, &serial2, Workload::Ab, 2);
         v2.restore_state(ver, &state).unwrap();
         let before = v2.passes();
         v2.resume().unwrap();
@@ -450,42 +456,18 @@ mod tests {
 
     #[test]
     fn bad_states_are_refused() {
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&memory_layout(MEM).unwrap()).unwrap());
+        let mem = guest_memory();
         let serial = Arc::new(Serial::new(None).unwrap());
-        let v = SoftVcpus::new(
-            Arc::clone(&mem),
-            Arc::clone(&serial),
-            Workload::Ab,
-            2,
-            HIGH_RAM_START,
-            MEM,
-        )
-        .unwrap();
+        let v = vcpus(&mem, &serial, Workload::Ab, 2);
         let (ver, state) = v.save_state().unwrap();
         assert!(v.restore_state(ver + 1, &state).is_err());
         assert!(v.restore_state(ver, &state[..state.len() - 1]).is_err());
-        let one = SoftVcpus::new(
-            Arc::clone(&mem),
-            Arc::clone(&serial),
-            Workload::Ab,
-            1,
-            HIGH_RAM_START,
-            MEM,
-        )
-        .unwrap();
+        let one = vcpus(&mem, &serial, Workload::Ab, 1);
         assert!(
             one.restore_state(ver, &state).is_err(),
             "vCPU count differs"
         );
-        let rnd = SoftVcpus::new(
-            Arc::clone(&mem),
-            serial,
-            Workload::Random,
-            2,
-            HIGH_RAM_START,
-            MEM,
-        )
-        .unwrap();
+        let rnd = vcpus(&mem, &serial, Workload::Random, 2);
         assert!(rnd.restore_state(ver, &state).is_err(), "workload differs");
         let mut bad = state.clone();
         bad[5 + 16..5 + 24].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -502,16 +484,8 @@ mod tests {
     fn writes_are_recorded_in_the_dirty_bitmap() {
         use vm_memory::bitmap::Bitmap;
         use vm_memory::GuestMemoryBackend;
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&memory_layout(MEM).unwrap()).unwrap());
-        let v = SoftVcpus::new(
-            Arc::clone(&mem),
-            Arc::new(Serial::new(None).unwrap()),
-            Workload::Ab,
-            1,
-            HIGH_RAM_START,
-            MEM,
-        )
-        .unwrap();
+        let mem = guest_memory();
+        let v = vcpus(&mem, &Arc::new(Serial::new(None).unwrap()), Workload::Ab, 1);
         v.resume().unwrap();
         run_until(&v, 1);
         v.pause().unwrap();
