@@ -97,37 +97,48 @@ fn rss() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// Runs `receive` on a thread accepting one loopback TCP connection and `send` on a
+/// connection to it; returns the time from connecting until the receiver is done.
+fn loopback_transfer(
+    receive: impl FnOnce(TcpStream) -> Result<(), String> + Send + 'static,
+    send: impl FnOnce(TcpStream) -> Result<(), String>,
+) -> Result<Duration, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(e)?;
+    let addr = listener.local_addr().map_err(e)?;
+    let receiver = std::thread::spawn(move || receive(listener.accept().map_err(e)?.0));
+    let start = Instant::now();
+    send(TcpStream::connect(addr).map_err(e)?)?;
+    receiver.join().map_err(|_| "receiver panicked")??;
+    Ok(start.elapsed())
+}
+
 /// Migrates `src` into `dst` over loopback TCP; returns the elapsed time.
 fn precopy_once(
     src: &Arc<GuestMemoryMmap>,
     dst: &Arc<GuestMemoryMmap>,
 ) -> Result<Duration, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(e)?;
-    let addr = listener.local_addr().map_err(e)?;
     let dst = Arc::clone(dst);
-    let receiver = std::thread::spawn(move || -> Result<(), String> {
-        let (s, _) = listener.accept().map_err(e)?;
-        let mut loader =
-            PrecopyLoader::new(Arc::clone(&dst), blocks(&dst)?, Arc::new(RamStats::new()));
-        loader.set_fresh_memory(false);
-        let mut r = StreamReader::new(s);
-        match loader.load(&mut r).map_err(e)? {
-            Record::Complete => Ok(()),
-            other => Err(format!("unexpected {other:?}")),
-        }
-    });
-    let start = Instant::now();
-    let s = TcpStream::connect(addr).map_err(e)?;
-    let mut w = StreamWriter::new(s);
-    let params = unlimited();
-    let mut saver = saver(src, params)?;
-    saver.setup(&mut w).map_err(e)?;
-    while !saver.iterate(&mut w).map_err(e)?.switchover {}
-    saver.complete(&mut w).map_err(e)?;
-    w.write_complete().map_err(e)?;
-    w.flush().map_err(e)?;
-    receiver.join().map_err(|_| "receiver panicked")??;
-    Ok(start.elapsed())
+    loopback_transfer(
+        move |s| {
+            let mut loader =
+                PrecopyLoader::new(Arc::clone(&dst), blocks(&dst)?, Arc::new(RamStats::new()));
+            loader.set_fresh_memory(false);
+            let mut r = StreamReader::new(s);
+            match loader.load(&mut r).map_err(e)? {
+                Record::Complete => Ok(()),
+                other => Err(format!("unexpected {other:?}")),
+            }
+        },
+        |s| {
+            let mut w = StreamWriter::new(s);
+            let mut saver = saver(src, unlimited())?;
+            saver.setup(&mut w).map_err(e)?;
+            while !saver.iterate(&mut w).map_err(e)?.switchover {}
+            saver.complete(&mut w).map_err(e)?;
+            w.write_complete().map_err(e)?;
+            w.flush().map_err(e)
+        },
+    )
 }
 
 /// The same bytes over a plain socket, guest memory to guest memory.
@@ -135,28 +146,25 @@ fn socket_copy_once(
     src: &Arc<GuestMemoryMmap>,
     dst: &Arc<GuestMemoryMmap>,
 ) -> Result<Duration, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(e)?;
-    let addr = listener.local_addr().map_err(e)?;
     let dst = Arc::clone(dst);
-    let receiver = std::thread::spawn(move || -> Result<(), String> {
-        let (mut s, _) = listener.accept().map_err(e)?;
-        let mut buf = vec![0u8; CHUNK];
-        for off in (0..GIB).step_by(CHUNK) {
-            s.read_exact(&mut buf).map_err(e)?;
-            dst.write_slice(&buf, GuestAddress(off)).map_err(e)?;
-        }
-        Ok(())
-    });
-    let start = Instant::now();
-    let mut s = TcpStream::connect(addr).map_err(e)?;
-    let mut buf = vec![0u8; CHUNK];
-    for off in (0..GIB).step_by(CHUNK) {
-        src.read_slice(&mut buf, GuestAddress(off)).map_err(e)?;
-        s.write_all(&buf).map_err(e)?;
-    }
-    s.flush().map_err(e)?;
-    receiver.join().map_err(|_| "receiver panicked")??;
-    Ok(start.elapsed())
+    loopback_transfer(
+        move |mut s| {
+            let mut buf = vec![0u8; CHUNK];
+            for off in (0..GIB).step_by(CHUNK) {
+                s.read_exact(&mut buf).map_err(e)?;
+                dst.write_slice(&buf, GuestAddress(off)).map_err(e)?;
+            }
+            Ok(())
+        },
+        |mut s| {
+            let mut buf = vec![0u8; CHUNK];
+            for off in (0..GIB).step_by(CHUNK) {
+                src.read_slice(&mut buf, GuestAddress(off)).map_err(e)?;
+                s.write_all(&buf).map_err(e)?;
+            }
+            s.flush().map_err(e)
+        },
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
