@@ -253,10 +253,81 @@ pub enum Error {
     },
 }
 
+/// Whose fault an error is, as the three kinds a migration tells apart.
+///
+/// Every error type of the stack (this crate's [`Error`], `migration-ram`'s,
+/// `vmm-glue`'s session errors) answers `kind()`, so the kind stays known
+/// from the socket up to what the operator sees. Postcopy recovery acts on
+/// [`ErrorKind::Link`] only: a broken link can be mended by reconnecting, a
+/// bad stream or a local failure cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The link to the peer broke: closed, reset, timed out or stalled. What
+    /// arrived before the break was valid.
+    Link,
+    /// The peer sent bytes that break the format or the protocol: a hostile
+    /// or corrupt stream, or a peer that disagrees with this side (another
+    /// RAM layout, a state this side cannot parse).
+    Protocol,
+    /// Something on this host failed: guest memory, KVM, userfaultfd, a file
+    /// system (a full disk), a resource limit.
+    Local,
+}
+
+impl ErrorKind {
+    /// `link`, `protocol` or `local`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Link => "link",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Local => "local",
+        }
+    }
+
+    /// The kind of an I/O error of a channel: the errors a broken or stalled
+    /// connection gives are [`ErrorKind::Link`], anything else (a full disk, a
+    /// descriptor limit) is [`ErrorKind::Local`].
+    pub fn of_io(e: &io::Error) -> ErrorKind {
+        match e.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::WouldBlock => ErrorKind::Link,
+            _ => ErrorKind::Local,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Result of this crate's encoders and decoders.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Whose fault this is: an ended or broken channel is
+    /// [`ErrorKind::Link`], another I/O failure [`ErrorKind::Local`], and
+    /// every malformed byte [`ErrorKind::Protocol`]. A caller's own misuse
+    /// (a wrong buffer size, a payload left unread) is [`ErrorKind::Local`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Closed | Error::Truncated { .. } => ErrorKind::Link,
+            Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::PayloadPending { .. } | Error::NoPayloadPending | Error::BufferSize { .. } => {
+                ErrorKind::Local
+            }
+            _ => ErrorKind::Protocol,
+        }
+    }
+
     /// Whether this error says the channel ended (cleanly between frames or
     /// in the middle of one), as opposed to carrying malformed bytes. A
     /// postcopy destination uses this to enter `postcopy-paused` rather than

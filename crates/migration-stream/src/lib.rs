@@ -135,7 +135,7 @@ mod wire;
 
 pub use block::{BlockGeometry, BlockId, BlockInfo, BlockResolver, BlockTable};
 pub use command::{AdviseFlags, Command, CommandTag, DeviceState, DiscardRange};
-pub use error::{Error, Result, TagKind};
+pub use error::{Error, ErrorKind, Result, TagKind};
 pub use header::{
     read_preamble, write_preamble, Hello, MigrationId, Role, MAGIC, PREAMBLE_LEN, VERSION,
 };

@@ -20,12 +20,14 @@
 #![deny(unsafe_code)]
 
 pub mod controller;
+pub mod guest;
 pub mod json;
 #[allow(unsafe_code)]
 pub mod kvm;
 mod logger;
 pub mod qmp;
 pub mod serial;
+pub mod session;
 pub mod soft;
 pub mod vcpu;
 pub mod vm;
