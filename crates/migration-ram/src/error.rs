@@ -4,11 +4,16 @@
 //! hex, the announced and local values of a mismatch, and the underlying
 //! wire-format or guest-memory error as `#[source]` (the Display text does
 //! not repeat it).
+//!
+//! [`Error::kind`] sorts every error into the three kinds a migration tells
+//! apart ([`ErrorKind`]): a broken link (recoverable by reconnecting), a
+//! peer whose stream disagrees with this side, and a failure of this host.
 
-use migration_stream::BlockId;
+use migration_stream::{BlockId, ErrorKind};
 
 /// An error of RAM migration.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// `RamBlocks::from_guest_memory` got a different number of names than
     /// the memory has regions.
@@ -175,6 +180,49 @@ impl Error {
         }
     }
 
+    /// Whose fault this error is.
+    ///
+    /// - [`ErrorKind::Link`]: the channel ended or broke (the stream error's
+    ///   own kind).
+    /// - [`ErrorKind::Protocol`]: the peer's stream disagrees with this side:
+    ///   another block count, name, size or page size, a block or page this
+    ///   side does not have, a page before `RamSetup`, a second `RamSetup`,
+    ///   or a malformed stream.
+    /// - [`ErrorKind::Local`]: guest memory, the dirty log, this side's own
+    ///   block list, or a method called in the wrong state.
+    ///
+    /// [`Error::Cancelled`] is [`ErrorKind::Local`] too, but it is nobody's
+    /// fault: the operator asked for it. Callers test for it first (a
+    /// cancelled migration reports `cancelled`, not `failed`) and use the
+    /// kind only for the other errors.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Stream(e) => e.kind(),
+            Error::BlockCountMismatch { .. }
+            | Error::BlockNameMismatch { .. }
+            | Error::BlockSizeMismatch { .. }
+            | Error::PageSizeMismatch { .. }
+            | Error::UnknownBlock { .. }
+            | Error::BadPage { .. }
+            | Error::PageBeforeSetup { .. }
+            | Error::SetupRepeated => ErrorKind::Protocol,
+            Error::NameCount { .. }
+            | Error::InvalidBlock { .. }
+            | Error::InvalidBlockList { .. }
+            | Error::NotInMemory { .. }
+            | Error::Memory { .. }
+            | Error::DirtyLog { .. }
+            | Error::Cancelled
+            | Error::InvalidState { .. } => ErrorKind::Local,
+        }
+    }
+
+    /// Whether this is [`Error::Cancelled`]: the operator's cancel, which
+    /// callers report apart from failures.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Error::Cancelled)
+    }
+
     /// Whether this error says the channel ended or broke (see
     /// [`migration_stream::Error::is_disconnect`]).
     pub fn is_disconnect(&self) -> bool {
@@ -184,3 +232,154 @@ impl Error {
 
 /// Result of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use migration_stream::Error as StreamError;
+
+    use super::*;
+
+    fn stream_io(kind: io::ErrorKind) -> Error {
+        Error::Stream(StreamError::Io {
+            context: "writing a page",
+            source: io::Error::from(kind),
+        })
+    }
+
+    #[test]
+    fn every_variant_has_its_kind() {
+        let name = || "pc.ram".to_owned();
+        let mem_err =
+            || vm_memory::GuestMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(0));
+        let cases: Vec<(Error, ErrorKind)> = vec![
+            (Error::Stream(StreamError::Closed), ErrorKind::Link),
+            (
+                Error::Stream(StreamError::Truncated { what: "page" }),
+                ErrorKind::Link,
+            ),
+            (stream_io(io::ErrorKind::BrokenPipe), ErrorKind::Link),
+            (stream_io(io::ErrorKind::ConnectionReset), ErrorKind::Link),
+            (stream_io(io::ErrorKind::StorageFull), ErrorKind::Local),
+            (
+                Error::Stream(StreamError::UnknownBlock { block: BlockId(9) }),
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::BlockCountMismatch {
+                    announced: 1,
+                    local: 2,
+                },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::BlockNameMismatch {
+                    index: 0,
+                    announced: "a".into(),
+                    local: name(),
+                },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::BlockSizeMismatch {
+                    name: name(),
+                    announced: 1,
+                    local: 2,
+                },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::PageSizeMismatch {
+                    name: name(),
+                    announced: 4096,
+                    local: 8192,
+                },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::UnknownBlock { block: BlockId(3) },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::BadPage {
+                    name: name(),
+                    offset: 0x1001,
+                    page_size: 4096,
+                    size: 0x10000,
+                    block_page_size: 4096,
+                },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::PageBeforeSetup {
+                    block: BlockId(0),
+                    offset: 0,
+                },
+                ErrorKind::Protocol,
+            ),
+            (Error::SetupRepeated, ErrorKind::Protocol),
+            (
+                Error::Memory {
+                    op: "writing",
+                    name: name(),
+                    offset: 0,
+                    source: mem_err(),
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::dirty_log("sync", "KVM_GET_DIRTY_LOG: EINVAL"),
+                ErrorKind::Local,
+            ),
+            (
+                Error::NotInMemory {
+                    name: name(),
+                    guest_addr: 0,
+                    size: 4096,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::NameCount {
+                    regions: 2,
+                    names: 1,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::InvalidBlock {
+                    name: String::new(),
+                    source: StreamError::NestedPackage,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::InvalidBlockList {
+                    source: StreamError::NestedPackage,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::InvalidState {
+                    op: "iterate",
+                    state: "created",
+                },
+                ErrorKind::Local,
+            ),
+            (Error::Cancelled, ErrorKind::Local),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e:?}");
+            assert_eq!(e.is_cancelled(), matches!(e, Error::Cancelled), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn display_does_not_repeat_the_source() {
+        let e = stream_io(io::ErrorKind::BrokenPipe);
+        assert_eq!(e.to_string(), "migration stream error");
+        assert!(e.is_disconnect());
+        assert_eq!(e.kind(), ErrorKind::Link);
+    }
+}
