@@ -101,8 +101,11 @@ pub use bitmap::{DirtyBitmap, TakenPages};
 pub use block::{RamBlock, RamBlocks, DEFAULT_PAGE_SIZE};
 pub use dirty_log::{CompositeDirtyLog, DirtyLog, VmmDirtyLog};
 pub use error::{Error, Result};
+/// The three kinds of error a migration tells apart, answered by
+/// [`Error::kind`].
+pub use migration_stream::ErrorKind;
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
-pub use stats::{PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
+pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
 /// The vm-memory crate this crate is built on, for callers that want the
 /// same version.
 pub use vm_memory;

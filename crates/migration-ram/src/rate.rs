@@ -53,7 +53,7 @@ impl RateLimiter {
         cancel: &AtomicBool,
     ) -> Result<()> {
         loop {
-            let limit = params.read().max_bandwidth;
+            let limit = params.max_bandwidth();
             let now = Instant::now();
             if limit == 0 {
                 self.tokens = 0.0;
@@ -146,7 +146,7 @@ mod tests {
             l.admit(1 << 20, &p, &cancel).unwrap();
         }
         // A limit so low the next page would take hours: cancel ends it.
-        p.write().max_bandwidth = 1;
+        p.set_max_bandwidth(1);
         let c = cancel.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));

@@ -2,15 +2,15 @@
 //! and the `ram` object of `query-migrate` name them.
 //!
 //! [`RamStats`] is a set of atomics the saver (or loader) updates while it
-//! works and any thread reads with [`RamStats::snapshot`]; the parameters
-//! are read through a [`SharedParams`] handle at least once per chunk of
-//! pages, so a `migrate-set-parameters` takes effect during a pass.
+//! works and any thread reads with [`RamStats::snapshot`]. [`Params`] is a
+//! set of atomics too: the controller changes a parameter with one store,
+//! the saver reads it once per chunk of pages, so a
+//! `migrate-set-parameters` takes effect during a pass, and neither side
+//! ever takes a lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-use parking_lot::RwLock;
 
 /// QEMU's default `max-bandwidth` (`MAX_THROTTLE`, 128 MiB/s).
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
@@ -40,15 +40,103 @@ impl Default for PrecopyParams {
 }
 
 impl PrecopyParams {
-    /// These parameters behind a shared handle.
+    /// These parameters behind a shared handle (`max_postcopy_bandwidth`
+    /// 0: unlimited, QEMU's default).
     pub fn shared(self) -> SharedParams {
-        Arc::new(RwLock::new(self))
+        Arc::new(Params::new(self))
     }
+}
+
+/// The live parameters of a migration, shared between the controller (which
+/// changes them) and the saver (which reads them while it runs).
+///
+/// Each parameter is an atomic: a getter is one load and a setter one
+/// store, so a reader never waits for a writer. Parameters are independent
+/// of one another; [`Params::snapshot`] reads each once, and a concurrent
+/// [`Params::store`] may be seen half applied by it.
+#[derive(Debug)]
+pub struct Params {
+    max_bandwidth: AtomicU64,
+    downtime_limit_ns: AtomicU64,
+    max_postcopy_bandwidth: AtomicU64,
 }
 
 /// Parameters shared between the controller (which changes them) and the
 /// saver (which reads them while it runs).
-pub type SharedParams = Arc<RwLock<PrecopyParams>>;
+pub type SharedParams = Arc<Params>;
+
+/// A duration as whole nanoseconds, saturating (584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params::new(PrecopyParams::default())
+    }
+}
+
+impl Params {
+    /// Parameters with the values of `p`, `max_postcopy_bandwidth` 0
+    /// (unlimited).
+    pub fn new(p: PrecopyParams) -> Self {
+        Params {
+            max_bandwidth: AtomicU64::new(p.max_bandwidth),
+            downtime_limit_ns: AtomicU64::new(nanos(p.downtime_limit)),
+            max_postcopy_bandwidth: AtomicU64::new(0),
+        }
+    }
+
+    /// Bandwidth cap of precopy passes in bytes per second; 0 means
+    /// unlimited. See [`PrecopyParams::max_bandwidth`].
+    pub fn max_bandwidth(&self) -> u64 {
+        self.max_bandwidth.load(Ordering::Relaxed)
+    }
+
+    /// Sets `max_bandwidth`; the saver applies it from its next chunk.
+    pub fn set_max_bandwidth(&self, bytes_per_sec: u64) {
+        self.max_bandwidth.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// The downtime limit. See [`PrecopyParams::downtime_limit`].
+    pub fn downtime_limit(&self) -> Duration {
+        Duration::from_nanos(self.downtime_limit_ns.load(Ordering::Relaxed))
+    }
+
+    /// Sets the downtime limit (saturating at 584 years); the saver applies
+    /// it at the end of the current pass.
+    pub fn set_downtime_limit(&self, limit: Duration) {
+        self.downtime_limit_ns
+            .store(nanos(limit), Ordering::Relaxed);
+    }
+
+    /// Bandwidth cap of the postcopy phase in bytes per second; 0 means
+    /// unlimited (QEMU's `max-postcopy-bandwidth`).
+    pub fn max_postcopy_bandwidth(&self) -> u64 {
+        self.max_postcopy_bandwidth.load(Ordering::Relaxed)
+    }
+
+    /// Sets `max_postcopy_bandwidth`.
+    pub fn set_max_postcopy_bandwidth(&self, bytes_per_sec: u64) {
+        self.max_postcopy_bandwidth
+            .store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// The precopy parameters now (each read once).
+    pub fn snapshot(&self) -> PrecopyParams {
+        PrecopyParams {
+            max_bandwidth: self.max_bandwidth(),
+            downtime_limit: self.downtime_limit(),
+        }
+    }
+
+    /// Sets every precopy parameter to the values of `p`
+    /// (`max_postcopy_bandwidth` is left alone).
+    pub fn store(&self, p: PrecopyParams) {
+        self.set_max_bandwidth(p.max_bandwidth);
+        self.set_downtime_limit(p.downtime_limit);
+    }
+}
 
 /// Live RAM migration statistics.
 #[derive(Debug, Default)]
@@ -171,6 +259,44 @@ mod tests {
         let p = PrecopyParams::default();
         assert_eq!(p.max_bandwidth, 134_217_728);
         assert_eq!(p.downtime_limit, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn shared_params_read_and_write_without_a_lock() {
+        let p = PrecopyParams {
+            max_bandwidth: 5,
+            downtime_limit: Duration::from_micros(1500),
+        }
+        .shared();
+        assert_eq!(p.max_bandwidth(), 5);
+        assert_eq!(p.downtime_limit(), Duration::from_micros(1500));
+        assert_eq!(p.max_postcopy_bandwidth(), 0);
+        let reader = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                while p.max_bandwidth() != 7 {
+                    std::thread::yield_now();
+                }
+                p.snapshot()
+            })
+        };
+        p.set_downtime_limit(Duration::from_millis(20));
+        p.set_max_postcopy_bandwidth(1 << 30);
+        p.set_max_bandwidth(7);
+        let seen = reader.join().unwrap();
+        // The reader saw the limit store that came before the bandwidth one
+        // or the old value; never a torn one.
+        assert!(
+            seen.downtime_limit == Duration::from_millis(20)
+                || seen.downtime_limit == Duration::from_micros(1500)
+        );
+        assert_eq!(p.max_postcopy_bandwidth(), 1 << 30);
+        p.store(PrecopyParams::default());
+        assert_eq!(p.snapshot(), PrecopyParams::default());
+        assert_eq!(p.max_postcopy_bandwidth(), 1 << 30, "store leaves it alone");
+        p.set_downtime_limit(Duration::MAX);
+        assert_eq!(p.downtime_limit(), Duration::from_nanos(u64::MAX));
+        assert_eq!(Params::default().snapshot(), PrecopyParams::default());
     }
 
     #[test]

@@ -93,7 +93,7 @@ fn lowering_the_limit_during_a_pass_slows_the_rest_of_it() {
         let (params, stats, changed) = (params.clone(), stats.clone(), changed.clone());
         *log.on_clear.lock() = Some(Box::new(move |n| {
             if n == 2 {
-                params.write().max_bandwidth = new_limit;
+                params.set_max_bandwidth(new_limit);
                 *changed.lock() = Some((Instant::now(), stats.snapshot().transferred));
             }
         }));
@@ -134,7 +134,7 @@ fn raising_the_limit_wakes_a_throttled_pass() {
         let params = params.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            params.write().max_bandwidth = 0;
+            params.set_max_bandwidth(0);
         })
     };
     let out = saver.iterate(&mut w).unwrap();

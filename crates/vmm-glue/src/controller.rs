@@ -758,7 +758,7 @@ impl Controller {
 
     fn set_parameters(&self, args: &Json) -> Result<Json, QmpError> {
         let members = args.as_object().unwrap_or(&[]);
-        let mut p = *self.params.read();
+        let mut p = self.params.snapshot();
         let mut postcopy_bw = None;
         for (k, v) in members {
             let n = v.as_u64().ok_or_else(|| {
@@ -782,7 +782,7 @@ impl Controller {
                 }
             }
         }
-        *self.params.write() = p;
+        self.params.store(p);
         if let Some(b) = postcopy_bw {
             self.inner.lock().max_postcopy_bandwidth = b;
         }
@@ -790,7 +790,7 @@ impl Controller {
     }
 
     fn query_parameters(&self) -> Json {
-        let p = *self.params.read();
+        let p = self.params.snapshot();
         Json::obj([
             ("max-bandwidth", Json::uint(p.max_bandwidth)),
             (

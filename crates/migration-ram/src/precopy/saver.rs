@@ -209,7 +209,7 @@ impl PrecopySaver {
         self.stats.set_bandwidth(bandwidth);
         self.sync()?;
         self.stats.add_iteration();
-        let downtime = self.params.read().downtime_limit;
+        let downtime = self.params.downtime_limit();
         let switchover = self.remaining as f64 <= bandwidth * downtime.as_secs_f64();
         log::debug!(
             "precopy pass {}: {pages_sent} pages, {} bytes remaining, {bandwidth:.0} B/s, switchover {switchover}",
