@@ -158,6 +158,53 @@ pub enum Error {
     /// The cancel flag was raised.
     #[error("migration cancelled")]
     Cancelled,
+    /// The peer did not answer the keepalive for longer than its timeout.
+    #[error(
+        "no answer from the peer for {:.3} s (timeout {:.3} s)",
+        silent.as_secs_f64(),
+        timeout.as_secs_f64()
+    )]
+    PeerSilent {
+        /// How long the peer has been silent (counted from the first ping at
+        /// the earliest).
+        silent: std::time::Duration,
+        /// The keepalive's timeout.
+        timeout: std::time::Duration,
+    },
+    /// A batch names a channel the caller's channel set does not have.
+    #[error("a batch of pages is for the {channel} channel, which this migration does not have")]
+    NoChannel {
+        /// The channel.
+        channel: crate::Channel,
+    },
+    /// A scheduler handed out a batch for a block that does not exist.
+    #[error("page scheduler chose block index {block} of {blocks}")]
+    BadBatch {
+        /// The index it chose.
+        block: usize,
+        /// Number of blocks.
+        blocks: usize,
+    },
+    /// A page request names a page past the end of its block.
+    #[error("page {page} is past the end of RAM block {name:?} ({pages} pages)")]
+    PageOutOfRange {
+        /// The block's name.
+        name: String,
+        /// The page index asked for.
+        page: u64,
+        /// Pages of the block.
+        pages: u64,
+    },
+    /// A page request reached a scheduler that serves none.
+    #[error("page scheduler {scheduler} does not serve page requests")]
+    RequestsUnsupported {
+        /// The scheduler's name.
+        scheduler: &'static str,
+    },
+    /// A page request could not be queued: its scheduler is gone (dropped,
+    /// or it gave out a newer requester).
+    #[error("the page scheduler behind this requester is gone")]
+    SchedulerGone,
     /// A method was called in a state that does not allow it.
     #[error("{op} is not allowed in state {state}")]
     InvalidState {
@@ -183,13 +230,14 @@ impl Error {
     /// Whose fault this error is.
     ///
     /// - [`ErrorKind::Link`]: the channel ended or broke (the stream error's
-    ///   own kind).
+    ///   own kind), or the peer stopped answering the keepalive.
     /// - [`ErrorKind::Protocol`]: the peer's stream disagrees with this side:
     ///   another block count, name, size or page size, a block or page this
-    ///   side does not have, a page before `RamSetup`, a second `RamSetup`,
-    ///   or a malformed stream.
+    ///   side does not have (in a page record or a page request), a page
+    ///   before `RamSetup`, a second `RamSetup`, or a malformed stream.
     /// - [`ErrorKind::Local`]: guest memory, the dirty log, this side's own
-    ///   block list, or a method called in the wrong state.
+    ///   block list, channels or scheduler, or a method called in the wrong
+    ///   state.
     ///
     /// [`Error::Cancelled`] is [`ErrorKind::Local`] too, but it is nobody's
     /// fault: the operator asked for it. Callers test for it first (a
@@ -205,7 +253,9 @@ impl Error {
             | Error::UnknownBlock { .. }
             | Error::BadPage { .. }
             | Error::PageBeforeSetup { .. }
+            | Error::PageOutOfRange { .. }
             | Error::SetupRepeated => ErrorKind::Protocol,
+            Error::PeerSilent { .. } => ErrorKind::Link,
             Error::NameCount { .. }
             | Error::InvalidBlock { .. }
             | Error::InvalidBlockList { .. }
@@ -213,6 +263,10 @@ impl Error {
             | Error::Memory { .. }
             | Error::DirtyLog { .. }
             | Error::Cancelled
+            | Error::NoChannel { .. }
+            | Error::BadBatch { .. }
+            | Error::RequestsUnsupported { .. }
+            | Error::SchedulerGone
             | Error::InvalidState { .. } => ErrorKind::Local,
         }
     }
@@ -368,6 +422,41 @@ mod tests {
                 ErrorKind::Local,
             ),
             (Error::Cancelled, ErrorKind::Local),
+            (
+                Error::PeerSilent {
+                    silent: std::time::Duration::from_secs(11),
+                    timeout: std::time::Duration::from_secs(10),
+                },
+                ErrorKind::Link,
+            ),
+            (
+                Error::PageOutOfRange {
+                    name: name(),
+                    page: 9,
+                    pages: 9,
+                },
+                ErrorKind::Protocol,
+            ),
+            (
+                Error::NoChannel {
+                    channel: crate::Channel::Preempt,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::BadBatch {
+                    block: 3,
+                    blocks: 2,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::RequestsUnsupported {
+                    scheduler: "LinearScan",
+                },
+                ErrorKind::Local,
+            ),
+            (Error::SchedulerGone, ErrorKind::Local),
         ];
         for (e, kind) in cases {
             assert_eq!(e.kind(), kind, "{e:?}");

@@ -91,20 +91,26 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod channel;
 pub mod dirty_log;
 pub mod error;
+pub mod keepalive;
 pub mod precopy;
 mod rate;
+pub mod schedule;
 pub mod stats;
 
 pub use bitmap::{DirtyBitmap, TakenPages};
 pub use block::{RamBlock, RamBlocks, DEFAULT_PAGE_SIZE};
+pub use channel::{Channel, ChannelSet, Channels};
 pub use dirty_log::{CompositeDirtyLog, DirtyLog, VmmDirtyLog};
 pub use error::{Error, Result};
+pub use keepalive::{Keepalive, PeerLiveness};
 /// The three kinds of error a migration tells apart, answered by
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
+pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
 /// The vm-memory crate this crate is built on, for callers that want the
 /// same version.

@@ -1,21 +1,24 @@
 //! Bandwidth limiting and measurement for the sender.
 //!
-//! [`RateLimiter`] is a token bucket: tokens accrue at `max_bandwidth` bytes
-//! per second up to [`BURST`] worth (or one page, if larger), and a page is
-//! written only once there are tokens for all of its bytes. The bytes sent
-//! over any period therefore never exceed the limit times the period plus
-//! one burst. It waits in slices of at most [`SLICE`], re-reading the
-//! parameters (a new limit applies at once) and the cancel flag each time.
+//! [`RateLimiter`] is a token bucket that admits a whole chunk of pages at
+//! once: tokens accrue at `max_bandwidth` bytes per second up to [`BURST`]
+//! worth (or one chunk, if larger), and a chunk is written only once there
+//! are tokens for all of its bytes. The bytes sent over any period
+//! therefore never exceed the limit times the period plus one burst. The
+//! caller reads the clock and the limit once per chunk; only a chunk that
+//! has to wait reads them again, in slices of at most [`SLICE`], checking
+//! the cancel flag and running the caller's keepalive each time, so a new
+//! limit or a cancel ends a wait within a slice.
 //!
-//! [`Bandwidth`] turns the bytes and time of each pass into an estimate,
-//! accumulating short passes until they cover [`MIN_WINDOW`] so that a pass
-//! of a few pages does not decide the estimate alone.
+//! [`Bandwidth`] turns the bytes and time between chunk boundaries into an
+//! estimate, accumulating until they cover [`MIN_WINDOW`], so the estimate
+//! (and `mbps`) moves during a long pass, at most every 100 ms.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::stats::SharedParams;
+use crate::stats::Params;
 
 /// Most credit the limiter keeps: 100 ms of bandwidth, as QEMU's
 /// `BUFFER_DELAY`.
@@ -24,8 +27,8 @@ pub(crate) const BURST: Duration = Duration::from_millis(100);
 /// Longest single sleep of the limiter.
 pub(crate) const SLICE: Duration = Duration::from_millis(10);
 
-/// Shortest span of passes that makes a new bandwidth estimate.
-pub(crate) const MIN_WINDOW: Duration = Duration::from_millis(50);
+/// Shortest span of sending that makes a new bandwidth estimate.
+pub(crate) const MIN_WINDOW: Duration = Duration::from_millis(100);
 
 /// A token bucket over the shared `max_bandwidth` parameter.
 #[derive(Debug)]
@@ -43,18 +46,22 @@ impl RateLimiter {
         }
     }
 
-    /// Waits until `bytes` may be sent under the current limit, then takes
-    /// them. Fails with [`Error::Cancelled`] if `cancel` is raised while
-    /// waiting.
+    /// Waits until a chunk of `bytes` may be sent under the current limit,
+    /// then takes them. `now` is the caller's clock read for this chunk.
+    /// While it waits, it sleeps in slices of at most [`SLICE`] and after
+    /// each calls `waiting` with the time (a keepalive); an error of
+    /// `waiting`, or [`Error::Cancelled`] when `cancel` is raised, ends the
+    /// wait.
     pub(crate) fn admit(
         &mut self,
         bytes: u64,
-        params: &SharedParams,
+        mut now: Instant,
+        params: &Params,
         cancel: &AtomicBool,
+        mut waiting: impl FnMut(Instant) -> Result<()>,
     ) -> Result<()> {
         loop {
             let limit = params.max_bandwidth();
-            let now = Instant::now();
             if limit == 0 {
                 self.tokens = 0.0;
                 self.last = now;
@@ -65,7 +72,7 @@ impl RateLimiter {
             let cap = (rate * BURST.as_secs_f64()).max(need);
             let earned = rate * now.saturating_duration_since(self.last).as_secs_f64();
             self.tokens = (self.tokens + earned).min(cap);
-            self.last = now;
+            self.last = self.last.max(now);
             if self.tokens >= need {
                 self.tokens -= need;
                 return Ok(());
@@ -75,6 +82,8 @@ impl RateLimiter {
             }
             let wait = Duration::from_secs_f64((need - self.tokens) / rate);
             std::thread::sleep(wait.min(SLICE));
+            now = Instant::now();
+            waiting(now)?;
         }
     }
 }
@@ -88,8 +97,9 @@ pub(crate) struct Bandwidth {
 }
 
 impl Bandwidth {
-    /// Adds a pass of `bytes` in `time`; returns the estimate in bytes per
-    /// second (0 until something was measured).
+    /// Adds `bytes` sent in `time`; returns the estimate in bytes per
+    /// second (0 until something was measured). The first measurement
+    /// counts at once; later ones once they cover [`MIN_WINDOW`].
     pub(crate) fn record(&mut self, bytes: u64, time: Duration) -> f64 {
         self.bytes += bytes;
         self.time += time;
@@ -113,7 +123,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::stats::PrecopyParams;
+    use crate::stats::{PrecopyParams, SharedParams};
 
     fn params(max_bandwidth: u64) -> SharedParams {
         PrecopyParams {
@@ -123,18 +133,42 @@ mod tests {
         .shared()
     }
 
+    fn no_keepalive(_: Instant) -> Result<()> {
+        Ok(())
+    }
+
     #[test]
     fn limited_admission_takes_at_least_bytes_over_rate() {
         let p = params(1 << 20);
         let cancel = AtomicBool::new(false);
         let mut l = RateLimiter::new();
         let start = Instant::now();
-        for _ in 0..64 {
-            l.admit(4096, &p, &cancel).unwrap();
+        // Four chunks of 64 KiB.
+        for _ in 0..4 {
+            l.admit(64 << 10, Instant::now(), &p, &cancel, no_keepalive)
+                .unwrap();
         }
         // 256 KiB at 1 MiB/s, less at most one burst of credit (100 KiB).
         let floor = Duration::from_secs_f64((256.0 - 102.4) / 1024.0);
         assert!(start.elapsed() >= floor, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_burst_is_admitted_whole() {
+        // 100 ms of 4 MiB/s is 400 KiB: a 1 MiB chunk is admitted once its
+        // own bytes have accrued (250 ms), not refused for ever.
+        let p = params(4 << 20);
+        let cancel = AtomicBool::new(false);
+        let mut l = RateLimiter::new();
+        let start = Instant::now();
+        let mut waits = 0;
+        l.admit(1 << 20, Instant::now(), &p, &cancel, |_| {
+            waits += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(150));
+        assert!(waits >= 1, "the keepalive runs while it waits");
     }
 
     #[test]
@@ -143,17 +177,42 @@ mod tests {
         let cancel = Arc::new(AtomicBool::new(false));
         let mut l = RateLimiter::new();
         for _ in 0..100_000 {
-            l.admit(1 << 20, &p, &cancel).unwrap();
+            l.admit(1 << 20, Instant::now(), &p, &cancel, |_| {
+                panic!("no wait without a limit")
+            })
+            .unwrap();
         }
-        // A limit so low the next page would take hours: cancel ends it.
+        // A limit so low the next chunk would take hours: cancel ends it.
         p.set_max_bandwidth(1);
         let c = cancel.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
             c.store(true, Ordering::Relaxed);
         });
-        assert!(matches!(l.admit(4096, &p, &cancel), Err(Error::Cancelled)));
+        assert!(matches!(
+            l.admit(4096, Instant::now(), &p, &cancel, no_keepalive),
+            Err(Error::Cancelled)
+        ));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn an_error_of_the_keepalive_ends_the_wait() {
+        let p = params(1);
+        let cancel = AtomicBool::new(false);
+        let mut l = RateLimiter::new();
+        let mut n = 0;
+        let err = l
+            .admit(4096, Instant::now(), &p, &cancel, |_| {
+                n += 1;
+                if n == 3 {
+                    Err(Error::SchedulerGone)
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::SchedulerGone));
     }
 
     #[test]
@@ -163,9 +222,10 @@ mod tests {
         // First measurement counts at once.
         let e = b.record(1000, Duration::from_millis(1));
         assert!((e - 500_000.0).abs() < 1e-6, "{e}");
-        // Short passes accumulate.
+        // Short spans accumulate until they cover 100 ms.
         assert_eq!(b.record(10, Duration::from_millis(10)), e);
-        let e = b.record(90, Duration::from_millis(40));
+        assert_eq!(b.record(90, Duration::from_millis(80)), e);
+        let e = b.record(100, Duration::from_millis(10));
         assert!((e - 2000.0).abs() < 1e-6, "{e}");
         assert_eq!(b.estimate(), e);
     }

@@ -146,3 +146,39 @@ fn raising_the_limit_wakes_a_throttled_pass() {
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(took < Duration::from_secs(8), "{took:?}");
 }
+
+#[test]
+fn mbps_moves_during_a_long_first_pass() {
+    // 8 MiB of data at 16 MiB/s: a first pass of about half a second, in
+    // chunks of 1 MiB. A query between chunks must never see mbps 0 once
+    // data flows, although no pass has ended yet.
+    let mem = memory(64 << 10, 8 << 20);
+    fill(&mem, 1 << 40, 8);
+    let params = PrecopyParams {
+        max_bandwidth: 16 << 20,
+        downtime_limit: Duration::from_millis(300),
+    }
+    .shared();
+    let log = Arc::new(Recording::new(VmmDirtyLog::new(mem.clone())));
+    let (mut saver, stats) = saver_over(&mem, &params, log.clone());
+    let seen: Arc<Mutex<Vec<(u64, f64, u64)>>> = Arc::default();
+    {
+        let (stats, seen) = (stats.clone(), seen.clone());
+        *log.on_clear.lock() = Some(Box::new(move |_| {
+            let s = stats.snapshot();
+            seen.lock().push((s.transferred, s.mbps, s.iterations));
+        }));
+    }
+    let mut w = StreamWriter::new(io::sink());
+    saver.setup(&mut w).unwrap();
+    let setup_bytes = stats.snapshot().transferred;
+    saver.iterate(&mut w).unwrap();
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 9, "one clear per chunk: {seen:?}");
+    // From the third chunk on, two chunks were sent and measured.
+    for &(transferred, mbps, iterations) in &seen[2..] {
+        assert_eq!(iterations, 0, "still the first pass");
+        assert!(transferred > setup_bytes + (64 << 10));
+        assert!(mbps > 0.0, "mbps 0 after {transferred} bytes: {seen:?}");
+    }
+}

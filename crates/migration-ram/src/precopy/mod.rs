@@ -44,7 +44,7 @@ pub use loader::PrecopyLoader;
 pub use saver::{IterationOutcome, PrecopySaver};
 
 /// Largest chunk of pages taken from a dirty bitmap at once, in bytes.
-const CHUNK_BYTES: u64 = 1 << 20;
+pub(crate) const CHUNK_BYTES: u64 = 1 << 20;
 
 /// Pages per chunk for a page size: 1 MiB worth, between 1 and
 /// [`crate::bitmap::TAKE_MAX_PAGES`].

@@ -1,19 +1,21 @@
 //! The precopy source: see the [module docs](super).
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use migration_stream::{BlockId, StreamWriter};
+use migration_stream::BlockId;
 use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::{chunk_pages, is_zero};
-use crate::bitmap::TakenPages;
+use super::{is_zero, CHUNK_BYTES};
+use crate::bitmap::TAKE_MAX_PAGES;
 use crate::block::{RamBlock, RamBlocks};
+use crate::channel::ChannelSet;
 use crate::dirty_log::DirtyLog;
 use crate::error::{Error, Result};
+use crate::keepalive::{self, Keepalive, KeepaliveState};
 use crate::rate::{Bandwidth, RateLimiter};
+use crate::schedule::{Batch, LinearScan, PageScheduler};
 use crate::stats::{RamStats, SharedParams};
 use crate::{GuestMemoryMmap, GuestRegionMmap};
 
@@ -63,6 +65,14 @@ enum Limit {
     None,
 }
 
+/// Bandwidth measurement of the current pass: bytes flushed since the last
+/// chunk boundary that was measured, and when that was.
+#[derive(Debug, Clone, Copy)]
+struct Meter {
+    mark: Instant,
+    bytes: u64,
+}
+
 /// The source side of precopy.
 pub struct PrecopySaver {
     mem: Arc<GuestMemoryMmap>,
@@ -71,11 +81,17 @@ pub struct PrecopySaver {
     params: SharedParams,
     stats: Arc<RamStats>,
     cancel: Arc<AtomicBool>,
-    page: Vec<u8>,
+    scheduler: Box<dyn PageScheduler>,
+    keepalive: Option<KeepaliveState>,
+    /// Pages of a chunk, read before the chunk is admitted and written.
+    buf: Vec<u8>,
+    /// Which pages of `buf` are zero.
+    zero: Vec<bool>,
     state: State,
     iteration: u64,
     limiter: RateLimiter,
     bandwidth: Bandwidth,
+    meter: Meter,
     last_sync: Instant,
     remaining: u64,
 }
@@ -87,15 +103,17 @@ impl std::fmt::Debug for PrecopySaver {
             .field("state", &self.state)
             .field("iteration", &self.iteration)
             .field("remaining", &self.remaining)
+            .field("keepalive", &self.keepalive.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl PrecopySaver {
-    /// A saver of `blocks` of `mem`, with dirty pages from `dirty_log`.
+    /// A saver of `blocks` of `mem`, with dirty pages from `dirty_log`,
+    /// sending through a [`LinearScan`] and with no keepalive.
     ///
-    /// `params` may change at any time and apply from the next page;
-    /// `stats` is updated as pages go; raising `cancel` makes the current
+    /// `params` may change at any time and apply from the next chunk;
+    /// `stats` is updated as chunks go; raising `cancel` makes the current
     /// and later calls fail with [`Error::Cancelled`] (a write blocked on a
     /// stalled channel is not interrupted: shut the connection down too).
     pub fn new(
@@ -106,6 +124,7 @@ impl PrecopySaver {
         stats: Arc<RamStats>,
         cancel: Arc<AtomicBool>,
     ) -> Self {
+        let now = Instant::now();
         PrecopySaver {
             mem,
             blocks: blocks.into(),
@@ -113,14 +132,49 @@ impl PrecopySaver {
             params,
             stats,
             cancel,
-            page: Vec::new(),
+            scheduler: Box::new(LinearScan::new()),
+            keepalive: None,
+            buf: Vec::new(),
+            zero: Vec::new(),
             state: State::Created,
             iteration: 0,
             limiter: RateLimiter::new(),
             bandwidth: Bandwidth::default(),
-            last_sync: Instant::now(),
+            meter: Meter {
+                mark: now,
+                bytes: 0,
+            },
+            last_sync: now,
             remaining: 0,
         }
+    }
+
+    /// This saver, sending through `scheduler` (see
+    /// [`set_scheduler`](PrecopySaver::set_scheduler)).
+    pub fn with_scheduler(mut self, scheduler: Box<dyn PageScheduler>) -> Self {
+        self.scheduler = scheduler;
+        self
+    }
+
+    /// Sends through `scheduler` from the next pass on. Every pass calls
+    /// its [`new_pass`](PageScheduler::new_pass), then sends its batches
+    /// until it has none, each on the channel it names.
+    pub fn set_scheduler(&mut self, scheduler: Box<dyn PageScheduler>) {
+        self.scheduler = scheduler;
+    }
+
+    /// Passes a destination's request for page `page` (index) of block
+    /// `block` to the scheduler; see [`PageScheduler::request`].
+    pub fn request_page(&mut self, block: BlockId, page: u64) -> Result<()> {
+        self.scheduler.request(&self.blocks, block, page)
+    }
+
+    /// Pings the peer on the main channel while the saver runs, and fails
+    /// with [`Error::PeerSilent`] when it stops answering; `None` (the
+    /// default, and what a file migration uses) turns it off. See
+    /// [`crate::keepalive`].
+    pub fn set_keepalive(&mut self, keepalive: Option<Keepalive>) {
+        self.keepalive = keepalive.map(KeepaliveState::new);
     }
 
     /// The blocks, with their dirty bitmaps.
@@ -134,7 +188,7 @@ impl PrecopySaver {
     }
 
     /// The measured bandwidth in bytes per second (0 before the first
-    /// pass).
+    /// chunk was measured).
     pub fn bandwidth(&self) -> f64 {
         self.bandwidth.estimate()
     }
@@ -163,14 +217,25 @@ impl PrecopySaver {
         }
     }
 
+    /// Runs the keepalive with a fresh clock read.
+    fn tick<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
+        if self.keepalive.is_none() {
+            return Ok(());
+        }
+        keepalive::tick(&mut self.keepalive, Instant::now(), ch.main(), &self.stats)
+    }
+
     /// Starts the dirty log, marks every page dirty, syncs once and writes
-    /// the `RamSetup` record (flushed). Fails if a block is not inside one
-    /// region of the memory.
-    pub fn setup<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<()> {
+    /// the `RamSetup` record on the main channel (flushed). Fails if a
+    /// block is not inside one region of the memory.
+    pub fn setup<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
         self.expect_state("setup", State::Created)?;
         self.check_cancel()?;
         self.blocks.check_memory(&self.mem)?;
-        self.page = vec![0; self.blocks.max_page_size() as usize];
+        let page = u64::from(self.blocks.max_page_size());
+        let buf_len = CHUNK_BYTES.max(page);
+        self.buf = vec![0; usize::try_from(buf_len).unwrap_or(usize::MAX)];
+        self.zero = vec![false; TAKE_MAX_PAGES as usize];
         self.dirty_log.start()?;
         // From here on, abort() must stop the log.
         self.state = State::Active;
@@ -179,36 +244,40 @@ impl PrecopySaver {
         }
         self.sync()?;
         self.stats.set_total(self.blocks.total_bytes());
+        let w = ch.main();
         let before = w.bytes_written();
-        w.write_ram_setup(&self.blocks.infos())?;
-        w.flush()?;
+        let result = w
+            .write_ram_setup(&self.blocks.infos())
+            .and_then(|()| w.flush());
         self.stats.add_transferred(w.bytes_written() - before);
+        result?;
         self.limiter = RateLimiter::new();
         Ok(())
     }
 
     /// One pass: sends every dirty page once under `max_bandwidth`, writes
-    /// `EndOfSection` and `Sync` (flushed), syncs the dirty log, and
-    /// returns the remaining dirty bytes and whether they fit in the
-    /// downtime limit at the measured bandwidth.
-    pub fn iterate<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<IterationOutcome> {
+    /// `EndOfSection` and `Sync` on the main channel (flushed), syncs the
+    /// dirty log, and returns the remaining dirty bytes and whether they
+    /// fit in the downtime limit at the measured bandwidth.
+    pub fn iterate<C: ChannelSet>(&mut self, ch: &mut C) -> Result<IterationOutcome> {
         self.expect_state("iterate", State::Active)?;
         self.check_cancel()?;
-        let start = Instant::now();
-        let before = w.bytes_written();
-        let pages_sent = self.send_dirty(w, Limit::Bandwidth)?;
-        let tail = w.bytes_written();
+        self.tick(ch)?;
+        let pages_sent = self.send_pass(ch, Limit::Bandwidth)?;
         self.iteration += 1;
-        w.write_end_of_section()?;
-        w.write_sync(self.iteration)?;
-        w.flush()?;
-        self.stats.add_transferred(w.bytes_written() - tail);
-        let bandwidth = self
-            .bandwidth
-            .record(w.bytes_written() - before, start.elapsed());
-        self.stats.set_bandwidth(bandwidth);
+        let w = ch.main();
+        let tail = w.bytes_written();
+        let result = w
+            .write_end_of_section()
+            .and_then(|()| w.write_sync(self.iteration))
+            .and_then(|()| w.flush());
+        let tail = w.bytes_written() - tail;
+        self.stats.add_transferred(tail);
+        result?;
+        let bandwidth = self.measure(Instant::now(), tail);
         self.sync()?;
         self.stats.add_iteration();
+        self.tick(ch)?;
         let downtime = self.params.downtime_limit();
         let switchover = self.remaining as f64 <= bandwidth * downtime.as_secs_f64();
         log::debug!(
@@ -226,17 +295,21 @@ impl PrecopySaver {
 
     /// The last pass, with the vCPUs paused by the caller: syncs the dirty
     /// log, sends every dirty page without bandwidth limit, writes
-    /// `EndOfSection` (flushed) and stops the dirty log. The caller then
-    /// writes device state and `Complete`.
-    pub fn complete<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<()> {
+    /// `EndOfSection` on the main channel (flushed) and stops the dirty
+    /// log. The caller then writes device state and `Complete`.
+    pub fn complete<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
         self.expect_state("complete", State::Active)?;
         self.check_cancel()?;
         self.sync()?;
-        self.send_dirty(w, Limit::None)?;
+        self.tick(ch)?;
+        self.send_pass(ch, Limit::None)?;
+        let w = ch.main();
         let tail = w.bytes_written();
-        w.write_end_of_section()?;
-        w.flush()?;
-        self.stats.add_transferred(w.bytes_written() - tail);
+        let result = w.write_end_of_section().and_then(|()| w.flush());
+        let tail = w.bytes_written() - tail;
+        self.stats.add_transferred(tail);
+        result?;
+        self.measure(Instant::now(), tail);
         self.remaining = self.blocks.dirty_bytes();
         self.stats.set_remaining(self.remaining);
         self.state = State::Completed;
@@ -277,99 +350,177 @@ impl PrecopySaver {
         Ok(())
     }
 
-    /// Sends every page dirty now, block by block, chunk by chunk; returns
-    /// the pages sent.
-    fn send_dirty<W: Write>(&mut self, w: &mut StreamWriter<W>, limit: Limit) -> Result<u64> {
+    /// Adds `bytes` written since the last mark, measures the span up to
+    /// `now` and publishes the estimate (which moves once the spans cover
+    /// the measuring window). Returns the estimate.
+    fn measure(&mut self, now: Instant, bytes: u64) -> f64 {
+        let bytes = self.meter.bytes + bytes;
+        if bytes == 0 {
+            // Nothing went since the mark (the first chunk of a pass is
+            // still being read): no span to measure yet.
+            return self.bandwidth.estimate();
+        }
+        let span = now.saturating_duration_since(self.meter.mark);
+        self.meter = Meter {
+            mark: now,
+            bytes: 0,
+        };
+        let estimate = self.bandwidth.record(bytes, span);
+        self.stats.set_bandwidth(estimate);
+        estimate
+    }
+
+    /// Sends the scheduler's batches until the pass is over; returns the
+    /// pages sent. A batch that fails is restored to the dirty bitmap.
+    fn send_pass<C: ChannelSet>(&mut self, ch: &mut C, limit: Limit) -> Result<u64> {
         let blocks = self.blocks.clone();
         let mem = self.mem.clone();
+        self.scheduler.new_pass();
+        // Time between passes (syncs) is not sending time.
+        self.meter = Meter {
+            mark: Instant::now(),
+            bytes: 0,
+        };
         let mut sent = 0;
-        for (index, block) in blocks.iter().enumerate() {
-            let id = BlockId(u32::try_from(index).map_err(|_| Error::UnknownBlock {
-                block: BlockId(u32::MAX),
-            })?);
-            let region = block.region(&mem).ok_or_else(|| Error::NotInMemory {
-                name: block.name().to_owned(),
-                guest_addr: block.guest_addr().0,
-                size: block.size(),
-            })?;
-            let chunk = chunk_pages(block.page_size());
-            let mut from = 0;
-            while let Some(next) = block.dirty().next_set(from) {
-                self.check_cancel()?;
-                let taken = block.dirty().take_range(next - next % chunk, chunk);
-                from = taken.end();
-                if taken.is_empty() {
-                    continue;
-                }
-                let before = w.bytes_written();
-                let result = self.send_chunk(w, id, index, block, region, &taken, limit);
-                self.stats.add_transferred(w.bytes_written() - before);
-                if let Err(e) = result {
-                    block.dirty().restore(&taken);
-                    return Err(e);
-                }
-                sent += taken.count();
-                let bytes = taken.count() * u64::from(block.page_size());
-                self.remaining = self.remaining.saturating_sub(bytes);
-                self.stats.set_remaining(self.remaining);
+        while let Some(batch) = self.scheduler.next(&blocks) {
+            let Some(block) = blocks.iter().nth(batch.block) else {
+                return Err(Error::BadBatch {
+                    block: batch.block,
+                    blocks: blocks.len(),
+                });
+            };
+            if batch.pages.is_empty() {
+                continue;
             }
+            let result = self
+                .check_cancel()
+                .and_then(|()| self.send_batch(ch, &mem, block, &batch, limit));
+            if let Err(e) = result {
+                block.dirty().restore(&batch.pages);
+                return Err(e);
+            }
+            let count = batch.pages.count();
+            sent += count;
+            let bytes = count * u64::from(block.page_size());
+            self.remaining = self.remaining.saturating_sub(bytes);
+            self.stats.set_remaining(self.remaining);
         }
         Ok(sent)
     }
 
-    /// Sends the pages of one chunk and flushes. The counters are updated
-    /// only once the flush succeeded.
-    #[allow(clippy::too_many_arguments)]
-    fn send_chunk<W: Write>(
+    /// Sends one batch and flushes its channel: the pages are read in
+    /// groups that fit the chunk buffer, each group admitted whole by the
+    /// rate limiter (one clock read and one parameter read per group), then
+    /// written. The page counters are updated only once the flush
+    /// succeeded.
+    fn send_batch<C: ChannelSet>(
         &mut self,
-        w: &mut StreamWriter<W>,
-        id: BlockId,
-        index: usize,
+        ch: &mut C,
+        mem: &GuestMemoryMmap,
         block: &RamBlock,
-        region: &GuestRegionMmap,
-        taken: &TakenPages,
+        batch: &Batch,
         limit: Limit,
     ) -> Result<()> {
-        self.dirty_log
-            .clear(index, taken.start(), taken.end() - taken.start())?;
-        let page_size = u64::from(block.page_size());
-        let base = block.guest_addr().0 - region.start_addr().0;
-        let buf = &mut self.page[..block.page_size() as usize];
-        let (mut zero, mut normal) = (0u64, 0u64);
-        for page in taken {
-            let offset = page * page_size;
-            region
-                .read_slice(buf, MemoryRegionAddress(base + offset))
-                .map_err(|source| Error::Memory {
-                    op: "reading",
-                    name: block.name().to_owned(),
-                    offset,
-                    source,
-                })?;
-            let is_zero = is_zero(buf);
-            if limit == Limit::Bandwidth {
-                let bytes = PAGE_HEAD_BYTES + if is_zero { 0 } else { page_size };
-                self.limiter.admit(bytes, &self.params, &self.cancel)?;
-            }
-            if is_zero {
-                w.write_zero_page(id, offset)?;
-                zero += 1;
-            } else {
-                w.write_page(id, offset, buf)?;
-                normal += 1;
-            }
+        if !ch.has(batch.channel) {
+            return Err(Error::NoChannel {
+                channel: batch.channel,
+            });
         }
-        w.flush()?;
+        let id = BlockId(u32::try_from(batch.block).map_err(|_| Error::BadBatch {
+            block: batch.block,
+            blocks: self.blocks.len(),
+        })?);
+        let region = block.region(mem).ok_or_else(|| Error::NotInMemory {
+            name: block.name().to_owned(),
+            guest_addr: block.guest_addr().0,
+            size: block.size(),
+        })?;
+        let taken = &batch.pages;
+        self.dirty_log
+            .clear(batch.block, taken.start(), taken.end() - taken.start())?;
+        let page_size = u64::from(block.page_size());
+        let ps = block.page_size() as usize;
+        let group = (self.buf.len() / ps).clamp(1, TAKE_MAX_PAGES as usize);
+        let (mut zero, mut normal, mut flushed) = (0u64, 0u64, 0u64);
+        let mut pages = taken.iter().peekable();
+        while pages.peek().is_some() {
+            let first = pages.clone();
+            let mut bytes = 0;
+            let mut n = 0;
+            for (i, page) in pages.by_ref().take(group).enumerate() {
+                let buf = &mut self.buf[i * ps..(i + 1) * ps];
+                read_page(region, block, page, buf)?;
+                self.zero[i] = is_zero(buf);
+                bytes += PAGE_HEAD_BYTES + if self.zero[i] { 0 } else { page_size };
+                n += 1;
+            }
+            // One clock read for the group: bandwidth, keepalive, limiter.
+            let now = Instant::now();
+            self.measure(now, flushed);
+            flushed = 0;
+            keepalive::tick(&mut self.keepalive, now, ch.main(), &self.stats)?;
+            if limit == Limit::Bandwidth {
+                let (keepalive, stats) = (&mut self.keepalive, &self.stats);
+                self.limiter
+                    .admit(bytes, now, &self.params, &self.cancel, |t| {
+                        keepalive::tick(keepalive, t, ch.main(), stats)
+                    })?;
+            }
+            let w = ch.channel(batch.channel).ok_or(Error::NoChannel {
+                channel: batch.channel,
+            })?;
+            let before = w.bytes_written();
+            let mut result = Ok(());
+            for (i, page) in first.take(n).enumerate() {
+                let offset = page * page_size;
+                result = if self.zero[i] {
+                    w.write_zero_page(id, offset)
+                } else {
+                    w.write_page(id, offset, &self.buf[i * ps..(i + 1) * ps])
+                };
+                if result.is_err() {
+                    break;
+                }
+                if self.zero[i] {
+                    zero += 1;
+                } else {
+                    normal += 1;
+                }
+            }
+            if result.is_ok() && pages.peek().is_none() {
+                result = w.flush();
+            }
+            let written = w.bytes_written() - before;
+            self.stats.add_transferred(written);
+            flushed += written;
+            result?;
+        }
+        self.meter.bytes += flushed;
         self.stats.add_zero_pages(zero);
         self.stats.add_normal_pages(normal, page_size);
         Ok(())
     }
 }
 
+/// Reads page `page` of `block` (which lies in `region`) into `buf`.
+fn read_page(region: &GuestRegionMmap, block: &RamBlock, page: u64, buf: &mut [u8]) -> Result<()> {
+    let offset = page * u64::from(block.page_size());
+    let base = block.guest_addr().0 - region.start_addr().0;
+    region
+        .read_slice(buf, MemoryRegionAddress(base + offset))
+        .map_err(|source| Error::Memory {
+            op: "reading",
+            name: block.name().to_owned(),
+            offset,
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
 
+    use migration_stream::StreamWriter;
     use vm_memory::GuestAddress;
 
     use super::*;

@@ -1,0 +1,647 @@
+//! Which pages a source sends next, and on which channel.
+//!
+//! A [`PageScheduler`] hands the saver [`Batch`]es: pages *taken* from a
+//! block's dirty bitmap (their bits cleared, see
+//! [`DirtyBitmap::take_range`](crate::DirtyBitmap::take_range)) with the
+//! [`Channel`] to write them on. The saver sends a batch and flushes it, or,
+//! if anything fails, puts its bits back
+//! ([`DirtyBitmap::restore`](crate::DirtyBitmap::restore)): a scheduler
+//! never loses a dirty bit by choosing.
+//!
+//! | scheduler | order | requests |
+//! |-----------|-------|----------|
+//! | [`LinearScan`] (default) | block by block, chunk by chunk (1 MiB), one round per pass | refused ([`Error::RequestsUnsupported`]) |
+//! | [`RequestFirst`] | requested host pages first, one batch each; then the scan, resumed just after the last request | served on [`Channel::Preempt`] if enabled, else [`Channel::Main`] |
+//!
+//! # Passes and rounds
+//!
+//! [`PageScheduler::new_pass`] starts a round at the first page of the first
+//! block. A round visits every page position once, in order, wrapping
+//! around the end of the last block back to where it started; pages dirtied
+//! ahead of the scan in the meantime are sent in the same round, pages
+//! dirtied behind it wait for the next. A request moves the round: it
+//! restarts at the chunk of the requested page and runs round from there,
+//! so the pages around a page the guest touched go next (locality), and
+//! still every page is visited before the round ends.
+//!
+//! # Requests
+//!
+//! A postcopy destination asks for the host page a vCPU faulted on. The
+//! request names the block by id and the page by index (offset / page
+//! size); both are checked against the source's blocks before anything is
+//! queued, and a bad one is an error of kind
+//! [`ErrorKind::Protocol`](crate::ErrorKind::Protocol) that changes
+//! nothing. A requested page that is no longer dirty (already sent) is not
+//! sent again. [`RequestFirst::requester`] gives another thread (the
+//! return-path reader) a handle that checks and queues requests while the
+//! saver runs.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use migration_stream::BlockId;
+
+use crate::bitmap::TakenPages;
+use crate::block::{RamBlock, RamBlocks};
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+use crate::precopy::chunk_pages;
+
+/// Pages taken from one block's dirty bitmap, to be written on one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Index of the block in the [`RamBlocks`] (its [`BlockId`]).
+    pub block: usize,
+    /// The pages, already cleared from the block's dirty bitmap.
+    pub pages: TakenPages,
+    /// Where to write them.
+    pub channel: Channel,
+}
+
+/// Decides which dirty pages go next and on which channel.
+pub trait PageScheduler: Send {
+    /// Starts a pass (a precopy iteration, the completion pass, or the
+    /// postcopy background stream): the next batches come from a new round.
+    fn new_pass(&mut self);
+
+    /// The next batch of the pass, its pages taken from `blocks`; `None`
+    /// when the pass is over. Never returns an empty batch.
+    fn next(&mut self, blocks: &RamBlocks) -> Option<Batch>;
+
+    /// A destination's request for page `page` (index, in the block's page
+    /// size) of block `block`. Fails, changing nothing, for an unknown block
+    /// or a page past its end, or if this scheduler serves no requests.
+    fn request(&mut self, blocks: &RamBlocks, block: BlockId, page: u64) -> Result<()>;
+}
+
+/// The block of a request and its index, or the error a bad request gets.
+fn check_request(blocks: &RamBlocks, block: BlockId, page: u64) -> Result<(usize, &RamBlock)> {
+    let b = blocks.get(block).ok_or(Error::UnknownBlock { block })?;
+    if page >= b.pages() {
+        return Err(Error::PageOutOfRange {
+            name: b.name().to_owned(),
+            page,
+            pages: b.pages(),
+        });
+    }
+    // `get` succeeded, so the id is an index of the list.
+    let index = usize::try_from(block.0).map_err(|_| Error::UnknownBlock { block })?;
+    Ok((index, b))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    block: usize,
+    page: u64,
+}
+
+const ORIGIN: Pos = Pos { block: 0, page: 0 };
+
+/// Today's dirty scan: block by block, in chunks of 1 MiB (aligned, as
+/// `KVM_CLEAR_DIRTY_LOG` wants), one round per [pass](PageScheduler::new_pass),
+/// everything on [`Channel::Main`]. Refuses requests
+/// ([`Error::RequestsUnsupported`]): a precopy-only source that receives
+/// one is wired wrong; use [`RequestFirst`].
+#[derive(Debug, Clone)]
+pub struct LinearScan {
+    /// Where the round started (chunk-aligned).
+    start: Pos,
+    cursor: Pos,
+    wrapped: bool,
+    done: bool,
+}
+
+impl Default for LinearScan {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LinearScan {
+    /// A scan at the start of a pass.
+    pub fn new() -> Self {
+        LinearScan {
+            start: ORIGIN,
+            cursor: ORIGIN,
+            wrapped: false,
+            done: false,
+        }
+    }
+
+    /// Restarts the round just after page `page` of block `block`: it runs
+    /// from the (aligned) chunk that holds page `page + 1` to the end, wraps
+    /// around, and ends there. Out-of-range positions are ignored.
+    pub fn resume_after(&mut self, blocks: &RamBlocks, block: usize, page: u64) {
+        let Some(b) = blocks.iter().nth(block) else {
+            return;
+        };
+        let at = page.saturating_add(1).min(b.pages());
+        let chunk = chunk_pages(b.page_size());
+        self.start = Pos {
+            block,
+            page: at - at % chunk,
+        };
+        self.cursor = self.start;
+        self.wrapped = false;
+        self.done = false;
+    }
+
+    /// Whether the current round is over.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+impl PageScheduler for LinearScan {
+    fn new_pass(&mut self) {
+        *self = LinearScan::new();
+    }
+
+    fn next(&mut self, blocks: &RamBlocks) -> Option<Batch> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.cursor.block >= blocks.len() {
+                if self.wrapped || self.start == ORIGIN {
+                    self.done = true;
+                    return None;
+                }
+                self.wrapped = true;
+                self.cursor = ORIGIN;
+                continue;
+            }
+            if self.wrapped && self.cursor.block > self.start.block {
+                self.done = true;
+                return None;
+            }
+            let index = self.cursor.block;
+            let block = blocks.iter().nth(index)?;
+            let at_start = self.wrapped && index == self.start.block;
+            let limit = if at_start {
+                self.start.page
+            } else {
+                block.pages()
+            };
+            let found = block
+                .dirty()
+                .next_set(self.cursor.page)
+                .filter(|&p| p < limit);
+            let Some(page) = found else {
+                if at_start {
+                    self.done = true;
+                    return None;
+                }
+                self.cursor = Pos {
+                    block: index + 1,
+                    page: 0,
+                };
+                continue;
+            };
+            // Chunks are aligned, and so is the round's start: a chunk never
+            // straddles it.
+            let chunk = chunk_pages(block.page_size());
+            let taken = block.dirty().take_range(page - page % chunk, chunk);
+            self.cursor.page = taken.end().max(page + 1);
+            if !taken.is_empty() {
+                return Some(Batch {
+                    block: index,
+                    pages: taken,
+                    channel: Channel::Main,
+                });
+            }
+        }
+    }
+
+    fn request(&mut self, _: &RamBlocks, _: BlockId, _: u64) -> Result<()> {
+        Err(Error::RequestsUnsupported {
+            scheduler: "LinearScan",
+        })
+    }
+}
+
+/// Most requests a [`PageRequester`] queues before it waits for the saver.
+pub const REQUEST_QUEUE: usize = 4096;
+
+/// A [`LinearScan`] that serves the destination's page requests first.
+///
+/// Each requested host page that is still dirty goes alone, in its own
+/// batch, on [`Channel::Preempt`] when preempt is enabled (else on
+/// [`Channel::Main`]); then the scan resumes just after it (see the
+/// [module docs](self)). Requests are served in the order they came.
+#[derive(Debug)]
+pub struct RequestFirst {
+    scan: LinearScan,
+    preempt: bool,
+    queue: VecDeque<(usize, u64)>,
+    incoming: Option<mpsc::Receiver<(usize, u64)>>,
+}
+
+impl RequestFirst {
+    /// A request-first scheduler; `preempt`: requested pages go on the
+    /// preempt channel.
+    pub fn new(preempt: bool) -> Self {
+        RequestFirst {
+            scan: LinearScan::new(),
+            preempt,
+            queue: VecDeque::new(),
+            incoming: None,
+        }
+    }
+
+    /// A handle for another thread (the return-path reader) to queue
+    /// requests while the saver runs; each one is checked against `blocks`
+    /// (the saver's) before it is queued. Every call makes a new queue; the
+    /// handles of an earlier one then fail.
+    pub fn requester(&mut self, blocks: Arc<RamBlocks>) -> PageRequester {
+        let (tx, rx) = mpsc::sync_channel(REQUEST_QUEUE);
+        self.incoming = Some(rx);
+        PageRequester { blocks, tx }
+    }
+
+    /// Requests waiting to be served (those of a requester are counted
+    /// once the scheduler has seen them).
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn channel(&self) -> Channel {
+        if self.preempt {
+            Channel::Preempt
+        } else {
+            Channel::Main
+        }
+    }
+
+    fn next_request(&mut self) -> Option<(usize, u64)> {
+        if let Some(r) = self.queue.pop_front() {
+            return Some(r);
+        }
+        self.incoming.as_ref()?.try_recv().ok()
+    }
+}
+
+impl PageScheduler for RequestFirst {
+    fn new_pass(&mut self) {
+        self.scan.new_pass();
+    }
+
+    fn next(&mut self, blocks: &RamBlocks) -> Option<Batch> {
+        while let Some((index, page)) = self.next_request() {
+            let Some(block) = blocks.iter().nth(index) else {
+                continue;
+            };
+            let taken = block.dirty().take_range(page, 1);
+            self.scan.resume_after(blocks, index, page);
+            if !taken.is_empty() {
+                return Some(Batch {
+                    block: index,
+                    pages: taken,
+                    channel: self.channel(),
+                });
+            }
+        }
+        self.scan.next(blocks)
+    }
+
+    fn request(&mut self, blocks: &RamBlocks, block: BlockId, page: u64) -> Result<()> {
+        let (index, _) = check_request(blocks, block, page)?;
+        self.queue.push_back((index, page));
+        Ok(())
+    }
+}
+
+/// Queues page requests for a [`RequestFirst`] from another thread.
+#[derive(Debug, Clone)]
+pub struct PageRequester {
+    blocks: Arc<RamBlocks>,
+    tx: mpsc::SyncSender<(usize, u64)>,
+}
+
+impl PageRequester {
+    /// Checks a request against the saver's blocks and queues it; waits
+    /// while [`REQUEST_QUEUE`] requests are queued. Fails, queuing nothing,
+    /// for an unknown block or a page past its end, and with
+    /// [`Error::SchedulerGone`] once the scheduler was dropped or gave out a
+    /// newer requester.
+    pub fn request(&self, block: BlockId, page: u64) -> Result<()> {
+        let (index, _) = check_request(&self.blocks, block, page)?;
+        self.tx
+            .send((index, page))
+            .map_err(|_| Error::SchedulerGone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use migration_stream::ErrorKind;
+    use proptest::prelude::*;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::block::RamBlock;
+
+    /// Blocks of the given page counts (4 KiB pages: 256-page chunks).
+    fn blocks(pages: &[u64]) -> RamBlocks {
+        RamBlocks::new(
+            pages
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    RamBlock::new(format!("b{i}"), GuestAddress(0), n * 4096, 4096).unwrap()
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    fn drain(s: &mut dyn PageScheduler, b: &RamBlocks) -> Vec<(usize, u64, Channel)> {
+        let mut out = Vec::new();
+        while let Some(batch) = s.next(b) {
+            assert!(!batch.pages.is_empty());
+            out.extend(batch.pages.iter().map(|p| (batch.block, p, batch.channel)));
+        }
+        out
+    }
+
+    #[test]
+    fn linear_scan_sends_each_dirty_page_once_per_pass_in_order() {
+        let b = blocks(&[300, 10, 600]);
+        for (i, pages) in [[0, 255, 256, 299], [3, 4, 9, 9], [1, 257, 512, 599]]
+            .iter()
+            .enumerate()
+        {
+            for &p in pages {
+                b.iter().nth(i).unwrap().dirty().set(p);
+            }
+        }
+        let mut s = LinearScan::new();
+        let sent = drain(&mut s, &b);
+        let expected: Vec<_> = [
+            (0, 0),
+            (0, 255),
+            (0, 256),
+            (0, 299),
+            (1, 3),
+            (1, 4),
+            (1, 9),
+            (2, 1),
+            (2, 257),
+            (2, 512),
+            (2, 599),
+        ]
+        .iter()
+        .map(|&(b, p)| (b, p, Channel::Main))
+        .collect();
+        assert_eq!(sent, expected);
+        assert_eq!(b.dirty_pages(), 0);
+        // The pass is over: a page dirtied now waits for the next one.
+        b.iter().next().unwrap().dirty().set(7);
+        assert!(s.next(&b).is_none());
+        s.new_pass();
+        assert_eq!(drain(&mut s, &b), vec![(0, 7, Channel::Main)]);
+        assert!(s.next(&b).is_none());
+    }
+
+    #[test]
+    fn linear_scan_takes_aligned_chunks() {
+        let b = blocks(&[1000]);
+        b.iter().next().unwrap().dirty().set_range(300, 400);
+        let mut s = LinearScan::new();
+        let mut ranges = Vec::new();
+        while let Some(batch) = s.next(&b) {
+            ranges.push((batch.pages.start(), batch.pages.end(), batch.pages.count()));
+        }
+        assert_eq!(ranges, vec![(256, 512, 212), (512, 768, 188)]);
+    }
+
+    #[test]
+    fn linear_scan_refuses_requests() {
+        let b = blocks(&[10]);
+        let err = LinearScan::new().request(&b, BlockId(0), 1).unwrap_err();
+        assert!(matches!(err, Error::RequestsUnsupported { .. }), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Local);
+    }
+
+    #[test]
+    fn request_first_serves_requests_first_then_continues_after_them() {
+        let b = blocks(&[1024, 64]);
+        for blk in b.iter() {
+            blk.dirty().set_all();
+        }
+        for preempt in [true, false] {
+            let ch = if preempt {
+                Channel::Preempt
+            } else {
+                Channel::Main
+            };
+            for blk in b.iter() {
+                blk.dirty().set_all();
+            }
+            let mut s = RequestFirst::new(preempt);
+            s.new_pass();
+            s.request(&b, BlockId(0), 700).unwrap();
+            s.request(&b, BlockId(1), 5).unwrap();
+            let first = s.next(&b).unwrap();
+            assert_eq!((first.block, first.channel), (0, ch));
+            assert_eq!(first.pages.iter().collect::<Vec<_>>(), vec![700]);
+            let second = s.next(&b).unwrap();
+            assert_eq!((second.block, second.channel), (1, ch));
+            assert_eq!(second.pages.iter().collect::<Vec<_>>(), vec![5]);
+            // The scan goes on just after the last request: the rest of
+            // block 1, then wraps round to block 0 and ends where it began.
+            let third = s.next(&b).unwrap();
+            assert_eq!((third.block, third.channel), (1, Channel::Main));
+            assert_eq!(third.pages.iter().next(), Some(0));
+            let rest = drain(&mut s, &b);
+            assert_eq!(rest.first().map(|r| (r.0, r.1)), Some((0, 0)));
+            assert!(rest.iter().all(|r| r.2 == Channel::Main));
+            assert_eq!(b.dirty_pages(), 0, "every page went once");
+            let total = 1 + 1 + third.pages.count() + rest.len() as u64;
+            assert_eq!(total, 1024 + 64);
+
+            // An already sent page is not sent twice.
+            s.new_pass();
+            s.request(&b, BlockId(0), 700).unwrap();
+            assert!(s.next(&b).is_none());
+        }
+    }
+
+    #[test]
+    fn a_request_resumes_the_scan_after_the_requested_page() {
+        let b = blocks(&[1024]);
+        let blk = b.iter().next().unwrap();
+        blk.dirty().set_all();
+        let mut s = RequestFirst::new(false);
+        let batch = s.next(&b).unwrap();
+        assert_eq!(batch.pages.start(), 0);
+        s.request(&b, BlockId(0), 600).unwrap();
+        assert_eq!(
+            s.next(&b).unwrap().pages.iter().collect::<Vec<_>>(),
+            vec![600]
+        );
+        // The chunk of page 601 (512..768), less page 600.
+        let next = s.next(&b).unwrap();
+        assert_eq!((next.pages.start(), next.pages.count()), (512, 255));
+        let rest = drain(&mut s, &b);
+        assert_eq!(rest.first().map(|r| r.1), Some(768));
+        assert_eq!(rest.len(), 1024 - 256 - 1 - 255);
+        assert_eq!(blk.dirty().count(), 0);
+    }
+
+    #[test]
+    fn hostile_requests_are_errors_that_touch_nothing() {
+        let b = blocks(&[16, 8]);
+        for blk in b.iter() {
+            blk.dirty().set_all();
+        }
+        let mut s = RequestFirst::new(true);
+        let err = s.request(&b, BlockId(2), 0).unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownBlock { block: BlockId(2) }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+        let err = s.request(&b, BlockId(1), 8).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "page 8 is past the end of RAM block \"b1\" (8 pages)"
+        );
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+        assert!(s.request(&b, BlockId(u32::MAX), u64::MAX).is_err());
+        assert_eq!(s.pending(), 0);
+        assert_eq!(b.dirty_pages(), 24);
+        // The scan is as if nothing had been asked.
+        let first = s.next(&b).unwrap();
+        assert_eq!(
+            (first.block, first.pages.start(), first.channel),
+            (0, 0, Channel::Main)
+        );
+    }
+
+    #[test]
+    fn a_requester_queues_from_another_thread() {
+        let b = Arc::new(blocks(&[64]));
+        b.iter().next().unwrap().dirty().set_all();
+        let mut s = RequestFirst::new(true);
+        let r = s.requester(b.clone());
+        let t = {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                r.request(BlockId(0), 9).unwrap();
+                r.request(BlockId(1), 0).unwrap_err()
+            })
+        };
+        let err = t.join().unwrap();
+        assert!(matches!(err, Error::UnknownBlock { .. }));
+        let batch = s.next(&b).unwrap();
+        assert_eq!(batch.pages.iter().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(batch.channel, Channel::Preempt);
+        drop(s);
+        assert!(matches!(
+            r.request(BlockId(0), 1),
+            Err(Error::SchedulerGone)
+        ));
+    }
+
+    /// A round over a model: every page dirty at the start of the pass is
+    /// sent exactly once, requested pages (still dirty) right after their
+    /// request, alone, on the request channel.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Next,
+        Request(usize, u64),
+    }
+
+    proptest! {
+        #[test]
+        fn linear_scan_matches_a_vec_bool_model(
+            sizes in proptest::collection::vec(1..700u64, 1..4),
+            seed in any::<u64>(),
+        ) {
+            let b = blocks(&sizes);
+            let mut model: Vec<Vec<bool>> = Vec::new();
+            let mut x = seed | 1;
+            for (i, &n) in sizes.iter().enumerate() {
+                let mut m = vec![false; n as usize];
+                for (p, bit) in m.iter_mut().enumerate() {
+                    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                    if x % 3 == 0 {
+                        *bit = true;
+                        b.iter().nth(i).unwrap().dirty().set(p as u64);
+                    }
+                }
+                model.push(m);
+            }
+            let expected: Vec<(usize, u64, Channel)> = model
+                .iter()
+                .enumerate()
+                .flat_map(|(i, m)| {
+                    m.iter().enumerate().filter(|(_, d)| **d).map(move |(p, _)| (i, p as u64, Channel::Main))
+                })
+                .collect();
+            let mut s = LinearScan::new();
+            prop_assert_eq!(drain(&mut s, &b), expected);
+            prop_assert_eq!(b.dirty_pages(), 0);
+        }
+
+        #[test]
+        fn request_first_matches_a_vec_bool_model(
+            sizes in proptest::collection::vec(1..700u64, 1..4),
+            steps in proptest::collection::vec(
+                prop_oneof![
+                    3 => Just(Step::Next),
+                    1 => (0..4usize, 0..800u64).prop_map(|(b, p)| Step::Request(b, p)),
+                ],
+                0..80,
+            ),
+            preempt in any::<bool>(),
+        ) {
+            let b = blocks(&sizes);
+            for blk in b.iter() {
+                blk.dirty().set_range(0, blk.pages() / 2);
+                blk.dirty().set(blk.pages() - 1);
+            }
+            let mut dirty: Vec<Vec<bool>> =
+                b.iter().map(|blk| (0..blk.pages()).map(|p| blk.dirty().test(p)).collect()).collect();
+            let ch = if preempt { Channel::Preempt } else { Channel::Main };
+            let mut s = RequestFirst::new(preempt);
+            let mut queued: VecDeque<(usize, u64)> = VecDeque::new();
+            for step in steps.into_iter().chain(std::iter::repeat_n(Step::Next, 2000)) {
+                match step {
+                    Step::Request(blk, page) => {
+                        let ok = blk < sizes.len() && page < sizes[blk];
+                        let id = BlockId(u32::try_from(blk).unwrap());
+                        prop_assert_eq!(s.request(&b, id, page).is_ok(), ok);
+                        if ok {
+                            queued.push_back((blk, page));
+                        }
+                    }
+                    Step::Next => {
+                        // Requests of pages already sent are skipped.
+                        while queued.front().is_some_and(|&(blk, p)| !dirty[blk][p as usize]) {
+                            queued.pop_front();
+                        }
+                        let Some(batch) = s.next(&b) else {
+                            prop_assert!(queued.is_empty());
+                            break;
+                        };
+                        let pages: Vec<u64> = batch.pages.iter().collect();
+                        if let Some((blk, p)) = queued.pop_front() {
+                            prop_assert_eq!((batch.block, pages.clone(), batch.channel), (blk, vec![p], ch));
+                        } else {
+                            prop_assert_eq!(batch.channel, Channel::Main);
+                        }
+                        for p in pages {
+                            prop_assert!(dirty[batch.block][p as usize], "page {} of {} sent twice", p, batch.block);
+                            dirty[batch.block][p as usize] = false;
+                        }
+                    }
+                }
+            }
+            prop_assert!(dirty.iter().flatten().all(|d| !d), "a dirty page was never sent");
+            prop_assert_eq!(b.dirty_pages(), 0);
+        }
+    }
+}
