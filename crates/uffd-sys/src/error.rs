@@ -97,6 +97,19 @@ pub enum Error {
         /// Size of the mapping.
         size: u64,
     },
+    /// A guest memory range that cannot take a whole-page placement: outside
+    /// one region, not aligned to the page size, or an invalid page size.
+    #[error("guest range [{addr:#x}, +{len:#x}) with page size {page_size:#x}: {reason}")]
+    GuestRange {
+        /// Guest physical address of the range.
+        addr: u64,
+        /// Length of the range.
+        len: u64,
+        /// The page size the placement was asked in.
+        page_size: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Reading events from the descriptor failed.
     #[error("reading userfaultfd events failed")]
     Read(#[source] io::Error),
@@ -117,6 +130,7 @@ impl Error {
             Error::Open { .. }
             | Error::MissingFeatures { .. }
             | Error::OutOfBounds { .. }
+            | Error::GuestRange { .. }
             | Error::ShortRead(_) => None,
         }
     }

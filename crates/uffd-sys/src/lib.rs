@@ -14,7 +14,11 @@
 //!   are; batched non-blocking event reads into an [`EventBuf`].
 //! - [`probe()`]: which paths, features and memory kinds work on this host.
 //! - [`Mapping`]: small owned mappings of each memory kind, for probing, tests and
-//!   benchmarks.
+//!   benchmarks; [`mapping::memfd`] makes the shmem and hugetlbfs memfds behind them,
+//!   for callers that map guest memory themselves.
+//! - `guest` (feature `vm-memory`): safe whole-page `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`
+//!   into a vm-memory `GuestMemoryMmap`, range-checked (`Uffd::copy_to_guest`,
+//!   `Uffd::zero_guest`, `guest_host_range`).
 //!
 //! Calls that can change bytes other code may read (`copy`, `move_pages`, `poison`) are
 //! `unsafe fn` with a `# Safety` section; the rest are safe.
@@ -57,6 +61,8 @@ pub mod abi;
 mod error;
 mod event;
 mod flags;
+#[cfg(feature = "vm-memory")]
+pub mod guest;
 pub mod mapping;
 mod probe;
 mod uffd;
@@ -64,6 +70,8 @@ mod uffd;
 pub use error::{Error, Op, Result};
 pub use event::{Event, EventBuf, FaultKind, PageFault};
 pub use flags::{Features, Ioctls, RegisterMode};
+#[cfg(feature = "vm-memory")]
+pub use guest::guest_host_range;
 pub use mapping::{Mapping, MemoryKind};
 pub use probe::{probe, MemorySupport, ModeSupport, Probe};
 pub use uffd::{

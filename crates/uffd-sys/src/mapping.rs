@@ -83,7 +83,7 @@ impl Mapping {
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
                 None,
             ),
-            MemoryKind::Shmem => (libc::MAP_SHARED, Some(memfd(len)?)),
+            MemoryKind::Shmem => (libc::MAP_SHARED, Some(memfd(MemoryKind::Shmem, len)?)),
         };
         let fd = memfd.as_ref().map_or(-1, |f| f.as_raw_fd());
         // SAFETY: a fresh mapping at an address the kernel chooses; it aliases nothing of
@@ -331,10 +331,26 @@ impl Drop for Mapping {
     }
 }
 
-fn memfd(len: usize) -> io::Result<OwnedFd> {
+/// A new memfd of `len` bytes (close-on-exec): tmpfs pages for
+/// [`MemoryKind::Shmem`], huge pages of the default size for
+/// [`MemoryKind::Hugetlbfs`] (`MFD_HUGETLB`; `len` must then be a multiple of
+/// the huge page size, and mapping it needs free huge pages). Map it with
+/// `MAP_SHARED` (vm-memory's file-backed regions do) to get guest memory of that
+/// kind. [`MemoryKind::Anonymous`] has no file: `Unsupported`.
+pub fn memfd(kind: MemoryKind, len: usize) -> io::Result<OwnedFd> {
     const NAME: &CStr = c"uffd-sys";
+    let flags = match kind {
+        MemoryKind::Shmem => libc::MFD_CLOEXEC,
+        MemoryKind::Hugetlbfs => libc::MFD_CLOEXEC | libc::MFD_HUGETLB,
+        MemoryKind::Anonymous => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "anonymous memory has no memfd",
+            ))
+        }
+    };
     // SAFETY: NAME is a valid NUL-terminated string; the call creates a new descriptor.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -366,6 +382,19 @@ mod tests {
         assert!(m.store_u8(m.len(), 1).is_err());
         m.discard(0, m.page_size()).unwrap();
         assert_eq!(m.load_u8(100).unwrap(), 0, "DONTNEED drops anonymous pages");
+    }
+
+    #[test]
+    fn memfds_of_each_kind() {
+        let fd = memfd(MemoryKind::Shmem, 8192).unwrap();
+        let f = std::fs::File::from(fd);
+        assert_eq!(f.metadata().unwrap().len(), 8192);
+        let e = memfd(MemoryKind::Anonymous, 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        // A hugetlbfs memfd needs a size in whole huge pages.
+        if let Some(huge) = default_huge_page_size() {
+            assert!(memfd(MemoryKind::Hugetlbfs, huge + 4096).is_err());
+        }
     }
 
     #[test]
