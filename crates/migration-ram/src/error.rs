@@ -205,6 +205,29 @@ pub enum Error {
     /// or it gave out a newer requester).
     #[error("the page scheduler behind this requester is gone")]
     SchedulerGone,
+    /// A page buffer whose length is not the block's page size.
+    #[error("page buffer of {len:#x} bytes for RAM block {name:?} (page size {page_size:#x})")]
+    PageBuffer {
+        /// The block's name.
+        name: String,
+        /// The buffer's length.
+        len: usize,
+        /// The block's page size.
+        page_size: u32,
+    },
+    /// A userfaultfd placement failed.
+    #[error("{op} of the page at offset {offset:#x} of RAM block {name:?} failed")]
+    Uffd {
+        /// `"UFFDIO_COPY"` or `"UFFDIO_ZEROPAGE"`.
+        op: &'static str,
+        /// The block's name.
+        name: String,
+        /// Offset of the page in the block.
+        offset: u64,
+        /// The error of uffd-sys (with the kernel's errno).
+        #[source]
+        source: uffd_sys::Error,
+    },
     /// A method was called in a state that does not allow it.
     #[error("{op} is not allowed in state {state}")]
     InvalidState {
@@ -235,9 +258,9 @@ impl Error {
     ///   another block count, name, size or page size, a block or page this
     ///   side does not have (in a page record or a page request), a page
     ///   before `RamSetup`, a second `RamSetup`, or a malformed stream.
-    /// - [`ErrorKind::Local`]: guest memory, the dirty log, this side's own
-    ///   block list, channels or scheduler, or a method called in the wrong
-    ///   state.
+    /// - [`ErrorKind::Local`]: guest memory (and userfaultfd placement), the
+    ///   dirty log, this side's own block list, channels or scheduler, or a
+    ///   method called in the wrong state.
     ///
     /// [`Error::Cancelled`] is [`ErrorKind::Local`] too, but it is nobody's
     /// fault: the operator asked for it. Callers test for it first (a
@@ -267,6 +290,8 @@ impl Error {
             | Error::BadBatch { .. }
             | Error::RequestsUnsupported { .. }
             | Error::SchedulerGone
+            | Error::PageBuffer { .. }
+            | Error::Uffd { .. }
             | Error::InvalidState { .. } => ErrorKind::Local,
         }
     }
@@ -457,6 +482,23 @@ mod tests {
                 ErrorKind::Local,
             ),
             (Error::SchedulerGone, ErrorKind::Local),
+            (
+                Error::PageBuffer {
+                    name: name(),
+                    len: 1,
+                    page_size: 4096,
+                },
+                ErrorKind::Local,
+            ),
+            (
+                Error::Uffd {
+                    op: "UFFDIO_COPY",
+                    name: name(),
+                    offset: 0,
+                    source: uffd_sys::Error::ShortRead(1),
+                },
+                ErrorKind::Local,
+            ),
         ];
         for (e, kind) in cases {
             assert_eq!(e.kind(), kind, "{e:?}");

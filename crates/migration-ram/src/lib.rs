@@ -95,6 +95,7 @@ pub mod channel;
 pub mod dirty_log;
 pub mod error;
 pub mod keepalive;
+pub mod placer;
 pub mod precopy;
 mod rate;
 pub mod schedule;
@@ -109,6 +110,7 @@ pub use keepalive::{Keepalive, PeerLiveness};
 /// The three kinds of error a migration tells apart, answered by
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
+pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};

@@ -195,3 +195,72 @@ fn a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination() {
     assert_eq!(load_partial(&dst, &stream), StreamEnd::Complete);
     assert_same(&src, &dst);
 }
+
+#[test]
+fn the_loader_places_every_page_through_its_placer() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use migration_ram::{CopyPlacer, PagePlacer, RamBlock};
+
+    /// Counts placements, then lets a CopyPlacer do them.
+    struct Counting {
+        inner: CopyPlacer,
+        pages: AtomicU64,
+        zeros: AtomicU64,
+    }
+    impl PagePlacer for Counting {
+        fn place(&self, block: &RamBlock, page: u64, data: &[u8]) -> migration_ram::Result<()> {
+            self.pages.fetch_add(1, Ordering::Relaxed);
+            self.inner.place(block, page, data)
+        }
+        fn place_zero(&self, block: &RamBlock, page: u64) -> migration_ram::Result<()> {
+            self.zeros.fetch_add(1, Ordering::Relaxed);
+            self.inner.place_zero(block, page)
+        }
+    }
+
+    let src = memory(64 << 10, 1 << 20);
+    fill(&src, 4, 77);
+    let mut saver = PrecopySaver::new(
+        src.clone(),
+        blocks(&src),
+        Arc::new(VmmDirtyLog::new(src.clone())),
+        PrecopyParams {
+            max_bandwidth: 0,
+            downtime_limit: Duration::from_millis(300),
+        }
+        .shared(),
+        Arc::new(RamStats::new()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut w = StreamWriter::new(Vec::new());
+    saver.setup(&mut w).unwrap();
+    saver.iterate(&mut w).unwrap();
+    saver.complete(&mut w).unwrap();
+    w.write_complete().unwrap();
+    let stream = w.into_inner().unwrap();
+
+    let dst = fresh_like(&src);
+    let placer = Arc::new(Counting {
+        inner: CopyPlacer::new(dst.clone()),
+        pages: AtomicU64::new(0),
+        zeros: AtomicU64::new(0),
+    });
+    let mut loader = PrecopyLoader::with_placer(
+        dst.clone(),
+        blocks(&dst),
+        Arc::new(RamStats::new()),
+        placer.clone(),
+    );
+    let mut r = StreamReader::new(&stream[..]);
+    assert_eq!(loader.load(&mut r).unwrap(), Record::Complete);
+    assert_same(&src, &dst);
+    let total = (64 << 10) / PAGE + (1 << 20) / PAGE;
+    let (pages, zeros) = (
+        placer.pages.load(Ordering::Relaxed),
+        placer.zeros.load(Ordering::Relaxed),
+    );
+    assert_eq!(pages + zeros, total);
+    assert_eq!(zeros, 16 / 4 + 256 / 4, "every 4th page is zero");
+    assert_eq!(loader.received_pages(), total, "the placer recorded them");
+}

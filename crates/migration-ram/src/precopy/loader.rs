@@ -4,10 +4,10 @@ use std::io::Read;
 use std::sync::Arc;
 
 use migration_stream::{BlockInfo, PageHeader, Record, StreamReader};
-use vm_memory::Bytes;
 
 use crate::block::{RamBlock, RamBlocks};
 use crate::error::{Error, Result};
+use crate::placer::{CopyPlacer, PagePlacer};
 use crate::stats::RamStats;
 use crate::GuestMemoryMmap;
 
@@ -16,9 +16,11 @@ pub struct PrecopyLoader {
     mem: Arc<GuestMemoryMmap>,
     blocks: Arc<RamBlocks>,
     stats: Arc<RamStats>,
+    placer: Arc<dyn PagePlacer>,
+    /// The placer when it is the default one, for `set_fresh_memory`.
+    copy: Option<Arc<CopyPlacer>>,
     page: Vec<u8>,
     setup_done: bool,
-    fresh_memory: bool,
 }
 
 impl std::fmt::Debug for PrecopyLoader {
@@ -26,13 +28,14 @@ impl std::fmt::Debug for PrecopyLoader {
         f.debug_struct("PrecopyLoader")
             .field("blocks", &self.blocks.len())
             .field("setup_done", &self.setup_done)
-            .field("fresh_memory", &self.fresh_memory)
+            .field("default_placer", &self.copy.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl PrecopyLoader {
-    /// A loader into `blocks` of `mem`.
+    /// A loader into `blocks` of `mem`, placing pages with a
+    /// [`CopyPlacer`].
     ///
     /// It assumes `mem` is fresh (all zeros) where no page was received
     /// yet, and skips writing zero pages there, so untouched guest memory
@@ -44,6 +47,20 @@ impl PrecopyLoader {
         blocks: impl Into<Arc<RamBlocks>>,
         stats: Arc<RamStats>,
     ) -> Self {
+        let copy = Arc::new(CopyPlacer::new(mem.clone()));
+        let mut loader = Self::with_placer(mem, blocks, stats, copy.clone());
+        loader.copy = Some(copy);
+        loader
+    }
+
+    /// A loader into `blocks` of `mem` that places every page through
+    /// `placer` (a [`UffdPlacer`](crate::UffdPlacer) for postcopy, say).
+    pub fn with_placer(
+        mem: Arc<GuestMemoryMmap>,
+        blocks: impl Into<Arc<RamBlocks>>,
+        stats: Arc<RamStats>,
+        placer: Arc<dyn PagePlacer>,
+    ) -> Self {
         let blocks = blocks.into();
         stats.set_total(blocks.total_bytes());
         PrecopyLoader {
@@ -51,15 +68,31 @@ impl PrecopyLoader {
             mem,
             blocks,
             stats,
+            placer,
+            copy: None,
             setup_done: false,
-            fresh_memory: true,
         }
     }
 
+    /// Places pages through `placer` from now on.
+    pub fn set_placer(&mut self, placer: Arc<dyn PagePlacer>) {
+        self.placer = placer;
+        self.copy = None;
+    }
+
+    /// The placer pages go through.
+    pub fn placer(&self) -> &Arc<dyn PagePlacer> {
+        &self.placer
+    }
+
     /// Whether guest memory is known to be zero where no page was received
-    /// (default `true`). With `false`, every zero page is written.
+    /// (default `true`). With `false`, every zero page is written. Applies
+    /// to the default [`CopyPlacer`] only; another placer is configured
+    /// where it is made.
     pub fn set_fresh_memory(&mut self, fresh: bool) {
-        self.fresh_memory = fresh;
+        if let Some(copy) = &self.copy {
+            copy.set_fresh_memory(fresh);
+        }
     }
 
     /// The destination's blocks: the [`BlockResolver`] to pass to
@@ -127,30 +160,22 @@ impl PrecopyLoader {
     }
 
     /// Reads the payload of page `hdr` from `r` into a page buffer, then
-    /// writes it to guest memory and marks it received. A payload that
-    /// cannot be read in full leaves guest memory untouched.
-    /// Allocation-free.
+    /// places it (the placer marks it received). A payload that cannot be
+    /// read in full leaves guest memory untouched. Allocation-free.
     pub fn load_page<R: Read>(&mut self, hdr: PageHeader, r: &mut StreamReader<R>) -> Result<()> {
         let (block, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
         let buf = &mut self.page[..block.page_size() as usize];
         r.read_page_into(buf)?;
-        write_page(&self.mem, block, page, hdr.offset, buf)?;
-        block.received().set(page);
+        self.placer.place(block, page, buf)?;
         self.stats.add_normal_pages(1, u64::from(block.page_size()));
         Ok(())
     }
 
-    /// Handles a zero page: writes zeros if the page was received before
-    /// (or memory is not fresh), else leaves the fresh page alone, and
-    /// marks it received.
+    /// Handles a zero page: the placer places it (the default one leaves a
+    /// fresh page that never arrived alone) and marks it received.
     pub fn load_zero_page(&mut self, hdr: PageHeader) -> Result<()> {
         let (block, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
-        if !self.fresh_memory || block.received().test(page) {
-            let buf = &mut self.page[..block.page_size() as usize];
-            buf.fill(0);
-            write_page(&self.mem, block, page, hdr.offset, buf)?;
-        }
-        block.received().set(page);
+        self.placer.place_zero(block, page)?;
         self.stats.add_zero_pages(1);
         Ok(())
     }
@@ -180,21 +205,4 @@ impl PrecopyLoader {
             self.stats.add_transferred(r.bytes_read() - before);
         }
     }
-}
-
-/// Writes one page of `block` into guest memory, naming the block on failure.
-fn write_page(
-    mem: &GuestMemoryMmap,
-    block: &RamBlock,
-    page: u64,
-    offset: u64,
-    buf: &[u8],
-) -> Result<()> {
-    mem.write_slice(buf, block.page_addr(page))
-        .map_err(|source| Error::Memory {
-            op: "writing",
-            name: block.name().to_owned(),
-            offset,
-            source,
-        })
 }

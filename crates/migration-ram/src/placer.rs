@@ -1,0 +1,370 @@
+//! How a destination puts a received page into guest memory.
+//!
+//! A [`PagePlacer`] writes **one whole host page** (the block's page size:
+//! 4 KiB, or 2 MiB on hugetlbfs) and then sets its bit in the block's
+//! [`received`](crate::RamBlock::received) bitmap. That bitmap is the single
+//! record of what has landed: the loader counts from it, a postcopy fault
+//! thread asks it whether a page still has to be requested, and recovery
+//! sends it back to the source. A bit is set only after the page's bytes are
+//! in place, so a reader that sees the bit sees the page.
+//!
+//! | placer | how | use |
+//! |--------|-----|-----|
+//! | [`CopyPlacer`] (default) | a plain copy through vm-memory; on fresh memory a zero page that never arrived before is not written at all | precopy |
+//! | [`UffdPlacer`] | one atomic `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`; a zeroed copy on hugetlbfs, which has none) into memory registered with a userfaultfd for MISSING faults, waking the vCPUs that wait on it | postcopy |
+//!
+//! Both take `&self` and are `Send + Sync`, so the loader of the main
+//! channel, the loader of the preempt channel and a fault thread can share
+//! one. They do not order two placements of the same page against each
+//! other: a [`CopyPlacer`]'s last write wins, a [`UffdPlacer`]'s first
+//! (later ones meet `EEXIST`: the page is already there, which is fine, as
+//! a postcopy page is only ever sent with the contents it keeps).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use uffd_sys::{CopyMode, Uffd, Wake};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::block::{RamBlock, RamBlocks};
+use crate::error::{Error, Result};
+use crate::GuestMemoryMmap;
+
+/// Writes whole host pages into guest memory and records them as received.
+pub trait PagePlacer: Send + Sync {
+    /// Places `data` (exactly one page of the block's page size) as page
+    /// `page` of `block`, then sets its `received` bit.
+    fn place(&self, block: &RamBlock, page: u64, data: &[u8]) -> Result<()>;
+
+    /// Places a zero page as page `page` of `block`, then sets its
+    /// `received` bit.
+    fn place_zero(&self, block: &RamBlock, page: u64) -> Result<()>;
+}
+
+/// Checks a placement: the page exists and `len` (if given) is the block's
+/// page size. Returns the page's guest address.
+fn check(block: &RamBlock, page: u64, len: Option<usize>) -> Result<GuestAddress> {
+    if page >= block.pages() {
+        return Err(Error::PageOutOfRange {
+            name: block.name().to_owned(),
+            page,
+            pages: block.pages(),
+        });
+    }
+    if let Some(len) = len {
+        if len as u64 != u64::from(block.page_size()) {
+            return Err(Error::PageBuffer {
+                name: block.name().to_owned(),
+                len,
+                page_size: block.page_size(),
+            });
+        }
+    }
+    Ok(block.page_addr(page))
+}
+
+/// Zeros for writing zero pages piece by piece, with no allocation.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Places pages with plain copies through vm-memory.
+///
+/// On *fresh* memory (all zeros where no page was received, the default),
+/// a zero page whose `received` bit is clear is not written at all, so
+/// untouched guest memory stays unallocated.
+#[derive(Debug)]
+pub struct CopyPlacer {
+    mem: Arc<GuestMemoryMmap>,
+    fresh: AtomicBool,
+}
+
+impl CopyPlacer {
+    /// A placer into `mem`, which is fresh.
+    pub fn new(mem: Arc<GuestMemoryMmap>) -> Self {
+        CopyPlacer {
+            mem,
+            fresh: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether guest memory is known to be zero where no page was received
+    /// (default `true`). With `false`, every zero page is written.
+    pub fn set_fresh_memory(&self, fresh: bool) {
+        self.fresh.store(fresh, Ordering::Relaxed);
+    }
+
+    /// See [`set_fresh_memory`](CopyPlacer::set_fresh_memory).
+    pub fn fresh_memory(&self) -> bool {
+        self.fresh.load(Ordering::Relaxed)
+    }
+
+    fn write(&self, block: &RamBlock, page: u64, at: GuestAddress, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_slice(data, at)
+            .map_err(|source| Error::Memory {
+                op: "writing",
+                name: block.name().to_owned(),
+                offset: page * u64::from(block.page_size()),
+                source,
+            })
+    }
+}
+
+impl PagePlacer for CopyPlacer {
+    fn place(&self, block: &RamBlock, page: u64, data: &[u8]) -> Result<()> {
+        let at = check(block, page, Some(data.len()))?;
+        self.write(block, page, at, data)?;
+        block.received().set(page);
+        Ok(())
+    }
+
+    fn place_zero(&self, block: &RamBlock, page: u64) -> Result<()> {
+        let at = check(block, page, None)?;
+        if !self.fresh_memory() || block.received().test(page) {
+            let size = u64::from(block.page_size());
+            let piece = ZEROS.len() as u64;
+            for i in 0..size.div_ceil(piece) {
+                let len = piece.min(size - i * piece) as usize;
+                self.write(block, page, GuestAddress(at.0 + i * piece), &ZEROS[..len])?;
+            }
+        }
+        block.received().set(page);
+        Ok(())
+    }
+}
+
+/// How often a placement the kernel answers with `EAGAIN` (the address
+/// space is changing, e.g. during a fork) is tried again.
+const AGAIN_RETRIES: u32 = 1000;
+
+/// Places pages atomically with a userfaultfd, waking the threads (vCPUs)
+/// that fault on them.
+///
+/// `mem`'s blocks must be registered with `uffd` for MISSING faults (and,
+/// for hugetlbfs memory, `uffd` opened with `MISSING_HUGETLBFS`). A page is
+/// placed whole by one `UFFDIO_COPY`; a zero page by `UFFDIO_ZEROPAGE`, or,
+/// for blocks whose page is larger than the host's base page (hugetlbfs,
+/// which has no zeropage), by a copy of zeros. A page already present
+/// (`EEXIST`) counts as placed; uffd-sys has then woken its waiters, as the
+/// kernel does not.
+#[derive(Debug)]
+pub struct UffdPlacer {
+    mem: Arc<GuestMemoryMmap>,
+    uffd: Arc<Uffd>,
+    base_page: u64,
+    /// One zero page of the largest huge page size among the blocks
+    /// (allocated zeroed: it costs no memory until read).
+    zeros: Vec<u8>,
+}
+
+impl UffdPlacer {
+    /// A placer into `mem` through `uffd`, for pages of `blocks`.
+    pub fn new(mem: Arc<GuestMemoryMmap>, uffd: Arc<Uffd>, blocks: &RamBlocks) -> Self {
+        let base_page = uffd_sys::mapping::host_page_size() as u64;
+        let largest = u64::from(blocks.max_page_size());
+        let zeros = if largest > base_page {
+            vec![0; usize::try_from(largest).unwrap_or(0)]
+        } else {
+            Vec::new()
+        };
+        UffdPlacer {
+            mem,
+            uffd,
+            base_page,
+            zeros,
+        }
+    }
+
+    /// The userfaultfd it places through.
+    pub fn uffd(&self) -> &Arc<Uffd> {
+        &self.uffd
+    }
+
+    /// Runs `op` until it is not `EAGAIN`; `EEXIST` is success.
+    fn run(
+        &self,
+        block: &RamBlock,
+        page: u64,
+        op: &'static str,
+        f: impl Fn() -> uffd_sys::Result<u64>,
+    ) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            match f() {
+                Ok(_) => break,
+                Err(e) if e.is_exists() => break,
+                Err(e) if e.is_again() && tries < AGAIN_RETRIES => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                Err(source) => {
+                    return Err(Error::Uffd {
+                        op,
+                        name: block.name().to_owned(),
+                        offset: page * u64::from(block.page_size()),
+                        source,
+                    })
+                }
+            }
+        }
+        block.received().set(page);
+        Ok(())
+    }
+}
+
+impl PagePlacer for UffdPlacer {
+    fn place(&self, block: &RamBlock, page: u64, data: &[u8]) -> Result<()> {
+        let at = check(block, page, Some(data.len()))?;
+        let ps = data.len();
+        self.run(block, page, "UFFDIO_COPY", || {
+            self.uffd
+                .copy_to_guest(&self.mem, at, data, ps, CopyMode::empty())
+        })
+    }
+
+    fn place_zero(&self, block: &RamBlock, page: u64) -> Result<()> {
+        let at = check(block, page, None)?;
+        let size = u64::from(block.page_size());
+        let ps = block.page_size() as usize;
+        if size > self.base_page {
+            let zeros = self.zeros.get(..ps).ok_or(Error::PageBuffer {
+                name: block.name().to_owned(),
+                len: self.zeros.len(),
+                page_size: block.page_size(),
+            })?;
+            self.run(block, page, "UFFDIO_COPY", || {
+                self.uffd
+                    .copy_to_guest(&self.mem, at, zeros, ps, CopyMode::empty())
+            })
+        } else {
+            self.run(block, page, "UFFDIO_ZEROPAGE", || {
+                self.uffd.zero_guest(&self.mem, at, ps, ps, Wake::Yes)
+            })
+        }
+    }
+}
+
+/// A generic test suite for [`PagePlacer`] implementations.
+///
+/// `block` (of `mem`, at least 2 pages) must have no page received yet, and
+/// its pages 0 and 1 must be missing (fresh, or discarded), so that even a
+/// placer that refuses to overwrite can place them; any fault handling the
+/// memory needs must already be set up. Reads of pages 0 and 1 happen only
+/// after they are placed.
+///
+/// It checks that a whole page lands with its bytes and its `received` bit;
+/// that placing it again with the same bytes is harmless and counted once;
+/// that a zero page reads as zeros; and that a buffer of the wrong length
+/// and a page past the block's end are refused (as [`Error::PageBuffer`]
+/// and [`Error::PageOutOfRange`]) with nothing received.
+pub fn conformance(
+    placer: &dyn PagePlacer,
+    mem: &GuestMemoryMmap,
+    block: &RamBlock,
+) -> std::result::Result<(), String> {
+    let ps = block.page_size() as usize;
+    let read = |page: u64| -> std::result::Result<Vec<u8>, String> {
+        let mut v = vec![0; ps];
+        mem.read_slice(&mut v, block.page_addr(page))
+            .map_err(|e| format!("reading page {page}: {e}"))?;
+        Ok(v)
+    };
+    let fail = |what: &str, e: Error| format!("{what}: {e}");
+    if block.pages() < 2 || block.received().count() != 0 {
+        return Err("the block needs 2 pages and none received".into());
+    }
+    let data: Vec<u8> = (0..ps).map(|i| (i % 253) as u8 + 1).collect();
+    placer
+        .place(block, 0, &data)
+        .map_err(|e| fail("place", e))?;
+    if read(0)? != data {
+        return Err("page 0 does not hold the bytes placed".into());
+    }
+    if !block.received().test(0) {
+        return Err("page 0 placed but not received".into());
+    }
+    placer
+        .place(block, 0, &data)
+        .map_err(|e| fail("placing page 0 again", e))?;
+    if read(0)? != data {
+        return Err("page 0 changed when placed again".into());
+    }
+    placer
+        .place_zero(block, 1)
+        .map_err(|e| fail("place_zero", e))?;
+    if read(1)?.iter().any(|&b| b != 0) {
+        return Err("zero page 1 is not zero".into());
+    }
+    placer
+        .place_zero(block, 1)
+        .map_err(|e| fail("placing zero page 1 again", e))?;
+    if block.received().count() != 2 {
+        return Err(format!(
+            "{} pages received, expected 2",
+            block.received().count()
+        ));
+    }
+    match placer.place(block, 1, &data[..ps - 1]) {
+        Err(Error::PageBuffer { .. }) => {}
+        other => return Err(format!("a short buffer gave {other:?}")),
+    }
+    match placer.place(block, block.pages(), &data) {
+        Err(Error::PageOutOfRange { .. }) => {}
+        other => return Err(format!("a page past the end gave {other:?}")),
+    }
+    match placer.place_zero(block, u64::MAX) {
+        Err(Error::PageOutOfRange { .. }) => {}
+        other => return Err(format!("a zero page past the end gave {other:?}")),
+    }
+    if block.received().count() != 2 {
+        return Err("a refused placement was recorded as received".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Arc<GuestMemoryMmap>, RamBlocks) {
+        let mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0x10_0000), 16 * 4096)]).unwrap(),
+        );
+        let blocks = RamBlocks::from_guest_memory(&mem, &["ram"]).unwrap();
+        (mem, blocks)
+    }
+
+    fn page_of(mem: &GuestMemoryMmap, block: &RamBlock, page: u64) -> Vec<u8> {
+        let mut v = vec![0; block.page_size() as usize];
+        mem.read_slice(&mut v, block.page_addr(page)).unwrap();
+        v
+    }
+
+    #[test]
+    fn copy_placer_conformance() {
+        let (mem, blocks) = setup();
+        let placer = CopyPlacer::new(mem.clone());
+        conformance(&placer, &mem, blocks.iter().next().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn copy_placer_skips_fresh_zero_pages_only() {
+        let (mem, blocks) = setup();
+        let block = blocks.iter().next().unwrap();
+        let placer = CopyPlacer::new(mem.clone());
+        // A page written by someone else, never received: on "fresh"
+        // memory the zero page is not written (the placer trusts the flag).
+        mem.write_slice(&[7; 4096], block.page_addr(5)).unwrap();
+        placer.place_zero(block, 5).unwrap();
+        assert_eq!(page_of(&mem, block, 5), vec![7; 4096]);
+        // Received before: a zero page overwrites it.
+        placer.place(block, 6, &[9; 4096]).unwrap();
+        placer.place_zero(block, 6).unwrap();
+        assert_eq!(page_of(&mem, block, 6), vec![0; 4096]);
+        // Not fresh: always written.
+        placer.set_fresh_memory(false);
+        assert!(!placer.fresh_memory());
+        mem.write_slice(&[7; 4096], block.page_addr(8)).unwrap();
+        placer.place_zero(block, 8).unwrap();
+        assert_eq!(page_of(&mem, block, 8), vec![0; 4096]);
+    }
+}
