@@ -4,7 +4,8 @@
 //! a destination; the bytes they exchange are `migration-stream`'s wire
 //! format, and the hypervisor plugs in through the [`DirtyLog`] trait. It
 //! has no unsafe code and needs no KVM: any [`GuestMemoryMmap`] works, which
-//! is how its tests run.
+//! is how its tests run. Errors answer [`Error::kind`], so a controller can
+//! tell a broken link from a disagreeing peer from a local failure.
 //!
 //! | piece | module |
 //! |-------|--------|
@@ -12,7 +13,18 @@
 //! | [`RamBlock`], [`RamBlocks`]: named blocks over guest memory; the destination's [`BlockResolver`](migration_stream::BlockResolver) | [`block`] |
 //! | [`DirtyLog`], [`VmmDirtyLog`], [`CompositeDirtyLog`] | [`dirty_log`] |
 //! | [`PrecopySaver`], [`PrecopyLoader`] | [`precopy`] |
-//! | [`PrecopyParams`], [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
+//! | [`PageScheduler`] (source: which pages next, on which channel): [`LinearScan`], [`RequestFirst`], [`PageRequester`] | [`schedule`] |
+//! | [`Channel`], [`ChannelSet`], [`Channels`]: the main and preempt channels a source writes | [`channel`] |
+//! | [`PagePlacer`] (destination: how a page lands): [`CopyPlacer`], [`UffdPlacer`] | [`placer`] |
+//! | [`Keepalive`], [`PeerLiveness`]: pings, and noticing a silent peer | [`keepalive`] |
+//! | [`PrecopyParams`], [`Params`] (lock-free, shared), [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
+//! | [`Error`], its [`ErrorKind`] (link, protocol, local) | [`error`] |
+//!
+//! The seams are traits with simple implementations, so a postcopy session
+//! composes them: a [`RequestFirst`] scheduler and [`Channels`] with a
+//! preempt writer on the source, a [`UffdPlacer`] on the destination. The
+//! only unsafe code they need (the `UFFDIO_COPY` into guest memory) lives in
+//! `uffd-sys`.
 //!
 //! # Precopy in short
 //!
@@ -21,7 +33,7 @@
 //! meantime, under a bandwidth limit. When what remains can be sent within
 //! the downtime limit at the measured bandwidth, the caller pauses the
 //! vCPUs and the saver sends the rest. The destination checks the block
-//! list, writes each page and records it as received. See [`precopy`].
+//! list, places each page and records it as received. See [`precopy`].
 //!
 //! # Examples
 //!

@@ -10,32 +10,60 @@
 //! ```
 //!
 //! - `setup` starts the dirty log, marks every page dirty, syncs once and
-//!   writes `RamSetup`.
-//! - `iterate` is one pass: every dirty page is sent once, zero pages as
-//!   flags only, then `EndOfSection` and `Sync`; the dirty log is synced
-//!   and the remaining dirty bytes are compared with what the measured
-//!   bandwidth moves in the downtime limit.
+//!   writes `RamSetup` on the main channel.
+//! - `iterate` is one pass: the [`PageScheduler`](crate::PageScheduler)
+//!   starts a new round and hands out batches of dirty pages until it is
+//!   over; every page is sent once, zero pages as flags only, each batch on
+//!   the [`Channel`](crate::Channel) it names; then `EndOfSection` and
+//!   `Sync` on the main channel; the dirty log is synced and the remaining
+//!   dirty bytes are compared with what the measured bandwidth moves in
+//!   the downtime limit.
 //! - `complete` (vCPUs paused) syncs a last time, sends everything still
 //!   dirty without a bandwidth limit, writes `EndOfSection` and stops the
 //!   dirty log.
-//! - `abort` stops the dirty log. Nothing is lost before it: pages are
-//!   taken from the dirty bitmap in chunks of at most 256 pages (1 MiB),
-//!   and a chunk's bits are cleared for good only once its records were
-//!   flushed to the channel; if anything fails in between (read, write,
-//!   flush, cancel), the whole chunk is marked dirty again.
+//! - `abort` stops the dirty log. Nothing is lost before it: a batch's bits
+//!   are taken from the dirty bitmap (at most 256 pages, 1 MiB with the
+//!   default [`LinearScan`](crate::LinearScan)) and cleared for good only
+//!   once its records were flushed to the channel; if anything fails in
+//!   between (read, write, flush, cancel, a missing channel, a silent
+//!   peer), the whole batch is marked dirty again.
 //!
-//! For each chunk the saver clears the bits, calls
-//! [`DirtyLog::clear`](crate::DirtyLog::clear) for it, then reads and sends
-//! its pages, so a write racing with the read is reported by the next sync.
+//! The channels are a [`ChannelSet`](crate::ChannelSet): a single
+//! `StreamWriter` for precopy (main only), [`Channels`](crate::Channels)
+//! when postcopy preempt adds a second connection.
+//!
+//! ## One chunk
+//!
+//! For each batch the saver calls [`DirtyLog::clear`](crate::DirtyLog::clear)
+//! for its range, reads its pages into a chunk buffer (so a write racing
+//! with the read is reported by the next sync), and then, with one clock
+//! read and one read of [`Params`](crate::Params):
+//!
+//! 1. measures the bandwidth of the chunks before it (the estimate, and
+//!    `mbps`, move at most every 100 ms, during the pass as well);
+//! 2. runs the [keepalive](crate::keepalive), if any: a `Ping` on the main
+//!    channel when one is due, [`Error::PeerSilent`](crate::Error::PeerSilent)
+//!    when the peer has not answered for too long;
+//! 3. has the rate limiter admit the chunk's exact bytes at once
+//!    (`max_bandwidth`; a wait sleeps in slices of at most 10 ms, re-reading
+//!    the limit, checking cancel and running the keepalive each time);
+//! 4. writes the records and flushes the batch's channel.
+//!
+//! Nothing in this loop takes a lock or reads the clock per page.
 //!
 //! # Destination ([`PrecopyLoader`])
 //!
 //! The loader checks the announced blocks against its own
-//! ([`PrecopyLoader::check_setup`]), refuses pages before that, and writes
-//! each page from a page buffer (a truncated payload never reaches guest
-//! memory), recording it in the block's `received` bitmap. Offsets were
-//! already checked by the decoder against [`PrecopyLoader::blocks`], the
-//! destination's own geometry.
+//! ([`PrecopyLoader::check_setup`]), refuses pages before that, and reads
+//! each page into a page buffer (a truncated payload never reaches guest
+//! memory), then hands it to its [`PagePlacer`](crate::PagePlacer), which
+//! writes the whole page and records it in the block's `received` bitmap:
+//! a [`CopyPlacer`](crate::CopyPlacer) by default (which leaves fresh zero
+//! pages unwritten), a [`UffdPlacer`](crate::UffdPlacer) for memory under
+//! userfaultfd. Offsets were already checked by the decoder against
+//! [`PrecopyLoader::blocks`], the destination's own geometry. A `Ping`
+//! (or any other command) ends [`PrecopyLoader::load`] with the record, for
+//! the caller to answer (`Pong` on the return path) and call `load` again.
 
 mod loader;
 mod saver;
