@@ -1,7 +1,12 @@
-//! Test guests and the checks that verify the RAM they leave behind.
+//! Test guests: the built-in workloads as real x86 code, and the checks that verify the RAM they leave behind.
+//!
+//! Every guest here is generated in Rust with iced-x86's `CodeAssembler`: no external
+//! assembler runs at build time and no binary is trusted without its generator.
 //!
 //! - [`Workload`]: what a built-in guest does (`ab`, `random`, `idle`), whoever runs
 //!   it: the soft vCPUs of [`crate::soft`] or real vCPUs.
+//! - [`builtin`]: the built-in workloads as 64-bit long-mode code for KVM vCPUs, with
+//!   their register contract ([`builtin::program`]).
 //! - [`slices`] splits workload memory among vCPUs, and [`ab_check`] verifies what an
 //!   `ab` guest left in it.
 //!
@@ -29,8 +34,20 @@
 //! assert!(ab_check(&[7, 6, 5, 2, 2, 2, 9, 9, 8, 8], 3).is_err());
 //! ```
 
+pub mod builtin;
+
+use iced_x86::code_asm::{al, dx, CodeAssembler};
+use iced_x86::IcedError;
+
+use crate::serial::COM1;
+
 /// The page size the workloads step by (4 KiB, whatever the host uses).
 pub const PAGE_SIZE: u64 = 4096;
+
+/// Offset of COM1's line status register from [`COM1`].
+const LSR: u16 = 5;
+/// Line status: the transmitter holding register is empty (a byte may be written).
+const LSR_THRE: u32 = 0x20;
 
 /// A built-in guest workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,7 +120,8 @@ pub enum GuestError {
 /// each, the last slice taking the remainder, as [`crate::soft`] splits them. A
 /// partial page at `end` belongs to no slice.
 ///
-/// Returns each vCPU's `(start, end)`, end exclusive, both page-aligned. Fails unless `start` is page-aligned and
+/// Returns each vCPU's `(start, end)`, end exclusive, both page-aligned: the RDI and
+/// RSI of the [`builtin`] register contract. Fails unless `start` is page-aligned and
 /// every vCPU gets at least one page.
 pub fn slices(start: u64, end: u64, vcpus: usize) -> Result<Vec<(u64, u64)>, GuestError> {
     if vcpus == 0 {
@@ -171,6 +189,19 @@ pub fn ab_check(pages: &[u8], vcpus: usize) -> Result<(), String> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Emits code that waits until COM1 can take a byte (line status bit 5), then leaves
+/// DX = [`COM1`] for an `out dx, al`. Clobbers AL. Valid in 16-, 32- and 64-bit code.
+fn wait_com1_ready(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut poll = a.create_label();
+    a.mov(dx, u32::from(COM1 + LSR))?;
+    a.set_label(&mut poll)?;
+    a.in_(al, dx)?;
+    a.test(al, LSR_THRE)?;
+    a.jz(poll)?;
+    a.mov(dx, u32::from(COM1))?;
     Ok(())
 }
 
