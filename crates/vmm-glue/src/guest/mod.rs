@@ -1,4 +1,5 @@
-//! Test guests: the built-in workloads as real x86 code, and the checks that verify the RAM they leave behind.
+//! Test guests: the built-in workloads as real x86 code, the project's boot sectors,
+//! and the checks that verify the RAM they leave behind.
 //!
 //! Every guest here is generated in Rust with iced-x86's `CodeAssembler`: no external
 //! assembler runs at build time and no binary is trusted without its generator.
@@ -7,6 +8,9 @@
 //!   it: the soft vCPUs of [`crate::soft`] or real vCPUs.
 //! - [`builtin`]: the built-in workloads as 64-bit long-mode code for KVM vCPUs, with
 //!   their register contract ([`builtin::program`]).
+//! - [`boot_sector`]: self-contained 512-byte boot sectors (`ab`, `random`) that a PC
+//!   BIOS, QEMU, or a VMM without any BIOS starts at 0000:7c00 in real mode; the
+//!   committed images live in `guests/` at the root of the repository.
 //! - [`slices`] splits workload memory among vCPUs, and [`ab_check`] verifies what an
 //!   `ab` guest left in it.
 //!
@@ -34,6 +38,7 @@
 //! assert!(ab_check(&[7, 6, 5, 2, 2, 2, 9, 9, 8, 8], 3).is_err());
 //! ```
 
+pub mod boot_sector;
 pub mod builtin;
 
 use iced_x86::code_asm::{al, dx, CodeAssembler};
