@@ -716,14 +716,17 @@ fn admit(
         return None;
     }
     let stream = Arc::new(stream);
-    let (s, sh, done) = (Arc::clone(&stream), Arc::clone(shared), done.clone());
+    let (s, sh) = (Arc::clone(&stream), Arc::clone(shared));
+    let reap = Reap {
+        id,
+        done: done.clone(),
+        wake: Arc::clone(&shared.wake),
+    };
     let spawned = std::thread::Builder::new()
         .name(format!("qmp-client-{id}"))
         .spawn(move || {
+            let _reap = reap;
             serve(id, &s, &sh);
-            // Last: the accept loop joins this thread once told.
-            let _ = done.send(id);
-            let _ = sh.wake.write(1);
         });
     match spawned {
         Ok(thread) => Some(Conn { thread, stream }),
@@ -734,35 +737,85 @@ fn admit(
     }
 }
 
+/// Tells the accept loop a client thread is ending, when dropped: also when the
+/// handler panicked, so the thread is joined all the same.
+struct Reap {
+    id: u64,
+    done: mpsc::Sender<u64>,
+    wake: Arc<EventFd>,
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.done.send(self.id);
+        let _ = self.wake.write(1);
+    }
+}
+
+/// A client's writer thread. Dropping it (also on unwinding) closes the queue, joins
+/// the thread once it has written or drained what was queued, and shuts the socket
+/// down, so the client sees the end of the stream.
+struct Writer {
+    id: u64,
+    queue: Arc<Queue>,
+    stream: Arc<UnixStream>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.queue.close();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("qmp: client {}'s writer thread panicked", self.id);
+            }
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        log::debug!("qmp: client {} gone", self.id);
+    }
+}
+
+/// Closes a queue when dropped, also on unwinding: a reader waiting for room never
+/// waits for a writer that is gone.
+struct CloseOnDrop<'a>(&'a Queue);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Serves one connection on its reader thread, with a writer thread of its own.
 fn serve(id: u64, stream: &Arc<UnixStream>, shared: &Arc<Shared>) {
     let queue = Arc::new(Queue::new(shared.queue_depth));
-    let writer = {
+    let spawned = {
         let (s, q, sh) = (Arc::clone(stream), Arc::clone(&queue), Arc::clone(shared));
         std::thread::Builder::new()
             .name(format!("qmp-writer-{id}"))
             .spawn(move || write_loop(id, &s, &q, &sh))
     };
-    let writer = match writer {
-        Ok(w) => w,
+    let thread = match spawned {
+        Ok(t) => t,
         Err(e) => {
             log::warn!("qmp: client {id} closed: cannot start its writer thread: {e}");
             return;
         }
     };
+    // Dropped when input ends: the writer writes what is queued (a client that closed
+    // only its sending side still gets its replies), then the socket is shut down.
+    let _writer = Writer {
+        id,
+        queue: Arc::clone(&queue),
+        stream: Arc::clone(stream),
+        thread: Some(thread),
+    };
     if queue.push_wait(Out::Line(Arc::clone(&shared.greeting))) {
         read_loop(id, shared, stream, &queue);
     }
-    // No more input: the writer drains what is queued (a client that closed only its
-    // sending side still gets its replies) and ends.
-    queue.close();
-    if writer.join().is_err() {
-        log::error!("qmp: client {id}'s writer thread panicked");
-    }
-    log::debug!("qmp: client {id} gone");
 }
 
 fn write_loop(id: u64, stream: &Arc<UnixStream>, queue: &Arc<Queue>, shared: &Shared) {
+    let _close = CloseOnDrop(queue);
     let mut healthy = true;
     while let Some(out) = queue.pop() {
         if healthy && matches!(out, Out::Negotiated(_)) {
