@@ -23,6 +23,7 @@ impl Handler for Echo {
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match command {
             "echo" => Ok(Value::Object(args.clone())),
+            "boom" => panic!("a handler bug (expected by this test)"),
             other => Err(QmpError::not_found(other)),
         }
     }
@@ -144,6 +145,16 @@ fn connections_leave_threads_and_descriptors_as_they_were() {
         drop(c);
         events.emit("AFTER", None);
     }
+    // A handler that panics costs its client the connection, and no thread or
+    // descriptor; the server goes on.
+    let mut c = Client::connect(&path);
+    assert_eq!(
+        c.cmd(r#"{"execute": "qmp_capabilities"}"#),
+        json!({"return": {}})
+    );
+    c.w.write_all(b"{\"execute\": \"boom\"}\n").unwrap();
+    assert_eq!(c.recv(), None, "the connection ends");
+    drop(c);
     settle("threads while the server runs", threads_idle, threads);
     settle("descriptors while the server runs", fds_idle, fds);
 
