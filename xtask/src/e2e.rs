@@ -229,8 +229,14 @@ fn table(rows: &[Row], width: usize) -> String {
         .chain(["scenario".len()])
         .max()
         .unwrap_or(0);
+    let accel_w = rows
+        .iter()
+        .filter_map(|r| r.outcome.as_ref()?.accel.as_ref().map(String::len))
+        .chain(["accel".len()])
+        .max()
+        .unwrap_or(0);
     let line = |name: &str, status: &str, accel: &str, total: &str, down: &str, mib: &str| {
-        format!("{name:<name_w$} {status:<8} {accel:<6} {total:>10} {down:>11} {mib:>9}  ")
+        format!("{name:<name_w$} {status:<8} {accel:<accel_w$} {total:>10} {down:>11} {mib:>9}  ")
     };
     let mut out = String::new();
     let header = line(
