@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use vmm_glue::json::Json;
+use base64::Engine as _;
+use serde_json::{json, Value};
 
 /// How long any single wait may take before the scenario is declared hung. A hang
 /// guard, not a performance limit.
@@ -57,7 +58,7 @@ pub struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
     /// Events received so far, in order.
-    pub events: Vec<Json>,
+    pub events: Vec<Value>,
 }
 
 impl Qmp {
@@ -84,11 +85,11 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             return Err(format!("not a QMP greeting: {greeting}"));
         }
-        q.cmd("qmp_capabilities", Json::obj::<&str>([]))?;
+        q.cmd("qmp_capabilities", json!({}))?;
         Ok(q)
     }
 
-    fn read(&mut self) -> Result<Json, String> {
+    fn read(&mut self) -> Result<Value, String> {
         let mut line = String::new();
         let n = self
             .r
@@ -97,16 +98,16 @@ impl Qmp {
         if n == 0 {
             return Err("QMP connection closed".into());
         }
-        Json::parse(&line).map_err(|e| format!("QMP reply is not JSON ({e}): {line}"))
+        serde_json::from_str(&line).map_err(|e| format!("QMP reply is not JSON ({e}): {line}"))
     }
 
     /// Runs a command; `Ok(return value)`, or `Err((class, desc))` for a QMP error.
     pub fn execute(
         &mut self,
         name: &str,
-        args: Json,
-    ) -> Result<Result<Json, (String, String)>, String> {
-        let req = Json::obj([("execute", Json::str(name)), ("arguments", args)]);
+        args: Value,
+    ) -> Result<Result<Value, (String, String)>, String> {
+        let req = json!({"execute": name, "arguments": args});
         self.w
             .write_all(format!("{req}\n").as_bytes())
             .map_err(|e| format!("QMP write: {e}"))?;
@@ -120,7 +121,7 @@ impl Qmp {
                 return Ok(Ok(r.clone()));
             }
             if let Some(e) = v.get("error") {
-                let s = |k| e.get(k).and_then(Json::as_str).unwrap_or("").to_owned();
+                let s = |k| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                 return Ok(Err((s("class"), s("desc"))));
             }
             return Err(format!("unexpected QMP reply {v}"));
@@ -128,7 +129,7 @@ impl Qmp {
     }
 
     /// Runs a command that must succeed.
-    pub fn cmd(&mut self, name: &str, args: Json) -> Result<Json, String> {
+    pub fn cmd(&mut self, name: &str, args: Value) -> Result<Value, String> {
         self.execute(name, args)?
             .map_err(|(c, d)| format!("{name} failed: {c}: {d}"))
     }
@@ -221,8 +222,8 @@ impl DemoVm {
     }
 
     /// `query-migrate`.
-    pub fn query_migrate(&mut self) -> Result<Json, String> {
-        self.qmp.cmd("query-migrate", Json::obj::<&str>([]))
+    pub fn query_migrate(&mut self) -> Result<Value, String> {
+        self.qmp.cmd("query-migrate", json!({}))
     }
 
     /// The migration status word.
@@ -230,7 +231,7 @@ impl DemoVm {
         Ok(self
             .query_migrate()?
             .get("status")
-            .and_then(Json::as_str)
+            .and_then(Value::as_str)
             .unwrap_or("?")
             .to_owned())
     }
@@ -239,8 +240,8 @@ impl DemoVm {
     pub fn wait_migration(
         &mut self,
         what: &str,
-        done: impl Fn(&Json) -> bool,
-    ) -> Result<Json, String> {
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value, String> {
         let start = Instant::now();
         loop {
             let q = self.query_migrate()?;
@@ -258,10 +259,10 @@ impl DemoVm {
     }
 
     /// Waits for one of the final states and returns the reply.
-    pub fn wait_finished(&mut self) -> Result<Json, String> {
+    pub fn wait_finished(&mut self) -> Result<Value, String> {
         self.wait_migration("the migration to finish", |q| {
             matches!(
-                q.get("status").and_then(Json::as_str),
+                q.get("status").and_then(Value::as_str),
                 Some("completed" | "failed" | "cancelled")
             )
         })
@@ -271,16 +272,25 @@ impl DemoVm {
     pub fn run_status(&mut self) -> Result<String, String> {
         Ok(self
             .qmp
-            .cmd("query-status", Json::obj::<&str>([]))?
+            .cmd("query-status", json!({}))?
             .get("status")
-            .and_then(Json::as_str)
+            .and_then(Value::as_str)
             .unwrap_or("?")
             .to_owned())
     }
 
     /// `x-ram-digest`.
-    pub fn digest(&mut self) -> Result<Json, String> {
-        self.qmp.cmd("x-ram-digest", Json::obj::<&str>([]))
+    pub fn digest(&mut self) -> Result<Value, String> {
+        self.qmp.cmd("x-ram-digest", json!({}))
+    }
+
+    /// What runs the guest's vCPUs (`kvm` or `soft`), from `x-guest-info`.
+    pub fn accel(&mut self) -> Result<String, String> {
+        let info = self.qmp.cmd("x-guest-info", json!({}))?;
+        info.get("accel")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{}: x-guest-info has no accel: {info}", self.name))
     }
 
     /// Waits until guest RAM differs from what it is now: the guest runs.
@@ -303,17 +313,15 @@ impl DemoVm {
     pub fn page_bytes(&mut self) -> Result<Vec<u8>, String> {
         let r = self.qmp.cmd(
             "x-ram-sample",
-            Json::obj([
-                ("start", Json::uint(WORKLOAD_START)),
-                ("end", Json::uint(self.mem)),
-                ("stride", Json::uint(4096)),
-            ]),
+            json!({"start": WORKLOAD_START, "end": self.mem, "stride": 4096}),
         )?;
         let data = r
             .get("data")
-            .and_then(Json::as_str)
+            .and_then(Value::as_str)
             .ok_or("x-ram-sample gave no data")?;
-        base64_decode(data)
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .map_err(|e| format!("{}: x-ram-sample data is not base64: {e}", self.name))
     }
 
     /// Bytes of COM1 output so far.
@@ -346,10 +354,10 @@ impl DemoVm {
         let q = self.query_migrate()?;
         let a = q
             .get("socket-address")
-            .and_then(Json::as_array)
+            .and_then(Value::as_array)
             .and_then(|a| a.first())
             .ok_or_else(|| format!("{}: no socket-address in {q}", self.name))?;
-        let s = |k| a.get(k).and_then(Json::as_str).unwrap_or("").to_owned();
+        let s = |k| a.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
         Ok(match s("type").as_str() {
             "inet" => format!("tcp:{}:{}", s("host"), s("port")),
             "unix" => format!("unix:{}", s("path")),
@@ -370,7 +378,7 @@ impl DemoVm {
 
     /// Asks the process to quit and waits for it.
     pub fn quit(mut self) -> Result<(), String> {
-        let _ = self.qmp.execute("quit", Json::obj::<&str>([]));
+        let _ = self.qmp.execute("quit", json!({}));
         let st = self.child.wait().map_err(|e| e.to_string())?;
         if !st.success() {
             return Err(format!("{} exited with {st}", self.name));
@@ -386,41 +394,10 @@ impl Drop for DemoVm {
     }
 }
 
-/// Decodes standard base64.
-pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
-    let val = |c: u8| -> Result<u32, String> {
-        Ok(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return Err(format!("bad base64 byte {c:#x}")),
-        }
-        .into())
-    };
-    let b = s.as_bytes();
-    if b.len() % 4 != 0 {
-        return Err("base64 length not a multiple of 4".into());
-    }
-    let mut out = Vec::with_capacity(b.len() / 4 * 3);
-    for c in b.chunks(4) {
-        let pad = c.iter().rev().take_while(|&&x| x == b'=').count();
-        let mut n = 0u32;
-        for &x in &c[..4 - pad] {
-            n = (n << 6) | val(x)?;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Ok(out)
-}
-
 /// A JSON integer field of a `query-migrate` reply (`ram.transferred` style paths).
-pub fn field(q: &Json, path: &str) -> u64 {
+pub fn field(q: &Value, path: &str) -> u64 {
     path.split('.')
         .try_fold(q, |v, k| v.get(k))
-        .and_then(Json::as_u64)
+        .and_then(Value::as_u64)
         .unwrap_or(0)
 }

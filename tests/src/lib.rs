@@ -33,6 +33,9 @@ pub struct Outcome {
     pub pages: u64,
     /// Page faults handled.
     pub faults: u64,
+    /// What ran the guests' vCPUs (`kvm`, `soft`), from their `x-guest-info`; `None`
+    /// where no guest ran.
+    pub accel: Option<String>,
     /// What was checked and seen, in a line.
     pub note: String,
 }

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use migration_stream::{BlockId, BlockInfo, Hello, MigrationId, Role, StreamWriter};
-use vmm_glue::json::Json;
+use serde_json::{json, Value};
 use vmm_glue::vm::ab_check;
 
 use crate::harness::{field, DemoVm, VmOpts};
@@ -33,14 +33,6 @@ fn vm(
     )
 }
 
-fn args(fields: &[(&str, Json)]) -> Json {
-    Json::obj(fields.iter().map(|(k, v)| (*k, v.clone())))
-}
-
-fn no_args() -> Json {
-    Json::obj::<&str>([])
-}
-
 fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     if cond {
         Ok(())
@@ -49,14 +41,14 @@ fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     }
 }
 
-fn status(q: &Json) -> &str {
-    q.get("status").and_then(Json::as_str).unwrap_or("?")
+fn status(q: &Value) -> &str {
+    q.get("status").and_then(Value::as_str).unwrap_or("?")
 }
 
 /// `query-migrate`'s `error-desc`, empty when there is none.
-fn error_desc(q: &Json) -> String {
+fn error_desc(q: &Value) -> String {
     q.get("error-desc")
-        .and_then(Json::as_str)
+        .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned()
 }
@@ -66,26 +58,35 @@ fn converge(vm: &mut DemoVm) -> Result<(), String> {
     vm.qmp
         .cmd(
             "migrate-set-parameters",
-            args(&[
-                ("max-bandwidth", Json::uint(0)),
-                ("downtime-limit", Json::uint(5000)),
-            ]),
+            json!({"max-bandwidth": 0, "downtime-limit": 5000}),
         )
         .map(drop)
 }
 
 fn migrate(src: &mut DemoVm, uri: &str) -> Result<(), String> {
-    src.qmp
-        .cmd("migrate", args(&[("uri", Json::str(uri))]))
-        .map(drop)
+    src.qmp.cmd("migrate", json!({ "uri": uri })).map(drop)
 }
 
-fn outcome(q: &Json, note: String) -> Outcome {
+/// What ran the guests' vCPUs, from each VM's `x-guest-info`: one word when they
+/// agree (`soft`), else the distinct values joined with `+`.
+fn accel(vms: &mut [&mut DemoVm]) -> Result<String, String> {
+    let mut seen: Vec<String> = Vec::new();
+    for vm in vms {
+        let a = vm.accel()?;
+        if !seen.contains(&a) {
+            seen.push(a);
+        }
+    }
+    Ok(seen.join("+"))
+}
+
+fn outcome(q: &Value, accel: String, note: String) -> Outcome {
     Outcome {
+        accel: Some(accel),
         total: Duration::from_millis(field(q, "total-time")),
         downtime: q
             .get("downtime")
-            .and_then(Json::as_u64)
+            .and_then(Value::as_u64)
             .map(Duration::from_millis),
         bytes: field(q, "ram.transferred"),
         pages: field(q, "ram.normal") + field(q, "ram.duplicate"),
@@ -112,16 +113,15 @@ fn paused_destination(
             incoming: Some("defer"),
         },
     )?;
-    dst.qmp.cmd("stop", no_args())?;
-    dst.qmp
-        .cmd("migrate-incoming", args(&[("uri", Json::str(uri))]))?;
+    dst.qmp.cmd("stop", json!({}))?;
+    dst.qmp.cmd("migrate-incoming", json!({ "uri": uri }))?;
     Ok(dst)
 }
 
 fn stopped(transport: &str) -> Result<Outcome, Failure> {
     let mut src = vm("src", 64, 1, "builtin:ab", None)?;
     src.wait_serial_beyond(2)?;
-    src.qmp.cmd("stop", no_args())?;
+    src.qmp.cmd("stop", json!({}))?;
     let uri = match transport {
         "tcp" => "tcp:127.0.0.1:0".to_owned(),
         _ => format!("unix:{}", src.dir.join("migration.sock").display()),
@@ -145,7 +145,14 @@ fn stopped(transport: &str) -> Result<Outcome, Failure> {
         format!("RAM differs: source {a}, destination {b}")
     })?;
     ab_check(&dst.page_bytes()?, 1).map_err(|e| format!("destination RAM: {e}"))?;
-    Ok(outcome(&q, format!("over {transport}: x-ram-digest equal on both sides; destination paused like the source")))
+    let accel = accel(&mut [&mut src, &mut dst])?;
+    Ok(outcome(
+        &q,
+        accel,
+        format!(
+            "over {transport}: x-ram-digest equal on both sides; destination paused like the source"
+        ),
+    ))
 }
 
 /// A stopped guest over TCP: RAM equal on both sides.
@@ -196,7 +203,7 @@ pub fn live_ab() -> Result<Outcome, Failure> {
         vm.qmp
             .events
             .iter()
-            .filter(|e| e.get("event").and_then(Json::as_str) == Some("MIGRATION"))
+            .filter(|e| e.get("event").and_then(Value::as_str) == Some("MIGRATION"))
             .filter_map(|e| e.get("data")?.get("status")?.as_str().map(str::to_owned))
             .collect()
     };
@@ -208,32 +215,34 @@ pub fn live_ab() -> Result<Outcome, Failure> {
         .qmp
         .events
         .iter()
-        .filter(|e| e.get("event").and_then(Json::as_str) == Some("STOP"))
+        .filter(|e| e.get("event").and_then(Value::as_str) == Some("STOP"))
         .count();
     expect(stops == 1, || {
         format!("source emitted {stops} STOP events, expected 1 at switchover")
     })?;
 
-    dst.qmp.cmd("cont", no_args())?;
-    dst.qmp.cmd("query-status", no_args())?;
+    dst.qmp.cmd("cont", json!({}))?;
+    dst.qmp.cmd("query-status", json!({}))?;
     let resumed = dst
         .qmp
         .events
         .iter()
-        .any(|e| e.get("event").and_then(Json::as_str) == Some("RESUME"));
+        .any(|e| e.get("event").and_then(Value::as_str) == Some("RESUME"));
     expect(resumed, || {
         "the destination emitted no RESUME on cont".into()
     })?;
     let before = dst.serial_len();
     dst.wait_serial_beyond(before + 2)?;
-    dst.qmp.cmd("stop", no_args())?;
+    dst.qmp.cmd("stop", json!({}))?;
     ab_check(&dst.page_bytes()?, 2).map_err(|e| format!("destination after running on: {e}"))?;
     expect(src.serial_len() == serial_src, || {
         "the source guest printed after it migrated away".into()
     })?;
     let syncs = field(&q, "ram.dirty-sync-count");
+    let accel = accel(&mut [&mut src, &mut dst])?;
     Ok(outcome(
         &q,
+        accel,
         format!(
             "{syncs} dirty syncs; RAM equal at switchover; destination printed new Bs and passes the a-b check"
         ),
@@ -247,10 +256,7 @@ pub fn cancel_random() -> Result<Outcome, Failure> {
     let mut dst1 = vm("dst1", 128, 1, "builtin:random", Some("tcp:127.0.0.1:0"))?;
     src.qmp.cmd(
         "migrate-set-parameters",
-        args(&[
-            ("max-bandwidth", Json::uint(32 << 20)),
-            ("downtime-limit", Json::uint(1)),
-        ]),
+        json!({"max-bandwidth": 32 << 20, "downtime-limit": 1}),
     )?;
     let uri = dst1.incoming_uri()?;
     migrate(&mut src, &uri)?;
@@ -263,7 +269,7 @@ pub fn cancel_random() -> Result<Outcome, Failure> {
     expect(field(&q, "ram.remaining") > 0, || {
         format!("pages should remain: {q}")
     })?;
-    src.qmp.cmd("migrate_cancel", no_args())?;
+    src.qmp.cmd("migrate_cancel", json!({}))?;
     let q = src.wait_finished()?;
     expect(status(&q) == "cancelled", || {
         format!("after migrate_cancel: {q}")
@@ -298,10 +304,12 @@ pub fn cancel_random() -> Result<Outcome, Failure> {
     expect(a == b, || {
         format!("RAM differs after the second migration: {a} vs {b}")
     })?;
-    dst2.qmp.cmd("cont", no_args())?;
+    dst2.qmp.cmd("cont", json!({}))?;
     dst2.wait_ram_changes()?;
+    let accel = accel(&mut [&mut src, &mut dst1, &mut dst2])?;
     Ok(outcome(
         &q,
+        accel,
         "first attempt stayed active, cancelled, source unharmed; second migration completed, RAM equal".into(),
     ))
 }
@@ -311,10 +319,10 @@ pub fn cancel_random() -> Result<Outcome, Failure> {
 pub fn dest_killed() -> Result<Outcome, Failure> {
     let mut src = vm("src", 128, 1, "builtin:ab", None)?;
     let mut dst = vm("dst", 128, 1, "builtin:ab", Some("tcp:127.0.0.1:0"))?;
-    src.qmp.cmd(
-        "migrate-set-parameters",
-        args(&[("max-bandwidth", Json::uint(16 << 20))]),
-    )?;
+    // Asked now: the destination will not be there to answer.
+    let accel = accel(&mut [&mut src, &mut dst])?;
+    src.qmp
+        .cmd("migrate-set-parameters", json!({"max-bandwidth": 16 << 20}))?;
     let uri = dst.incoming_uri()?;
     migrate(&mut src, &uri)?;
     src.wait_migration("pages to flow", |q| field(q, "ram.transferred") > 4 << 20)?;
@@ -330,10 +338,11 @@ pub fn dest_killed() -> Result<Outcome, Failure> {
     })?;
     let before = src.serial_len();
     src.wait_serial_beyond(before)?;
-    src.qmp.cmd("stop", no_args())?;
+    src.qmp.cmd("stop", json!({}))?;
     ab_check(&src.page_bytes()?, 1).map_err(|e| format!("source RAM after the failure: {e}"))?;
     Ok(outcome(
         &q,
+        accel,
         format!("source failed with \"{desc}\"; guest still running, a-b check holds"),
     ))
 }
@@ -350,7 +359,7 @@ pub fn dest_refuses() -> Result<Outcome, Failure> {
         let mut src = vm("src", 64, 2, "builtin:ab", None)?;
         src.wait_serial_beyond(2)?;
         if !running {
-            src.qmp.cmd("stop", no_args())?;
+            src.qmp.cmd("stop", json!({}))?;
         }
         converge(&mut src)?;
         let before = src.digest()?;
@@ -375,7 +384,7 @@ pub fn dest_refuses() -> Result<Outcome, Failure> {
                 format!("source run state {rs}: a running guest must run again")
             })?;
             src.wait_ram_changes()?;
-            src.qmp.cmd("stop", no_args())?;
+            src.qmp.cmd("stop", json!({}))?;
             ab_check(&src.page_bytes()?, 2)
                 .map_err(|e| format!("source RAM after the refusal: {e}"))?;
             notes.push("running source runs again, a-b check holds".to_owned());
@@ -389,10 +398,14 @@ pub fn dest_refuses() -> Result<Outcome, Failure> {
             })?;
             notes.push("stopped source stays paused, RAM unchanged".to_owned());
         }
-        last = Some((q, desc));
+        last = Some((q, desc, accel(&mut [&mut src, &mut dst])?));
     }
-    let (q, desc) = last.ok_or_else(|| Failure::Failed("no attempt ran".into()))?;
-    Ok(outcome(&q, format!("\"{desc}\"; {}", notes.join("; "))))
+    let (q, desc, accel) = last.ok_or_else(|| Failure::Failed("no attempt ran".into()))?;
+    Ok(outcome(
+        &q,
+        accel,
+        format!("\"{desc}\"; {}", notes.join("; ")),
+    ))
 }
 
 /// `migrate file:` saves a running guest; `--incoming file:` restores it exactly.
@@ -417,11 +430,13 @@ pub fn file_save_restore() -> Result<Outcome, Failure> {
     expect(status(&d) == "completed", || format!("restore: {d}"))?;
     let (a, b) = (src.digest()?, dst.digest()?);
     expect(a == b, || format!("restored RAM differs: {a} vs {b}"))?;
-    dst.qmp.cmd("cont", no_args())?;
+    dst.qmp.cmd("cont", json!({}))?;
     let before = dst.serial_len();
     dst.wait_serial_beyond(before + 1)?;
+    let accel = accel(&mut [&mut src, &mut dst])?;
     Ok(outcome(
         &q,
+        accel,
         format!(
             "{} MiB file; restored RAM equal; restored guest runs",
             size >> 20
@@ -429,11 +444,12 @@ pub fn file_save_restore() -> Result<Outcome, Failure> {
     ))
 }
 
-/// A hostile peer connects to a destination and sends one bad stream.
+/// A hostile peer connects to a destination and sends one bad stream. Returns the
+/// destination's `error-desc` and what ran its vCPUs.
 fn hostile_case(
     name: &str,
     send: impl FnOnce(&mut TcpStream) -> std::io::Result<()>,
-) -> Result<String, Failure> {
+) -> Result<(String, String), Failure> {
     let mut dst = vm(name, 64, 1, "builtin:ab", Some("tcp:127.0.0.1:0"))?;
     let before = dst.digest()?;
     let uri = dst.incoming_uri()?;
@@ -459,7 +475,8 @@ fn hostile_case(
     expect(before == after, || {
         format!("{name}: guest memory changed: {before} -> {after}")
     })?;
-    Ok(desc)
+    let accel = dst.accel()?;
+    Ok((format!("{name}: {desc}"), accel))
 }
 
 fn blocks(mem: u64) -> Vec<BlockInfo> {
@@ -546,15 +563,20 @@ pub fn hostile_streams() -> Result<Outcome, Failure> {
             .map_err(std::io::Error::other)?;
         w.flush().map_err(std::io::Error::other)
     })?);
-    let short: Vec<String> = notes
-        .iter()
-        .map(|n| n.chars().take(60).collect::<String>())
-        .collect();
+    let mut accels: Vec<String> = Vec::new();
+    let mut descs = Vec::new();
+    for (desc, accel) in notes {
+        descs.push(desc);
+        if !accels.contains(&accel) {
+            accels.push(accel);
+        }
+    }
     Ok(Outcome {
         total: start.elapsed(),
+        accel: Some(accels.join("+")),
         note: format!(
             "5 bad streams refused, memory untouched: {}",
-            short.join(" | ")
+            descs.join(" | ")
         ),
         ..Outcome::default()
     })

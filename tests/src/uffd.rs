@@ -185,6 +185,7 @@ pub fn postcopy() -> Result<Outcome, Failure> {
         faults,
         bytes: (PAGES * PAGE) as u64,
         downtime: None,
+        accel: None,
         note: format!(
             "{on_demand} pages on demand, {background} in background; destination == source"
         ),
@@ -320,6 +321,7 @@ pub fn snapshot() -> Result<Outcome, Failure> {
         faults,
         bytes: (PAGES * PAGE) as u64,
         downtime: None,
+        accel: None,
         note: format!(
             "{on_fault} pages saved on write faults, {} writes during the snapshot; snapshot == region at protection",
             writes.load(Ordering::Relaxed)

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use uffd_sys::{CopyMode, Event, EventBuf, Mapping, MemoryKind, RegisterMode, Uffd, Wake};
 
-use crate::json::{object, Value};
-use crate::Opts;
+use serde::Serialize;
 
 const PAGE: usize = 4096;
 /// Pages per round: 64 MiB.
@@ -37,23 +36,41 @@ impl Figure {
     }
 }
 
-pub fn main(args: &[String]) -> Result<bool, String> {
-    let opts = Opts::parse(args, false)?;
+/// `cargo xtask bench`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// One JSON object per figure on stdout instead of aligned text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One figure in `--json` output; `baseline` and `ratio` only where a baseline exists.
+#[derive(Serialize)]
+struct JsonFigure<'a> {
+    name: &'a str,
+    value: f64,
+    unit: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+}
+
+pub fn main(a: &Args) -> Result<bool, String> {
     let mut figures = uffd_figures()?;
     figures.extend(crate::bench_precopy::stopped_figures()?);
     figures.extend(crate::bench_precopy::live_figures()?);
     for f in &figures {
-        if opts.json {
-            let mut fields = vec![
-                ("name", Value::Str(f.name.into())),
-                ("value", Value::Num(round(f.value))),
-                ("unit", Value::Str(f.unit.into())),
-            ];
-            if let (Some(b), Some(r)) = (f.baseline, f.ratio()) {
-                fields.push(("baseline", Value::Num(round(b))));
-                fields.push(("ratio", Value::Num((r * 1000.0).round() / 1000.0)));
-            }
-            println!("{}", object(&fields));
+        if a.json {
+            let line = serde_json::to_string(&JsonFigure {
+                name: f.name,
+                value: round(f.value),
+                unit: f.unit,
+                baseline: f.baseline.map(round),
+                ratio: f.ratio().map(|r| (r * 1000.0).round() / 1000.0),
+            })
+            .map_err(|e| e.to_string())?;
+            println!("{line}");
         } else {
             match (f.baseline, f.ratio()) {
                 (Some(b), Some(r)) => println!(

@@ -253,7 +253,7 @@ pub fn stopped_figures() -> Result<Vec<Figure>, String> {
 /// A running 1 GiB `ab` guest migrated between two `demovm` processes.
 pub fn live_figures() -> Result<Vec<Figure>, String> {
     use e2e::harness::{field, DemoVm, VmOpts};
-    use vmm_glue::json::Json;
+    use serde_json::{json, Value};
     let opts = |incoming| VmOpts {
         mem_mib: 1024,
         vcpus: 1,
@@ -265,28 +265,19 @@ pub fn live_figures() -> Result<Vec<Figure>, String> {
     src.wait_serial_beyond(1)?;
     src.qmp.cmd(
         "migrate-set-parameters",
-        Json::obj([
-            ("max-bandwidth", Json::uint(0)),
-            ("downtime-limit", Json::uint(5000)),
-        ]),
+        json!({"max-bandwidth": 0, "downtime-limit": 5000}),
     )?;
     let uri = dst.incoming_uri()?;
-    src.qmp
-        .cmd("migrate", Json::obj([("uri", Json::str(uri))]))?;
+    src.qmp.cmd("migrate", json!({ "uri": uri }))?;
     let q = src.wait_finished()?;
-    if q.get("status").and_then(Json::as_str) != Some("completed") {
+    if q.get("status").and_then(Value::as_str) != Some("completed") {
         return Err(format!("live bench migration did not complete: {q}"));
     }
     let d = dst.wait_finished()?;
-    if d.get("status").and_then(Json::as_str) != Some("completed") {
+    if d.get("status").and_then(Value::as_str) != Some("completed") {
         return Err(format!("live bench destination: {d}"));
     }
-    let accel = dst.qmp.cmd("x-guest-info", Json::obj::<&str>([]))?;
-    let accel = accel
-        .get("accel")
-        .and_then(Json::as_str)
-        .unwrap_or("?")
-        .to_owned();
+    let accel = dst.accel()?;
     let name = |n: &'static str, soft: &'static str| if accel == "soft" { soft } else { n };
     Ok(vec![
         Figure {

@@ -1,47 +1,63 @@
-//! Project automation: `cargo xtask <command>`.
+//! Project automation: `cargo xtask <command>`; `cargo xtask --help` lists them and
+//! `cargo xtask <command> --help` explains one.
 //!
 //! - `doctor`: host check before migrating: userfaultfd paths, features and memory kinds;
 //!   KVM API version and dirty-log capabilities.
 //! - `e2e [--json] [--scenario NAME] [--list]`: end-to-end scenarios on the real kernel,
-//!   with a summary table.
+//!   with a summary table; progress on stderr.
 //! - `bench [--json]`: benchmarks, each figure beside a baseline measured in the same run.
 //! - `ci`: what CI runs (`.ci/run`): fmt, clippy, doc and the tests.
+//! - `qmp SOCKET COMMAND [JSON-ARGS] [--events]`: one QMP command against a running
+//!   `demovm`, its `return` printed as pretty JSON.
+//!
+//! Exit status: 0 when all went well, 1 when something checked failed (a scenario, a
+//! QMP command), 2 for usage errors and when the command could not do its work.
 
 #![deny(unsafe_code)]
 
 mod bench;
 mod bench_precopy;
 mod e2e;
-mod json;
+mod qmp;
 
 use std::process::ExitCode;
 
-const USAGE: &str =
-    "usage: cargo xtask <doctor | e2e [--json] [--scenario NAME] [--list] | bench [--json] | ci>";
+use clap::{Parser, Subcommand};
+
+/// Project automation for the live-migration workspace.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Host check: userfaultfd paths, features and memory kinds; KVM facts.
+    Doctor,
+    /// End-to-end scenarios between real demovm processes, summed up in a table.
+    E2e(e2e::Args),
+    /// Benchmarks, each figure beside a baseline measured in the same run.
+    Bench(bench::Args),
+    /// What CI runs (.ci/run): fmt, clippy, doc and the tests.
+    Ci,
+    /// One QMP command against a running demovm; prints its `return` as pretty JSON.
+    Qmp(qmp::Args),
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = match args.split_first() {
-        Some((c, r)) => (c.as_str(), r),
-        None => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = match cmd {
-        "doctor" => {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Doctor => {
             print!("{}", uffd_sys::probe());
             print!("{}", vmm_glue::kvm::host_report());
             Ok(true)
         }
-        "e2e" => e2e::main(rest),
-        "bench" => bench::main(rest),
-        "ci" => ci(),
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(true)
-        }
-        other => Err(format!("unknown command {other:?}\n{USAGE}")),
+        Command::E2e(a) => e2e::main(a),
+        Command::Bench(a) => bench::main(a),
+        Command::Ci => ci(),
+        Command::Qmp(a) => qmp::main(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -66,31 +82,91 @@ fn ci() -> Result<bool, String> {
     Ok(status.success())
 }
 
-/// Parses `--flag` and `--key VALUE` options; unknown ones are errors.
-pub(crate) struct Opts {
-    pub json: bool,
-    pub list: bool,
-    pub scenario: Option<String>,
-}
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
 
-impl Opts {
-    pub(crate) fn parse(args: &[String], allow_scenario: bool) -> Result<Opts, String> {
-        let mut o = Opts {
-            json: false,
-            list: false,
-            scenario: None,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--json" => o.json = true,
-                "--list" if allow_scenario => o.list = true,
-                "--scenario" if allow_scenario => {
-                    o.scenario = Some(it.next().ok_or("--scenario needs a name")?.clone())
-                }
-                other => return Err(format!("unknown option {other:?}\n{USAGE}")),
-            }
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_is_a_success_for_every_command() {
+        for args in [
+            &["--help"][..],
+            &["help"],
+            &["doctor", "--help"],
+            &["e2e", "--help"],
+            &["bench", "--help"],
+            &["ci", "--help"],
+            &["qmp", "--help"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            // clap prints help on stdout and exits 0 for this kind.
+            assert_eq!(e.exit_code(), 0, "{args:?}");
+            assert!(!e.use_stderr(), "{args:?}: help goes to stdout");
         }
-        Ok(o)
+        let top = Cli::command().render_help().to_string();
+        for cmd in ["doctor", "e2e", "bench", "ci", "qmp"] {
+            assert!(top.contains(cmd), "{cmd} missing from:\n{top}");
+        }
+    }
+
+    #[test]
+    fn scenario_takes_its_name_either_way() {
+        for args in [
+            &["e2e", "--scenario", "precopy-live-ab"][..],
+            &["e2e", "--scenario=precopy-live-ab"],
+        ] {
+            let Command::E2e(a) = parse(args).unwrap().command else {
+                panic!("{args:?} is not e2e");
+            };
+            assert_eq!(a.scenario.as_deref(), Some("precopy-live-ab"));
+        }
+        let e = parse(&["e2e", "--scenario=nonesuch"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
+        assert!(
+            e.to_string().contains("precopy-live-ab"),
+            "the error names the scenarios: {e}"
+        );
+    }
+
+    #[test]
+    fn qmp_takes_socket_command_and_optional_arguments() {
+        let Command::Qmp(a) = parse(&["qmp", "/tmp/x.qmp", "query-status"])
+            .unwrap()
+            .command
+        else {
+            panic!("not qmp");
+        };
+        assert_eq!(a.socket, std::path::PathBuf::from("/tmp/x.qmp"));
+        assert_eq!(a.command, "query-status");
+        assert_eq!(a.args, None);
+        assert!(!a.events);
+        let Command::Qmp(a) = parse(&["qmp", "--events", "s", "migrate", r#"{"uri": "tcp:h:1"}"#])
+            .unwrap()
+            .command
+        else {
+            panic!("not qmp");
+        };
+        assert_eq!(a.args.as_deref(), Some(r#"{"uri": "tcp:h:1"}"#));
+        assert!(a.events);
+        assert_eq!(
+            parse(&["qmp", "s"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse(&["bogus"]).unwrap_err().kind(),
+            ErrorKind::InvalidSubcommand
+        );
     }
 }
