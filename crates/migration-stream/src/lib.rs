@@ -126,7 +126,6 @@ pub mod command;
 pub mod error;
 pub mod header;
 pub mod limits;
-pub mod memory_pipe;
 pub mod record;
 pub mod retpath;
 pub mod transport;
@@ -142,8 +141,8 @@ pub use header::{
 pub use record::{FrameTag, PageHeader, PagePayload, RamFlags, Record, StreamReader, StreamWriter};
 pub use retpath::{ReceivedBitmap, ReturnMessage, ReturnPathReader, ReturnPathWriter, ReturnTag};
 pub use transport::{
-    connect, connect_str, memory_pair, memory_pair_with_capacity, BoxedReader, BoxedWriter,
-    Connection, ConnectionHandle, Listener, ListenerCanceller, TransportError,
+    connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
+    ConnectionHandle, Listener, ListenerCanceller, TransportError,
 };
 pub use uri::{MigrationUri, UriError};
 

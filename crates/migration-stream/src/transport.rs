@@ -1,4 +1,4 @@
-//! Transports: TCP, Unix socket, file and in-memory connections, each split
+//! Transports: TCP, Unix socket, file and in-memory (socket pair) connections, each split
 //! into boxed read and write halves so a caller can run one reader thread
 //! and one writer thread per connection, plus a handle that shuts the
 //! connection down from any other thread (cancel).
@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::header::Role;
-use crate::memory_pipe::{pipe, PipeShutdown, DEFAULT_PIPE_CAPACITY};
 use crate::uri::{MigrationUri, UriError};
 
 /// Why a connection could not be made or accepted.
@@ -103,6 +102,13 @@ pub type BoxedWriter = Box<dyn Write + Send>;
 
 /// An open connection: independent read and write halves and a handle to
 /// shut it down.
+///
+/// Dropping the `writer` of a socket connection shuts its sending
+/// direction down (the peer reads end of file after the bytes already
+/// sent), while the `reader` keeps working: the same half-close as when the
+/// write half of a split socket is dropped in tokio. The whole socket is
+/// closed once all three parts are dropped; [`ConnectionHandle::shutdown`]
+/// ends both directions at once.
 pub struct Connection {
     /// Bytes from the peer.
     pub reader: BoxedReader,
@@ -126,7 +132,6 @@ enum HandleInner {
     Unix(UnixStream),
     /// A second descriptor on the migration file, for `fdatasync`.
     File(File),
-    Memory(Vec<PipeShutdown>),
 }
 
 /// A cloneable, `Send + Sync` handle on a connection.
@@ -146,10 +151,6 @@ impl ConnectionHandle {
             HandleInner::Tcp(s) => s.shutdown(Shutdown::Both),
             HandleInner::Unix(s) => s.shutdown(Shutdown::Both),
             HandleInner::File(_) => Ok(()),
-            HandleInner::Memory(pipes) => {
-                pipes.iter().for_each(PipeShutdown::shutdown);
-                Ok(())
-            }
         };
         match r {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -182,21 +183,97 @@ impl ConnectionHandle {
     }
 }
 
+/// What a connection needs of the socket types it wraps.
+trait Socket: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+}
+
+impl Socket for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+}
+
+impl Socket for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        UnixStream::shutdown(self, how)
+    }
+}
+
+/// The write half of a socket connection. The reader and the handle hold
+/// their own descriptors on the socket, so closing this one alone would
+/// not tell the peer anything: dropping it shuts the sending direction down
+/// instead, and the peer reads end of file once it has read what was sent.
+struct SocketWriter<S: Socket> {
+    socket: S,
+}
+
+impl<S: Socket> Write for SocketWriter<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.socket.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.socket.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.socket.flush()
+    }
+}
+
+impl<S: Socket> Drop for SocketWriter<S> {
+    fn drop(&mut self) {
+        // Best effort: a socket already shut down or reset has nothing left
+        // to tell the peer.
+        let _ = self.socket.shutdown(Shutdown::Write);
+    }
+}
+
+/// Splits a connected socket into a [`Connection`]: the reader and the
+/// handle get clones of its descriptor.
+fn socket_connection<S: Socket>(
+    stream: S,
+    uri: &str,
+    peer: String,
+    inner: fn(S) -> HandleInner,
+) -> Result<Connection, TransportError> {
+    let setup = |source| TransportError::Setup {
+        uri: uri.into(),
+        what: "clone the socket",
+        source,
+    };
+    let reader = stream.try_clone().map_err(setup)?;
+    let handle = stream.try_clone().map_err(setup)?;
+    Ok(Connection {
+        reader: Box::new(reader),
+        writer: Box::new(SocketWriter { socket: stream }),
+        handle: ConnectionHandle {
+            inner: Arc::new(inner(handle)),
+            peer: peer.into(),
+        },
+    })
+}
+
 fn tcp_connection(
     stream: TcpStream,
     uri: &str,
     nodelay: bool,
 ) -> Result<Connection, TransportError> {
-    let setup = |what| {
-        move |source| TransportError::Setup {
-            uri: uri.into(),
-            what,
-            source,
-        }
-    };
     stream
         .set_nodelay(nodelay)
-        .map_err(setup("set TCP_NODELAY"))?;
+        .map_err(|source| TransportError::Setup {
+            uri: uri.into(),
+            what: "set TCP_NODELAY",
+            source,
+        })?;
     let peer = stream
         .peer_addr()
         .map(|a| {
@@ -207,34 +284,17 @@ fn tcp_connection(
             .to_string()
         })
         .unwrap_or_else(|_| uri.to_string());
-    let reader = stream.try_clone().map_err(setup("clone the socket"))?;
-    let handle = stream.try_clone().map_err(setup("clone the socket"))?;
-    Ok(Connection {
-        reader: Box::new(reader),
-        writer: Box::new(stream),
-        handle: ConnectionHandle {
-            inner: Arc::new(HandleInner::Tcp(handle)),
-            peer: peer.into(),
-        },
-    })
+    socket_connection(stream, uri, peer, HandleInner::Tcp)
 }
 
-fn unix_connection(stream: UnixStream, uri: &str) -> Result<Connection, TransportError> {
-    let setup = |source| TransportError::Setup {
-        uri: uri.into(),
-        what: "clone the socket",
-        source,
-    };
-    let reader = stream.try_clone().map_err(setup)?;
-    let handle = stream.try_clone().map_err(setup)?;
-    Ok(Connection {
-        reader: Box::new(reader),
-        writer: Box::new(stream),
-        handle: ConnectionHandle {
-            inner: Arc::new(HandleInner::Unix(handle)),
-            peer: uri.into(),
-        },
-    })
+/// `peer` names the other end: the path for a `unix:` URI (a connecting
+/// socket has no address of its own).
+fn unix_connection(
+    stream: UnixStream,
+    uri: &str,
+    peer: &str,
+) -> Result<Connection, TransportError> {
+    socket_connection(stream, uri, peer.into(), HandleInner::Unix)
 }
 
 fn host_or<'a>(host: &'a str, default: &'static str) -> &'a str {
@@ -266,7 +326,7 @@ pub fn connect(uri: &MigrationUri, role: Role) -> Result<Connection, TransportEr
                 uri: text.clone(),
                 source,
             })?;
-            unix_connection(stream, &text)
+            unix_connection(stream, &text, &text)
         }
         MigrationUri::File { path } => {
             let open_err = |source| TransportError::Open {
@@ -439,7 +499,7 @@ impl Listener {
             ListenerInner::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(accept_err)?;
                 self.check_cancelled()?;
-                unix_connection(s, &text)
+                unix_connection(s, &text, &text)
             }
             ListenerInner::File(f) => {
                 let file = f
@@ -469,34 +529,42 @@ impl Drop for Listener {
     }
 }
 
-/// Two connected in-memory endpoints, like a socket pair: what one writes
-/// the other reads. Each direction buffers up to `capacity` bytes; either
-/// handle's `shutdown` closes both directions for both ends.
-pub fn memory_pair_with_capacity(capacity: usize) -> (Connection, Connection) {
-    let (a_read, b_write) = pipe(capacity);
-    let (b_read, a_write) = pipe(capacity);
-    let shuts = vec![a_read.shutdown_handle(), b_read.shutdown_handle()];
-    let handle = |peer: &str| ConnectionHandle {
-        inner: Arc::new(HandleInner::Memory(shuts.clone())),
-        peer: peer.into(),
-    };
-    (
-        Connection {
-            reader: Box::new(a_read),
-            writer: Box::new(a_write),
-            handle: handle("memory:b"),
-        },
-        Connection {
-            reader: Box::new(b_read),
-            writer: Box::new(b_write),
-            handle: handle("memory:a"),
-        },
-    )
+/// Two connected in-process endpoints: what one writes the other reads.
+///
+/// They are the two ends of a Unix socket pair (`socketpair(2)`) behind the
+/// same [`Connection`] and [`ConnectionHandle`] as a `unix:` connection, so
+/// they behave exactly like a real socket: the kernel's socket buffers
+/// bound what is in flight, and either handle's
+/// [`ConnectionHandle::shutdown`] ends both directions for both ends. Their
+/// peers are named `memory:a` and `memory:b`.
+pub fn try_memory_pair() -> Result<(Connection, Connection), TransportError> {
+    let (a, b) = UnixStream::pair().map_err(|source| TransportError::Setup {
+        uri: "memory:".into(),
+        what: "create a socket pair",
+        source,
+    })?;
+    Ok((
+        unix_connection(a, "memory:", "memory:b")?,
+        unix_connection(b, "memory:", "memory:a")?,
+    ))
 }
 
-/// [`memory_pair_with_capacity`] with [`DEFAULT_PIPE_CAPACITY`].
+/// [`try_memory_pair`] for tests and in-process use, where running out of
+/// file descriptors is a bug of the caller's environment.
+///
+/// # Panics
+///
+/// If the process cannot open the four descriptors (the pair and one clone
+/// of each end: `EMFILE`/`ENFILE`). Code that must not panic calls
+/// [`try_memory_pair`].
 pub fn memory_pair() -> (Connection, Connection) {
-    memory_pair_with_capacity(DEFAULT_PIPE_CAPACITY)
+    match try_memory_pair() {
+        Ok(pair) => pair,
+        // The signature without `Result` is kept for its many test callers;
+        // the panic is documented above and `try_memory_pair` is the
+        // fallible form.
+        Err(e) => panic!("cannot create an in-memory connection pair: {e}"),
+    }
 }
 
 /// Resolves a TCP URI's host and port, for callers that need the address.
@@ -664,14 +732,53 @@ mod tests {
 
     #[test]
     fn shutdown_cancels_memory() {
-        let (a, b) = memory_pair_with_capacity(64);
+        let (a, b) = memory_pair();
+        assert_eq!(a.handle.peer(), "memory:b");
+        assert_eq!(b.handle.peer(), "memory:a");
         let mut b_reader = b.reader;
         a.handle.shutdown().unwrap();
-        // The peer sees end of file too.
+        // The peer sees end of file too, and its writes fail.
         let mut buf = [0u8; 1];
         assert_eq!(b_reader.read(&mut buf).unwrap(), 0);
-        let (a, b) = memory_pair_with_capacity(64);
+        let mut b_writer = b.writer;
+        assert!(b_writer.write_all(&[0; 8]).is_err());
+        let (a, b) = memory_pair();
         blocked_reader_woken_by_shutdown(a, b);
+    }
+
+    /// Dropping the writer tells the peer "no more bytes" while the
+    /// connection's reader goes on working, on every socket transport.
+    fn dropping_the_writer_half_closes(a: Connection, b: Connection) {
+        let Connection {
+            reader: mut a_r,
+            writer: mut a_w,
+            handle: _a_handle,
+        } = a;
+        let Connection {
+            reader: mut b_r,
+            writer: mut b_w,
+            ..
+        } = b;
+        a_w.write_all(b"last words").unwrap();
+        drop(a_w);
+        let mut got = Vec::new();
+        b_r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
+        b_w.write_all(b"reply").unwrap();
+        b_w.flush().unwrap();
+        let mut reply = [0u8; 5];
+        a_r.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"reply");
+    }
+
+    #[test]
+    fn dropping_the_writer_half_closes_memory_and_tcp() {
+        let (a, b) = memory_pair();
+        dropping_the_writer_half_closes(a, b);
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let a = connect(l.local_uri(), Role::Main).unwrap();
+        let b = l.accept().unwrap();
+        dropping_the_writer_half_closes(a, b);
     }
 
     #[test]
