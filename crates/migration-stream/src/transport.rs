@@ -24,9 +24,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::header::Role;
 use crate::uri::{MigrationUri, UriError};
+
+mod link;
+
+use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 
 /// Why a connection could not be made or accepted.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +144,8 @@ enum HandleInner {
 pub struct ConnectionHandle {
     inner: Arc<HandleInner>,
     peer: Arc<str>,
+    /// Shared with the connection's reader and writer.
+    timeout: LinkTimeout,
 }
 
 impl ConnectionHandle {
@@ -177,63 +184,57 @@ impl ConnectionHandle {
         }
     }
 
-    /// A description of the peer, for logs (`tcp:1.2.3.4:5`, `unix:...`).
+    /// Sets how long one read or write of this connection may wait for the
+    /// peer before it fails; `None` (the default) waits for ever.
+    ///
+    /// These are the socket's receive and send timeouts (`SO_RCVTIMEO`,
+    /// `SO_SNDTIMEO`). They belong to the socket, so they apply to the
+    /// connection's reader, its writer and every clone of this handle, from
+    /// the next read or write on. A read that waits longer fails with an
+    /// [`io::Error`] of kind [`io::ErrorKind::TimedOut`] saying "the peer
+    /// sent nothing for 10.0 s", a write (once the socket buffers are full)
+    /// "the peer read nothing for 10.0 s"; [`crate::Error::kind`] calls both
+    /// [`crate::ErrorKind::Link`]. The timeout bounds each wait, not a
+    /// whole transfer: a peer that sends a little more often than the
+    /// timeout never trips it. A read that timed out may have consumed part
+    /// of a frame, so treat the stream as broken.
+    ///
+    /// A zero duration is refused with [`io::ErrorKind::InvalidInput`], as
+    /// by the standard library. No-op for files (a file never stalls on a
+    /// peer).
+    pub fn set_link_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match &*self.inner {
+            HandleInner::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)?;
+            }
+            HandleInner::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)?;
+            }
+            HandleInner::File(_) => return Ok(()),
+        }
+        self.timeout.set(timeout);
+        Ok(())
+    }
+
+    /// The link timeout set by [`ConnectionHandle::set_link_timeout`], to
+    /// the millisecond; always `None` for files.
+    pub fn link_timeout(&self) -> Option<Duration> {
+        self.timeout.get()
+    }
+
+    /// Whether the peer can answer on this connection: true for sockets,
+    /// false for a `file:` connection (the source's reader is at end of
+    /// file at once, the destination's writer discards what it is given).
+    pub fn has_return_path(&self) -> bool {
+        !matches!(*self.inner, HandleInner::File(_))
+    }
+
+    /// A description of the peer, for logs (`tcp:1.2.3.4:5`, `unix:PATH`,
+    /// `file:PATH`, `memory:a`).
     pub fn peer(&self) -> &str {
         &self.peer
-    }
-}
-
-/// What a connection needs of the socket types it wraps.
-trait Socket: Read + Write + Send + Sized + 'static {
-    fn try_clone(&self) -> io::Result<Self>;
-    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
-}
-
-impl Socket for TcpStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        TcpStream::try_clone(self)
-    }
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        TcpStream::shutdown(self, how)
-    }
-}
-
-impl Socket for UnixStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        UnixStream::try_clone(self)
-    }
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        UnixStream::shutdown(self, how)
-    }
-}
-
-/// The write half of a socket connection. The reader and the handle hold
-/// their own descriptors on the socket, so closing this one alone would
-/// not tell the peer anything: dropping it shuts the sending direction down
-/// instead, and the peer reads end of file once it has read what was sent.
-struct SocketWriter<S: Socket> {
-    socket: S,
-}
-
-impl<S: Socket> Write for SocketWriter<S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.socket.write(buf)
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.socket.write_vectored(bufs)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.socket.flush()
-    }
-}
-
-impl<S: Socket> Drop for SocketWriter<S> {
-    fn drop(&mut self) {
-        // Best effort: a socket already shut down or reset has nothing left
-        // to tell the peer.
-        let _ = self.socket.shutdown(Shutdown::Write);
     }
 }
 
@@ -252,12 +253,20 @@ fn socket_connection<S: Socket>(
     };
     let reader = stream.try_clone().map_err(setup)?;
     let handle = stream.try_clone().map_err(setup)?;
+    let timeout = LinkTimeout::default();
     Ok(Connection {
-        reader: Box::new(reader),
-        writer: Box::new(SocketWriter { socket: stream }),
+        reader: Box::new(SocketReader {
+            socket: reader,
+            timeout: timeout.clone(),
+        }),
+        writer: Box::new(SocketWriter {
+            socket: stream,
+            timeout: timeout.clone(),
+        }),
         handle: ConnectionHandle {
             inner: Arc::new(inner(handle)),
             peer: peer.into(),
+            timeout,
         },
     })
 }
@@ -341,6 +350,7 @@ pub fn connect(uri: &MigrationUri, role: Role) -> Result<Connection, TransportEr
                 handle: ConnectionHandle {
                     inner: Arc::new(HandleInner::File(sync)),
                     peer: text.into(),
+                    timeout: LinkTimeout::default(),
                 },
             })
         }
@@ -514,6 +524,7 @@ impl Listener {
                     handle: ConnectionHandle {
                         inner: Arc::new(HandleInner::File(sync)),
                         peer: text.into(),
+                        timeout: LinkTimeout::default(),
                     },
                 })
             }
