@@ -142,7 +142,7 @@ pub use record::{FrameTag, PageHeader, PagePayload, RamFlags, Record, StreamRead
 pub use retpath::{ReceivedBitmap, ReturnMessage, ReturnPathReader, ReturnPathWriter, ReturnTag};
 pub use transport::{
     connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
-    ConnectionHandle, Listener, ListenerCanceller, TransportError,
+    ConnectionHandle, Listener, ListenerCanceller, TransportError, MAX_PENDING_HELLOS,
 };
 pub use uri::{MigrationUri, UriError};
 

@@ -29,12 +29,15 @@ use std::time::Duration;
 use crate::header::Role;
 use crate::uri::{MigrationUri, UriError};
 
+mod hello;
 mod link;
 
+pub use hello::MAX_PENDING_HELLOS;
 use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 
 /// Why a connection could not be made or accepted.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The URI did not parse.
     #[error(transparent)]
@@ -97,6 +100,18 @@ pub enum TransportError {
     Exhausted {
         /// The URI.
         uri: String,
+    },
+    /// The file of a `file:` listener does not start with a valid preamble
+    /// of the expected role ([`Listener::accept_hello`]).
+    #[error("migration file {uri} does not start with a valid {expected:?} preamble")]
+    FileHello {
+        /// The URI.
+        uri: String,
+        /// The role the caller asked for.
+        expected: Role,
+        /// What is wrong with the preamble.
+        #[source]
+        source: crate::Error,
     },
 }
 
@@ -385,9 +400,11 @@ pub struct ListenerCanceller {
 }
 
 impl ListenerCanceller {
-    /// Makes the pending and every later `accept` return
-    /// [`TransportError::Cancelled`]. A blocked `accept` is woken by a
-    /// throw-away connection to the listener.
+    /// Makes the pending and every later [`Listener::accept`] and
+    /// [`Listener::accept_hello`] return [`TransportError::Cancelled`]. A
+    /// blocked `accept` is woken by a throw-away connection to the
+    /// listener; `accept_hello` notices within its poll interval and closes
+    /// the connections whose hello it was still waiting for.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         match &self.uri {
