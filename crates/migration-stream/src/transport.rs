@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::error::ErrorKind;
 use crate::header::Role;
 use crate::uri::{MigrationUri, UriError};
 
@@ -36,6 +37,8 @@ pub use hello::MAX_PENDING_HELLOS;
 use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 
 /// Why a connection could not be made or accepted.
+///
+/// [`TransportError::kind`] says whose fault it is.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
@@ -113,6 +116,41 @@ pub enum TransportError {
         #[source]
         source: crate::Error,
     },
+}
+
+impl TransportError {
+    /// Whose fault this is, in the terms of [`crate::Error::kind`]:
+    ///
+    /// - [`TransportError::Connect`] is [`ErrorKind::Link`]: the peer is
+    ///   not there (refused, unreachable, timed out), and trying again later
+    ///   may work.
+    /// - [`TransportError::Accept`], [`TransportError::Bind`],
+    ///   [`TransportError::Open`] and [`TransportError::Setup`] are
+    ///   [`ErrorKind::Local`]: they fail on this host (a descriptor limit,
+    ///   an address in use, a missing file) before any peer is involved.
+    /// - [`TransportError::Cancelled`] and [`TransportError::Exhausted`] are
+    ///   [`ErrorKind::Local`]: this side's own decision or misuse.
+    /// - [`TransportError::Uri`] is [`ErrorKind::Local`]: the caller's input.
+    /// - [`TransportError::FileHello`] is [`ErrorKind::Protocol`] when the
+    ///   bytes are wrong and also when the file ends before its preamble (a
+    ///   file is not a link that can break), [`ErrorKind::Local`] when it
+    ///   cannot be read.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TransportError::Connect { .. } => ErrorKind::Link,
+            TransportError::FileHello { source, .. } => match source.kind() {
+                ErrorKind::Link => ErrorKind::Protocol,
+                kind => kind,
+            },
+            TransportError::Uri(_)
+            | TransportError::Bind { .. }
+            | TransportError::Accept { .. }
+            | TransportError::Open { .. }
+            | TransportError::Setup { .. }
+            | TransportError::Cancelled { .. }
+            | TransportError::Exhausted { .. } => ErrorKind::Local,
+        }
+    }
 }
 
 /// The read half of a connection.
@@ -820,6 +858,30 @@ mod tests {
         assert!(matches!(l.accept(), Err(TransportError::Cancelled { .. })));
         t.join().unwrap();
         assert!(matches!(l.accept(), Err(TransportError::Cancelled { .. })));
+    }
+
+    #[test]
+    fn transport_errors_say_whose_fault_they_are() {
+        // Nobody listens on the port of a listener that was dropped.
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let uri = l.local_uri().clone();
+        drop(l);
+        let e = connect(&uri, Role::Main).unwrap_err();
+        assert!(matches!(e, TransportError::Connect { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Link);
+
+        let e = connect_str("tcp:127.0.0.1", Role::Main).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Local);
+        let e = Listener::bind_str("file:/nonexistent-dir/x").unwrap_err();
+        assert!(matches!(e, TransportError::Open { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Local);
+        let taken = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let e = Listener::bind(taken.local_uri()).unwrap_err();
+        assert!(matches!(e, TransportError::Bind { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Local);
+        taken.canceller().cancel();
+        let e = taken.accept().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Local);
     }
 
     #[test]

@@ -298,6 +298,7 @@ fn cancel_ends_the_wait_while_a_hello_is_pending() {
             matches!(result, Err(TransportError::Cancelled { .. })),
             "{result:?}"
         );
+        assert_eq!(result.unwrap_err().kind(), ErrorKind::Local);
         assert!(rejects.is_empty(), "closing on cancel is no rejection");
         assert_closed_by_listener(silent);
         // And it stays cancelled.
@@ -352,6 +353,7 @@ fn a_file_listener_reads_its_preamble_once() {
         panic!("{e:?}")
     };
     assert!(matches!(source, Error::BadMagic { .. }), "{source:?}");
+    assert_eq!(e.kind(), ErrorKind::Protocol);
     std::fs::remove_file(path).unwrap();
 
     // A file that ends before its preamble is a bad file, not a broken link.
@@ -367,6 +369,7 @@ fn a_file_listener_reads_its_preamble_once() {
         ),
         "{e:?}"
     );
+    assert_eq!(e.kind(), ErrorKind::Protocol);
     std::fs::remove_file(path).unwrap();
 
     let (l, path) = file_with("role", &Hello::new(Role::ReturnPath, id).to_preamble());
