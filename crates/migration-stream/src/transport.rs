@@ -1,9 +1,80 @@
-//! Transports: TCP, Unix socket, file and in-memory (socket pair) connections, each split
-//! into boxed read and write halves so a caller can run one reader thread
-//! and one writer thread per connection, plus a handle that shuts the
-//! connection down from any other thread (cancel).
+//! Transports: TCP, Unix socket, file and in-memory (socket pair)
+//! connections, each split into boxed read and write halves so a caller can
+//! run one reader thread and one writer thread per connection, plus a
+//! [`ConnectionHandle`] that shuts the connection down from any other thread
+//! (cancel) and sets its link timeout.
 //!
-//! Tuning: TCP sockets the source opens for the main channel keep Nagle's
+//! | transport                | opened by                          | return path | link timeout |
+//! |--------------------------|------------------------------------|-------------|--------------|
+//! | `tcp:HOST:PORT`          | [`connect`], [`Listener`]          | yes         | yes          |
+//! | `unix:PATH`              | [`connect`], [`Listener`]          | yes         | yes          |
+//! | in-memory (`memory:a/b`) | [`memory_pair`], [`try_memory_pair`] | yes       | yes          |
+//! | `file:PATH`              | [`connect`] (writes), [`Listener`] (reads) | no  | no (no-op)   |
+//!
+//! The in-memory pair is a Unix socket pair behind the same code as `unix:`,
+//! so tests over it see real socket behaviour. Dropping a socket
+//! connection's writer shuts its sending direction down (the peer reads end
+//! of file); the reader keeps working.
+//!
+//! # Link timeouts
+//!
+//! [`ConnectionHandle::set_link_timeout`] bounds how long one read or write
+//! waits for the peer (the socket's `SO_RCVTIMEO`/`SO_SNDTIMEO`, shared by
+//! both halves). An expired wait fails with [`std::io::ErrorKind::TimedOut`]
+//! and a message that says what happened ("the peer sent nothing for
+//! 10.0 s", "the peer read nothing for 10.0 s"), which
+//! [`crate::Error::kind`] classifies as [`crate::ErrorKind::Link`]. No
+//! timeout is set by default.
+//!
+//! # Accepting the right connection
+//!
+//! [`Listener::accept`] returns whatever connected first. A destination
+//! should use [`Listener::accept_hello`] instead: it reads the preamble of
+//! every connection concurrently under a hello timeout, reports and closes
+//! those that say nothing, garbage or another role, and returns the first
+//! valid one, so a stranger cannot hold the real source out. Both end with
+//! [`TransportError::Cancelled`] when a [`ListenerCanceller`] cancels them.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use migration_stream::{
+//!     connect, Hello, Listener, MigrationId, Role, StreamReader, StreamWriter, Record,
+//! };
+//!
+//! # type BoxError = Box<dyn std::error::Error + Send + Sync>;
+//! # fn main() -> Result<(), BoxError> {
+//! let listener = Listener::bind_str("tcp:127.0.0.1:0")?;
+//! let uri = listener.local_uri().clone();
+//! let id = MigrationId::generate();
+//!
+//! // Source: connect, say hello, send the stream.
+//! let source = std::thread::spawn(move || -> Result<(), BoxError> {
+//!     let conn = connect(&uri, Role::Main)?;
+//!     let mut w = StreamWriter::new(conn.writer);
+//!     w.write_preamble(&Hello::new(Role::Main, id))?;
+//!     w.write_complete()?;
+//!     Ok(w.flush()?)
+//! });
+//!
+//! // Destination: the first connection with a valid Main hello.
+//! let (conn, hello) = listener.accept_hello(
+//!     Role::Main,
+//!     Duration::from_secs(10),
+//!     &mut |peer, e| eprintln!("rejected {peer}: {e}"),
+//! )?;
+//! hello.expect(Role::Main, id)?;
+//! conn.handle.set_link_timeout(Some(Duration::from_secs(30)))?;
+//! let mut r = StreamReader::new(conn.reader);
+//! assert_eq!(r.read_record(&())?, Record::Complete);
+//! source.join().map_err(|_| "the source thread panicked")??;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Tuning
+//!
+//! TCP sockets the source opens for the main channel keep Nagle's
 //! algorithm (throughput; [`crate::StreamWriter`] batches into a 1 MiB
 //! buffer and flushes explicitly), while preempt and return-path sockets set
 //! `TCP_NODELAY` (latency: a faulting vCPU waits on them). Every socket the
@@ -12,8 +83,10 @@
 //! the kernel's buffer autotuning plus the large user-space buffers of
 //! [`crate::StreamWriter`] and [`crate::StreamReader`] stand in for them.
 //!
-//! A `file:` migration has no return path: the source's connection reads
-//! end of file at once, and the destination's discards what it writes.
+//! A `file:` migration has no return path
+//! ([`ConnectionHandle::has_return_path`] is false): the source's
+//! connection reads end of file at once, and the destination's discards
+//! what it writes.
 
 use std::fmt;
 use std::fs::File;
