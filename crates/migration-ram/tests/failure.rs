@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::*;
 use migration_ram::{PrecopyParams, PrecopySaver, RamStats, VmmDirtyLog};
-use migration_stream::{memory_pair_with_capacity, StreamWriter};
+use migration_stream::{memory_pair, StreamWriter};
 
 #[test]
 fn a_broken_channel_fails_the_pass_and_redirties_the_chunk() {
@@ -19,7 +19,7 @@ fn a_broken_channel_fails_the_pass_and_redirties_the_chunk() {
     // 0.63, 1.63, 2.63 and 3.63 MiB of stream.
     let src = memory(640 << 10, 3 << 20);
     fill(&src, 1 << 40, 21);
-    let (a, b) = memory_pair_with_capacity(64 << 10);
+    let (a, b) = memory_pair();
     // The peer reads 2 MiB, then the connection dies.
     let cut = 2u64 << 20;
     let peer = {

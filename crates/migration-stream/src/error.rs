@@ -37,6 +37,7 @@ impl std::fmt::Display for TagKind {
 /// stream, an I/O failure of the underlying channel, or a caller asking to
 /// encode something the format cannot carry.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The underlying reader or writer failed.
     #[error("I/O error while {context}")]
@@ -243,6 +244,16 @@ pub enum Error {
         /// The role in the hello.
         found: Role,
     },
+    /// A listener closed a connection without reading its hello because
+    /// `max` others were already waiting to send theirs
+    /// ([`crate::Listener::accept_hello`]).
+    #[error(
+        "{max} connections are already waiting to send their hello; this one was closed unread"
+    )]
+    TooManyPendingHellos {
+        /// [`crate::transport::MAX_PENDING_HELLOS`].
+        max: usize,
+    },
     /// A hello naming another migration than this one.
     #[error("channel hello names migration {found}, expected {expected}")]
     MigrationMismatch {
@@ -316,14 +327,18 @@ impl Error {
     /// Whose fault this is: an ended or broken channel is
     /// [`ErrorKind::Link`], another I/O failure [`ErrorKind::Local`], and
     /// every malformed byte [`ErrorKind::Protocol`]. A caller's own misuse
-    /// (a wrong buffer size, a payload left unread) is [`ErrorKind::Local`].
+    /// (a wrong buffer size, a payload left unread) is [`ErrorKind::Local`],
+    /// and so is a listener turning a connection away at its limit of
+    /// pending hellos. A link timeout ([`crate::ConnectionHandle::set_link_timeout`])
+    /// is an I/O error of kind `TimedOut`, so [`ErrorKind::Link`].
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Closed | Error::Truncated { .. } => ErrorKind::Link,
             Error::Io { source, .. } => ErrorKind::of_io(source),
-            Error::PayloadPending { .. } | Error::NoPayloadPending | Error::BufferSize { .. } => {
-                ErrorKind::Local
-            }
+            Error::PayloadPending { .. }
+            | Error::NoPayloadPending
+            | Error::BufferSize { .. }
+            | Error::TooManyPendingHellos { .. } => ErrorKind::Local,
             _ => ErrorKind::Protocol,
         }
     }

@@ -8,7 +8,7 @@
 //! | 4      | 4    | version      | `1`, big-endian                         |
 //! | 8      | 1    | role         | [`Role`]                                |
 //! | 9      | 4    | epoch        | connection generation, big-endian       |
-//! | 13     | 16   | migration id | [`MigrationId`], opaque bytes           |
+//! | 13     | 16   | migration id | [`MigrationId`], a UUID's 16 bytes      |
 //!
 //! The migration id ties the channels of one migration together (a preempt
 //! channel or a recovered connection must name the id of the main channel).
@@ -16,9 +16,7 @@
 //! postcopy recovery, so a late connection from a dead generation is told
 //! apart from the live one.
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 
 use crate::error::{Error, Result, TagKind};
@@ -66,36 +64,42 @@ impl Role {
 }
 
 /// A 16-byte identifier shared by every channel of one migration.
+///
+/// On the wire it is 16 opaque bytes. [`MigrationId::generate`] makes a
+/// random (version 4) UUID, and an id is displayed in the usual hyphenated
+/// UUID form (`67e55044-10b1-426f-9247-bb680e5fe0c8`) whatever its bytes, so
+/// logs and QMP replies of both sides name a migration the same way.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MigrationId(pub [u8; 16]);
 
 impl MigrationId {
-    /// A fresh id, unpredictable enough to tell migrations apart: hashes of
-    /// the time and process id under std's randomly seeded hasher. Not a
-    /// secret; the format has no authentication.
+    /// A fresh random id: a version 4 UUID (122 random bits from the
+    /// operating system's generator), so two migrations never share an id by
+    /// chance. It is not a secret: the format has no authentication.
+    ///
+    /// # Panics
+    ///
+    /// Only if the operating system's random source fails (`getrandom(2)`
+    /// on Linux), as [`uuid::Uuid::new_v4`] does.
     pub fn generate() -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mut out = [0u8; 16];
-        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
-            let mut h = RandomState::new().build_hasher();
-            h.write_u128(now);
-            h.write_u32(std::process::id());
-            h.write_usize(i);
-            chunk.copy_from_slice(&h.finish().to_be_bytes());
-        }
-        MigrationId(out)
+        MigrationId(uuid::Uuid::new_v4().into_bytes())
+    }
+
+    /// The id as a [`uuid::Uuid`] (same 16 bytes, in order).
+    pub fn as_uuid(&self) -> uuid::Uuid {
+        uuid::Uuid::from_bytes(self.0)
+    }
+}
+
+impl From<uuid::Uuid> for MigrationId {
+    fn from(u: uuid::Uuid) -> Self {
+        MigrationId(u.into_bytes())
     }
 }
 
 impl fmt::Display for MigrationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        fmt::Display::fmt(&self.as_uuid().hyphenated(), f)
     }
 }
 
@@ -295,8 +299,40 @@ mod tests {
     }
 
     #[test]
-    fn generated_ids_differ() {
-        assert_ne!(MigrationId::generate(), MigrationId::generate());
-        assert_eq!(MigrationId([0x01; 16]).to_string(), "01".repeat(16));
+    fn generated_ids_are_random_uuids() {
+        let a = MigrationId::generate();
+        assert_ne!(a, MigrationId::generate());
+        let u = a.as_uuid();
+        assert_eq!(u.get_version(), Some(uuid::Version::Random));
+        assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+        // The wire carries the UUID's bytes in order.
+        assert_eq!(&Hello::new(Role::Main, a).to_preamble()[13..], u.as_bytes());
+        assert_eq!(MigrationId::from(u), a);
+    }
+
+    #[test]
+    fn ids_display_as_hyphenated_uuids() {
+        let id = MigrationId([
+            0x67, 0xe5, 0x50, 0x44, 0x10, 0xb1, 0x42, 0x6f, 0x92, 0x47, 0xbb, 0x68, 0x0e, 0x5f,
+            0xe0, 0xc8,
+        ]);
+        assert_eq!(id.to_string(), "67e55044-10b1-426f-9247-bb680e5fe0c8");
+        assert_eq!(
+            format!("{id:?}"),
+            "MigrationId(67e55044-10b1-426f-9247-bb680e5fe0c8)"
+        );
+        // Any 16 bytes from the wire display the same way, version or not.
+        assert_eq!(
+            MigrationId([0x01; 16]).to_string(),
+            "01010101-0101-0101-0101-010101010101"
+        );
+        let text = MigrationId::generate().to_string();
+        assert_eq!(text.len(), 36);
+        assert_eq!(
+            text.parse::<uuid::Uuid>()
+                .map(MigrationId::from)
+                .map(|m| m.to_string()),
+            Ok(text.clone())
+        );
     }
 }

@@ -2,10 +2,25 @@
 //!
 //! This crate is the byte layer under `migration-ram`: it encodes and
 //! decodes everything the source and destination of a migration say to each
-//! other, and opens the connections they say it over. It has no unsafe code,
-//! no threads of its own and no KVM; it treats every byte it reads as
-//! hostile. The complete format, with byte tables, is in
-//! `docs/wire-format.md`.
+//! other, and opens the connections they say it over. It has no unsafe code
+//! and no KVM; the only threads it starts are the scoped ones
+//! [`Listener::accept_hello`] reads hellos on, all joined before it returns.
+//! It treats every byte it reads as hostile. The complete format, with byte
+//! tables, is in `docs/wire-format.md`.
+//!
+//! # Modules
+//!
+//! | module        | holds                                                                 |
+//! |---------------|-----------------------------------------------------------------------|
+//! | [`header`]    | the preamble: magic, version, [`Hello`], [`MigrationId`] (a v4 UUID)  |
+//! | [`record`]    | main and preempt channel frames: [`StreamWriter`], [`StreamReader`]   |
+//! | [`command`]   | the [`Command`]s a `Command` frame carries                            |
+//! | [`retpath`]   | return-path messages: [`ReturnPathWriter`], [`ReturnPathReader`]      |
+//! | [`block`]     | RAM block tables and the [`BlockResolver`] pages are checked against  |
+//! | [`limits`]    | the caps every length is checked against                              |
+//! | [`error`]     | [`Error`] and [`ErrorKind`] (link, protocol, local)                   |
+//! | [`transport`] | [`connect`], [`Listener`] ([`Listener::accept_hello`]), [`memory_pair`], [`ConnectionHandle`] (shutdown, link timeout) |
+//! | [`uri`]       | [`MigrationUri`]: `tcp:`, `unix:`, `file:`                            |
 //!
 //! # Channels
 //!
@@ -126,7 +141,6 @@ pub mod command;
 pub mod error;
 pub mod header;
 pub mod limits;
-pub mod memory_pipe;
 pub mod record;
 pub mod retpath;
 pub mod transport;
@@ -142,8 +156,8 @@ pub use header::{
 pub use record::{FrameTag, PageHeader, PagePayload, RamFlags, Record, StreamReader, StreamWriter};
 pub use retpath::{ReceivedBitmap, ReturnMessage, ReturnPathReader, ReturnPathWriter, ReturnTag};
 pub use transport::{
-    connect, connect_str, memory_pair, memory_pair_with_capacity, BoxedReader, BoxedWriter,
-    Connection, ConnectionHandle, Listener, ListenerCanceller, TransportError,
+    connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
+    ConnectionHandle, Listener, ListenerCanceller, TransportError, MAX_PENDING_HELLOS,
 };
 pub use uri::{MigrationUri, UriError};
 

@@ -1,9 +1,80 @@
-//! Transports: TCP, Unix socket, file and in-memory connections, each split
-//! into boxed read and write halves so a caller can run one reader thread
-//! and one writer thread per connection, plus a handle that shuts the
-//! connection down from any other thread (cancel).
+//! Transports: TCP, Unix socket, file and in-memory (socket pair)
+//! connections, each split into boxed read and write halves so a caller can
+//! run one reader thread and one writer thread per connection, plus a
+//! [`ConnectionHandle`] that shuts the connection down from any other thread
+//! (cancel) and sets its link timeout.
 //!
-//! Tuning: TCP sockets the source opens for the main channel keep Nagle's
+//! | transport                | opened by                          | return path | link timeout |
+//! |--------------------------|------------------------------------|-------------|--------------|
+//! | `tcp:HOST:PORT`          | [`connect`], [`Listener`]          | yes         | yes          |
+//! | `unix:PATH`              | [`connect`], [`Listener`]          | yes         | yes          |
+//! | in-memory (`memory:a/b`) | [`memory_pair`], [`try_memory_pair`] | yes       | yes          |
+//! | `file:PATH`              | [`connect`] (writes), [`Listener`] (reads) | no  | no (no-op)   |
+//!
+//! The in-memory pair is a Unix socket pair behind the same code as `unix:`,
+//! so tests over it see real socket behaviour. Dropping a socket
+//! connection's writer shuts its sending direction down (the peer reads end
+//! of file); the reader keeps working.
+//!
+//! # Link timeouts
+//!
+//! [`ConnectionHandle::set_link_timeout`] bounds how long one read or write
+//! waits for the peer (the socket's `SO_RCVTIMEO`/`SO_SNDTIMEO`, shared by
+//! both halves). An expired wait fails with [`std::io::ErrorKind::TimedOut`]
+//! and a message that says what happened ("the peer sent nothing for
+//! 10.0 s", "the peer read nothing for 10.0 s"), which
+//! [`crate::Error::kind`] classifies as [`crate::ErrorKind::Link`]. No
+//! timeout is set by default.
+//!
+//! # Accepting the right connection
+//!
+//! [`Listener::accept`] returns whatever connected first. A destination
+//! should use [`Listener::accept_hello`] instead: it reads the preamble of
+//! every connection concurrently under a hello timeout, reports and closes
+//! those that say nothing, garbage or another role, and returns the first
+//! valid one, so a stranger cannot hold the real source out. Both end with
+//! [`TransportError::Cancelled`] when a [`ListenerCanceller`] cancels them.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use migration_stream::{
+//!     connect, Hello, Listener, MigrationId, Role, StreamReader, StreamWriter, Record,
+//! };
+//!
+//! # type BoxError = Box<dyn std::error::Error + Send + Sync>;
+//! # fn main() -> Result<(), BoxError> {
+//! let listener = Listener::bind_str("tcp:127.0.0.1:0")?;
+//! let uri = listener.local_uri().clone();
+//! let id = MigrationId::generate();
+//!
+//! // Source: connect, say hello, send the stream.
+//! let source = std::thread::spawn(move || -> Result<(), BoxError> {
+//!     let conn = connect(&uri, Role::Main)?;
+//!     let mut w = StreamWriter::new(conn.writer);
+//!     w.write_preamble(&Hello::new(Role::Main, id))?;
+//!     w.write_complete()?;
+//!     Ok(w.flush()?)
+//! });
+//!
+//! // Destination: the first connection with a valid Main hello.
+//! let (conn, hello) = listener.accept_hello(
+//!     Role::Main,
+//!     Duration::from_secs(10),
+//!     &mut |peer, e| eprintln!("rejected {peer}: {e}"),
+//! )?;
+//! hello.expect(Role::Main, id)?;
+//! conn.handle.set_link_timeout(Some(Duration::from_secs(30)))?;
+//! let mut r = StreamReader::new(conn.reader);
+//! assert_eq!(r.read_record(&())?, Record::Complete);
+//! source.join().map_err(|_| "the source thread panicked")??;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Tuning
+//!
+//! TCP sockets the source opens for the main channel keep Nagle's
 //! algorithm (throughput; [`crate::StreamWriter`] batches into a 1 MiB
 //! buffer and flushes explicitly), while preempt and return-path sockets set
 //! `TCP_NODELAY` (latency: a faulting vCPU waits on them). Every socket the
@@ -12,8 +83,10 @@
 //! the kernel's buffer autotuning plus the large user-space buffers of
 //! [`crate::StreamWriter`] and [`crate::StreamReader`] stand in for them.
 //!
-//! A `file:` migration has no return path: the source's connection reads
-//! end of file at once, and the destination's discards what it writes.
+//! A `file:` migration has no return path
+//! ([`ConnectionHandle::has_return_path`] is false): the source's
+//! connection reads end of file at once, and the destination's discards
+//! what it writes.
 
 use std::fmt;
 use std::fs::File;
@@ -24,13 +97,23 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use crate::error::ErrorKind;
 use crate::header::Role;
-use crate::memory_pipe::{pipe, PipeShutdown, DEFAULT_PIPE_CAPACITY};
 use crate::uri::{MigrationUri, UriError};
 
+mod hello;
+mod link;
+
+pub use hello::MAX_PENDING_HELLOS;
+use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
+
 /// Why a connection could not be made or accepted.
+///
+/// [`TransportError::kind`] says whose fault it is.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The URI did not parse.
     #[error(transparent)]
@@ -94,6 +177,53 @@ pub enum TransportError {
         /// The URI.
         uri: String,
     },
+    /// The file of a `file:` listener does not start with a valid preamble
+    /// of the expected role ([`Listener::accept_hello`]).
+    #[error("migration file {uri} does not start with a valid {expected:?} preamble")]
+    FileHello {
+        /// The URI.
+        uri: String,
+        /// The role the caller asked for.
+        expected: Role,
+        /// What is wrong with the preamble.
+        #[source]
+        source: crate::Error,
+    },
+}
+
+impl TransportError {
+    /// Whose fault this is, in the terms of [`crate::Error::kind`]:
+    ///
+    /// - [`TransportError::Connect`] is [`ErrorKind::Link`]: the peer is
+    ///   not there (refused, unreachable, timed out), and trying again later
+    ///   may work.
+    /// - [`TransportError::Accept`], [`TransportError::Bind`],
+    ///   [`TransportError::Open`] and [`TransportError::Setup`] are
+    ///   [`ErrorKind::Local`]: they fail on this host (a descriptor limit,
+    ///   an address in use, a missing file) before any peer is involved.
+    /// - [`TransportError::Cancelled`] and [`TransportError::Exhausted`] are
+    ///   [`ErrorKind::Local`]: this side's own decision or misuse.
+    /// - [`TransportError::Uri`] is [`ErrorKind::Local`]: the caller's input.
+    /// - [`TransportError::FileHello`] is [`ErrorKind::Protocol`] when the
+    ///   bytes are wrong and also when the file ends before its preamble (a
+    ///   file is not a link that can break), [`ErrorKind::Local`] when it
+    ///   cannot be read.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TransportError::Connect { .. } => ErrorKind::Link,
+            TransportError::FileHello { source, .. } => match source.kind() {
+                ErrorKind::Link => ErrorKind::Protocol,
+                kind => kind,
+            },
+            TransportError::Uri(_)
+            | TransportError::Bind { .. }
+            | TransportError::Accept { .. }
+            | TransportError::Open { .. }
+            | TransportError::Setup { .. }
+            | TransportError::Cancelled { .. }
+            | TransportError::Exhausted { .. } => ErrorKind::Local,
+        }
+    }
 }
 
 /// The read half of a connection.
@@ -103,6 +233,13 @@ pub type BoxedWriter = Box<dyn Write + Send>;
 
 /// An open connection: independent read and write halves and a handle to
 /// shut it down.
+///
+/// Dropping the `writer` of a socket connection shuts its sending
+/// direction down (the peer reads end of file after the bytes already
+/// sent), while the `reader` keeps working: the same half-close as when the
+/// write half of a split socket is dropped in tokio. The whole socket is
+/// closed once all three parts are dropped; [`ConnectionHandle::shutdown`]
+/// ends both directions at once.
 pub struct Connection {
     /// Bytes from the peer.
     pub reader: BoxedReader,
@@ -126,7 +263,6 @@ enum HandleInner {
     Unix(UnixStream),
     /// A second descriptor on the migration file, for `fdatasync`.
     File(File),
-    Memory(Vec<PipeShutdown>),
 }
 
 /// A cloneable, `Send + Sync` handle on a connection.
@@ -134,6 +270,8 @@ enum HandleInner {
 pub struct ConnectionHandle {
     inner: Arc<HandleInner>,
     peer: Arc<str>,
+    /// Shared with the connection's reader and writer.
+    timeout: LinkTimeout,
 }
 
 impl ConnectionHandle {
@@ -146,10 +284,6 @@ impl ConnectionHandle {
             HandleInner::Tcp(s) => s.shutdown(Shutdown::Both),
             HandleInner::Unix(s) => s.shutdown(Shutdown::Both),
             HandleInner::File(_) => Ok(()),
-            HandleInner::Memory(pipes) => {
-                pipes.iter().for_each(PipeShutdown::shutdown);
-                Ok(())
-            }
         };
         match r {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -176,10 +310,91 @@ impl ConnectionHandle {
         }
     }
 
-    /// A description of the peer, for logs (`tcp:1.2.3.4:5`, `unix:...`).
+    /// Sets how long one read or write of this connection may wait for the
+    /// peer before it fails; `None` (the default) waits for ever.
+    ///
+    /// These are the socket's receive and send timeouts (`SO_RCVTIMEO`,
+    /// `SO_SNDTIMEO`). They belong to the socket, so they apply to the
+    /// connection's reader, its writer and every clone of this handle, from
+    /// the next read or write on. A read that waits longer fails with an
+    /// [`io::Error`] of kind [`io::ErrorKind::TimedOut`] saying "the peer
+    /// sent nothing for 10.0 s", a write (once the socket buffers are full)
+    /// "the peer read nothing for 10.0 s"; [`crate::Error::kind`] calls both
+    /// [`crate::ErrorKind::Link`]. The timeout bounds each wait, not a
+    /// whole transfer: a peer that sends a little more often than the
+    /// timeout never trips it. A read that timed out may have consumed part
+    /// of a frame, so treat the stream as broken.
+    ///
+    /// A zero duration is refused with [`io::ErrorKind::InvalidInput`], as
+    /// by the standard library. No-op for files (a file never stalls on a
+    /// peer).
+    pub fn set_link_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match &*self.inner {
+            HandleInner::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)?;
+            }
+            HandleInner::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)?;
+            }
+            HandleInner::File(_) => return Ok(()),
+        }
+        self.timeout.set(timeout);
+        Ok(())
+    }
+
+    /// The link timeout set by [`ConnectionHandle::set_link_timeout`], to
+    /// the millisecond; always `None` for files.
+    pub fn link_timeout(&self) -> Option<Duration> {
+        self.timeout.get()
+    }
+
+    /// Whether the peer can answer on this connection: true for sockets,
+    /// false for a `file:` connection (the source's reader is at end of
+    /// file at once, the destination's writer discards what it is given).
+    pub fn has_return_path(&self) -> bool {
+        !matches!(*self.inner, HandleInner::File(_))
+    }
+
+    /// A description of the peer, for logs (`tcp:1.2.3.4:5`, `unix:PATH`,
+    /// `file:PATH`, `memory:a`).
     pub fn peer(&self) -> &str {
         &self.peer
     }
+}
+
+/// Splits a connected socket into a [`Connection`]: the reader and the
+/// handle get clones of its descriptor.
+fn socket_connection<S: Socket>(
+    stream: S,
+    uri: &str,
+    peer: String,
+    inner: fn(S) -> HandleInner,
+) -> Result<Connection, TransportError> {
+    let setup = |source| TransportError::Setup {
+        uri: uri.into(),
+        what: "clone the socket",
+        source,
+    };
+    let reader = stream.try_clone().map_err(setup)?;
+    let handle = stream.try_clone().map_err(setup)?;
+    let timeout = LinkTimeout::default();
+    Ok(Connection {
+        reader: Box::new(SocketReader {
+            socket: reader,
+            timeout: timeout.clone(),
+        }),
+        writer: Box::new(SocketWriter {
+            socket: stream,
+            timeout: timeout.clone(),
+        }),
+        handle: ConnectionHandle {
+            inner: Arc::new(inner(handle)),
+            peer: peer.into(),
+            timeout,
+        },
+    })
 }
 
 fn tcp_connection(
@@ -187,16 +402,13 @@ fn tcp_connection(
     uri: &str,
     nodelay: bool,
 ) -> Result<Connection, TransportError> {
-    let setup = |what| {
-        move |source| TransportError::Setup {
-            uri: uri.into(),
-            what,
-            source,
-        }
-    };
     stream
         .set_nodelay(nodelay)
-        .map_err(setup("set TCP_NODELAY"))?;
+        .map_err(|source| TransportError::Setup {
+            uri: uri.into(),
+            what: "set TCP_NODELAY",
+            source,
+        })?;
     let peer = stream
         .peer_addr()
         .map(|a| {
@@ -207,34 +419,17 @@ fn tcp_connection(
             .to_string()
         })
         .unwrap_or_else(|_| uri.to_string());
-    let reader = stream.try_clone().map_err(setup("clone the socket"))?;
-    let handle = stream.try_clone().map_err(setup("clone the socket"))?;
-    Ok(Connection {
-        reader: Box::new(reader),
-        writer: Box::new(stream),
-        handle: ConnectionHandle {
-            inner: Arc::new(HandleInner::Tcp(handle)),
-            peer: peer.into(),
-        },
-    })
+    socket_connection(stream, uri, peer, HandleInner::Tcp)
 }
 
-fn unix_connection(stream: UnixStream, uri: &str) -> Result<Connection, TransportError> {
-    let setup = |source| TransportError::Setup {
-        uri: uri.into(),
-        what: "clone the socket",
-        source,
-    };
-    let reader = stream.try_clone().map_err(setup)?;
-    let handle = stream.try_clone().map_err(setup)?;
-    Ok(Connection {
-        reader: Box::new(reader),
-        writer: Box::new(stream),
-        handle: ConnectionHandle {
-            inner: Arc::new(HandleInner::Unix(handle)),
-            peer: uri.into(),
-        },
-    })
+/// `peer` names the other end: the path for a `unix:` URI (a connecting
+/// socket has no address of its own).
+fn unix_connection(
+    stream: UnixStream,
+    uri: &str,
+    peer: &str,
+) -> Result<Connection, TransportError> {
+    socket_connection(stream, uri, peer.into(), HandleInner::Unix)
 }
 
 fn host_or<'a>(host: &'a str, default: &'static str) -> &'a str {
@@ -266,7 +461,7 @@ pub fn connect(uri: &MigrationUri, role: Role) -> Result<Connection, TransportEr
                 uri: text.clone(),
                 source,
             })?;
-            unix_connection(stream, &text)
+            unix_connection(stream, &text, &text)
         }
         MigrationUri::File { path } => {
             let open_err = |source| TransportError::Open {
@@ -281,6 +476,7 @@ pub fn connect(uri: &MigrationUri, role: Role) -> Result<Connection, TransportEr
                 handle: ConnectionHandle {
                     inner: Arc::new(HandleInner::File(sync)),
                     peer: text.into(),
+                    timeout: LinkTimeout::default(),
                 },
             })
         }
@@ -315,9 +511,11 @@ pub struct ListenerCanceller {
 }
 
 impl ListenerCanceller {
-    /// Makes the pending and every later `accept` return
-    /// [`TransportError::Cancelled`]. A blocked `accept` is woken by a
-    /// throw-away connection to the listener.
+    /// Makes the pending and every later [`Listener::accept`] and
+    /// [`Listener::accept_hello`] return [`TransportError::Cancelled`]. A
+    /// blocked `accept` is woken by a throw-away connection to the
+    /// listener; `accept_hello` notices within its poll interval and closes
+    /// the connections whose hello it was still waiting for.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         match &self.uri {
@@ -439,7 +637,7 @@ impl Listener {
             ListenerInner::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(accept_err)?;
                 self.check_cancelled()?;
-                unix_connection(s, &text)
+                unix_connection(s, &text, &text)
             }
             ListenerInner::File(f) => {
                 let file = f
@@ -454,6 +652,7 @@ impl Listener {
                     handle: ConnectionHandle {
                         inner: Arc::new(HandleInner::File(sync)),
                         peer: text.into(),
+                        timeout: LinkTimeout::default(),
                     },
                 })
             }
@@ -469,34 +668,42 @@ impl Drop for Listener {
     }
 }
 
-/// Two connected in-memory endpoints, like a socket pair: what one writes
-/// the other reads. Each direction buffers up to `capacity` bytes; either
-/// handle's `shutdown` closes both directions for both ends.
-pub fn memory_pair_with_capacity(capacity: usize) -> (Connection, Connection) {
-    let (a_read, b_write) = pipe(capacity);
-    let (b_read, a_write) = pipe(capacity);
-    let shuts = vec![a_read.shutdown_handle(), b_read.shutdown_handle()];
-    let handle = |peer: &str| ConnectionHandle {
-        inner: Arc::new(HandleInner::Memory(shuts.clone())),
-        peer: peer.into(),
-    };
-    (
-        Connection {
-            reader: Box::new(a_read),
-            writer: Box::new(a_write),
-            handle: handle("memory:b"),
-        },
-        Connection {
-            reader: Box::new(b_read),
-            writer: Box::new(b_write),
-            handle: handle("memory:a"),
-        },
-    )
+/// Two connected in-process endpoints: what one writes the other reads.
+///
+/// They are the two ends of a Unix socket pair (`socketpair(2)`) behind the
+/// same [`Connection`] and [`ConnectionHandle`] as a `unix:` connection, so
+/// they behave exactly like a real socket: the kernel's socket buffers
+/// bound what is in flight, and either handle's
+/// [`ConnectionHandle::shutdown`] ends both directions for both ends. Their
+/// peers are named `memory:a` and `memory:b`.
+pub fn try_memory_pair() -> Result<(Connection, Connection), TransportError> {
+    let (a, b) = UnixStream::pair().map_err(|source| TransportError::Setup {
+        uri: "memory:".into(),
+        what: "create a socket pair",
+        source,
+    })?;
+    Ok((
+        unix_connection(a, "memory:", "memory:b")?,
+        unix_connection(b, "memory:", "memory:a")?,
+    ))
 }
 
-/// [`memory_pair_with_capacity`] with [`DEFAULT_PIPE_CAPACITY`].
+/// [`try_memory_pair`] for tests and in-process use, where running out of
+/// file descriptors is a bug of the caller's environment.
+///
+/// # Panics
+///
+/// If the process cannot open the four descriptors (the pair and one clone
+/// of each end: `EMFILE`/`ENFILE`). Code that must not panic calls
+/// [`try_memory_pair`].
 pub fn memory_pair() -> (Connection, Connection) {
-    memory_pair_with_capacity(DEFAULT_PIPE_CAPACITY)
+    match try_memory_pair() {
+        Ok(pair) => pair,
+        // The signature without `Result` is kept for its many test callers;
+        // the panic is documented above and `try_memory_pair` is the
+        // fallible form.
+        Err(e) => panic!("cannot create an in-memory connection pair: {e}"),
+    }
 }
 
 /// Resolves a TCP URI's host and port, for callers that need the address.
@@ -664,14 +871,53 @@ mod tests {
 
     #[test]
     fn shutdown_cancels_memory() {
-        let (a, b) = memory_pair_with_capacity(64);
+        let (a, b) = memory_pair();
+        assert_eq!(a.handle.peer(), "memory:b");
+        assert_eq!(b.handle.peer(), "memory:a");
         let mut b_reader = b.reader;
         a.handle.shutdown().unwrap();
-        // The peer sees end of file too.
+        // The peer sees end of file too, and its writes fail.
         let mut buf = [0u8; 1];
         assert_eq!(b_reader.read(&mut buf).unwrap(), 0);
-        let (a, b) = memory_pair_with_capacity(64);
+        let mut b_writer = b.writer;
+        assert!(b_writer.write_all(&[0; 8]).is_err());
+        let (a, b) = memory_pair();
         blocked_reader_woken_by_shutdown(a, b);
+    }
+
+    /// Dropping the writer tells the peer "no more bytes" while the
+    /// connection's reader goes on working, on every socket transport.
+    fn dropping_the_writer_half_closes(a: Connection, b: Connection) {
+        let Connection {
+            reader: mut a_r,
+            writer: mut a_w,
+            handle: _a_handle,
+        } = a;
+        let Connection {
+            reader: mut b_r,
+            writer: mut b_w,
+            ..
+        } = b;
+        a_w.write_all(b"last words").unwrap();
+        drop(a_w);
+        let mut got = Vec::new();
+        b_r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
+        b_w.write_all(b"reply").unwrap();
+        b_w.flush().unwrap();
+        let mut reply = [0u8; 5];
+        a_r.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"reply");
+    }
+
+    #[test]
+    fn dropping_the_writer_half_closes_memory_and_tcp() {
+        let (a, b) = memory_pair();
+        dropping_the_writer_half_closes(a, b);
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let a = connect(l.local_uri(), Role::Main).unwrap();
+        let b = l.accept().unwrap();
+        dropping_the_writer_half_closes(a, b);
     }
 
     #[test]
@@ -685,6 +931,30 @@ mod tests {
         assert!(matches!(l.accept(), Err(TransportError::Cancelled { .. })));
         t.join().unwrap();
         assert!(matches!(l.accept(), Err(TransportError::Cancelled { .. })));
+    }
+
+    #[test]
+    fn transport_errors_say_whose_fault_they_are() {
+        // Nobody listens on the port of a listener that was dropped.
+        let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let uri = l.local_uri().clone();
+        drop(l);
+        let e = connect(&uri, Role::Main).unwrap_err();
+        assert!(matches!(e, TransportError::Connect { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Link);
+
+        let e = connect_str("tcp:127.0.0.1", Role::Main).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Local);
+        let e = Listener::bind_str("file:/nonexistent-dir/x").unwrap_err();
+        assert!(matches!(e, TransportError::Open { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Local);
+        let taken = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+        let e = Listener::bind(taken.local_uri()).unwrap_err();
+        assert!(matches!(e, TransportError::Bind { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::Local);
+        taken.canceller().cancel();
+        let e = taken.accept().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Local);
     }
 
     #[test]
