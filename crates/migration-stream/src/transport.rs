@@ -621,6 +621,11 @@ impl Listener {
     /// Waits for the next connection. TCP connections get `TCP_NODELAY`
     /// (the destination only sends return-path messages). A `file:`
     /// listener yields its file once.
+    ///
+    /// It returns whoever connected first, before anything was read: a
+    /// destination waiting for a source should use
+    /// [`Listener::accept_hello`], which a silent or foreign connection
+    /// cannot hold up.
     pub fn accept(&self) -> Result<Connection, TransportError> {
         self.check_cancelled()?;
         let text = self.uri.to_string();

@@ -390,3 +390,35 @@ fn a_file_listener_reads_its_preamble_once() {
     );
     std::fs::remove_file(path).unwrap();
 }
+
+#[test]
+fn a_panicking_on_reject_does_not_leave_hellos_pending() {
+    let l = Listener::bind_str("tcp:127.0.0.1:0").unwrap();
+    let uri = l.local_uri().clone();
+    let client = thread::spawn(move || {
+        let silent = connect(&uri, Role::Main).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        (silent, send(&uri, b"not a preamble, not at all"))
+    });
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        l.accept_hello(Role::Main, LONG, &mut |_, e| {
+            panic!("caller gave up on {e}")
+        })
+    }));
+    // Unwound while the silent connection, 300 s from its hello timeout,
+    // was still open: its thread was ended, not waited for.
+    assert!(unwound.is_err());
+    let (silent, garbage) = client.join().unwrap();
+    assert_closed_by_listener(silent);
+    assert_closed_by_listener(garbage);
+    // The listener is usable again, blocking as before.
+    let id = MigrationId::generate();
+    let uri = l.local_uri().clone();
+    let src = thread::spawn(move || source(&uri, Role::Main, id));
+    let conn = l.accept().unwrap();
+    assert_eq!(
+        migration_stream::read_preamble(&mut { conn.reader }).unwrap(),
+        Hello::new(Role::Main, id)
+    );
+    drop(src.join().unwrap());
+}

@@ -83,8 +83,8 @@ impl Listener {
     ///
     /// Every thread it starts has ended and every connection but the one
     /// returned is closed when it returns. [`super::ListenerCanceller::cancel`]
-    /// makes it return [`TransportError::Cancelled`] within a few
-    /// milliseconds, even while hellos are pending. `on_reject` is called on
+    /// makes it return [`TransportError::Cancelled`] within one poll
+    /// interval (20 ms), even while hellos are pending. `on_reject` is called on
     /// the caller's thread (it need not be `Send`); rejections still in
     /// flight when the winner arrives are reported before this returns.
     ///
@@ -124,7 +124,13 @@ impl Listener {
         let (tx, rx) = mpsc::channel::<Outcome>();
         let closed = AtomicBool::new(false);
         let result = thread::scope(|scope| {
-            let mut pending: HashMap<u64, ConnectionHandle> = HashMap::new();
+            // Dropped when the scope's closure ends, by return or by a panic
+            // of `on_reject`: the threads it waits for must not be left
+            // reading until their hello timeout.
+            let mut pending = Pending {
+                handles: HashMap::new(),
+                closed: &closed,
+            };
             let mut next_id = 0u64;
             let result = 'run: loop {
                 if let Err(e) = self.check_cancelled() {
@@ -149,7 +155,7 @@ impl Listener {
                                     continue;
                                 }
                             };
-                            if pending.len() >= MAX_PENDING_HELLOS {
+                            if pending.handles.len() >= MAX_PENDING_HELLOS {
                                 let e = Error::TooManyPendingHellos {
                                     max: MAX_PENDING_HELLOS,
                                 };
@@ -177,7 +183,7 @@ impl Listener {
                                 });
                             match spawned {
                                 Ok(_) => {
-                                    pending.insert(id, handle);
+                                    pending.handles.insert(id, handle);
                                 }
                                 Err(e) => on_reject(
                                     handle.peer(),
@@ -197,7 +203,7 @@ impl Listener {
                         Err(e) => break 'run Err(e),
                     },
                 };
-                pending.remove(&outcome.id);
+                pending.handles.remove(&outcome.id);
                 match outcome.result {
                     Ok(found) => {
                         if let Err(e) = self.check_cancelled() {
@@ -208,11 +214,7 @@ impl Listener {
                     Err(e) => on_reject(&outcome.peer, &e),
                 }
             };
-            // The threads still reading a hello see end of file at once.
-            closed.store(true, Ordering::SeqCst);
-            for handle in pending.values() {
-                let _ = handle.shutdown();
-            }
+            drop(pending);
             result
             // The scope joins every thread here.
         });
@@ -304,6 +306,24 @@ fn check_role(hello: Hello, role: Role) -> Result<Hello, Error> {
             expected: role,
             found: hello.role,
         })
+    }
+}
+
+/// The connections whose hello is being read, by id.
+struct Pending<'a> {
+    handles: HashMap<u64, ConnectionHandle>,
+    /// Tells the threads that a disconnect from now on is this side's.
+    closed: &'a AtomicBool,
+}
+
+impl Drop for Pending<'_> {
+    /// Shuts every pending connection down: the threads reading them see
+    /// end of file at once and end.
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for handle in self.handles.values() {
+            let _ = handle.shutdown();
+        }
     }
 }
 
