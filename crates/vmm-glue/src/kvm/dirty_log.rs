@@ -373,7 +373,8 @@ impl RingShared {
             return 0;
         };
         let mut n = 0;
-        loop {
+        // At most one lap: past it every entry is one this walk harvested.
+        while n < u64::from(ring.entries) {
             let i = (ring.next % ring.entries) as usize;
             // SAFETY: `i < entries`, so the entry lies inside the mapping,
             // which lives as long as `ring`. Its flags word is accessed only
@@ -383,7 +384,9 @@ impl RingShared {
             // SAFETY: as above; `flags` is at offset 0 (asserted in `abi`).
             let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
             let f = flags.load(Ordering::Acquire);
-            if f & KVM_DIRTY_GFN_F_DIRTY == 0 {
+            // Only "dirty" (01) is to harvest; "harvested" (1X) waits for
+            // KVM_RESET_DIRTY_RINGS, "unused" (00) is where KVM stopped.
+            if f & (KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET) != KVM_DIRTY_GFN_F_DIRTY {
                 break;
             }
             // SAFETY: as above; the acquire load of a DIRTY flag makes the
@@ -425,10 +428,12 @@ impl RingShared {
         Ok(())
     }
 
-    /// On `KVM_EXIT_DIRTY_RING_FULL`, on the vCPU's thread.
-    pub(crate) fn harvest_full(&self, index: usize) -> Result<(), KvmError> {
-        self.harvest(index);
-        self.reset()
+    /// On `KVM_EXIT_DIRTY_RING_FULL`, on the vCPU's thread: harvests its
+    /// ring and resets; returns the entries harvested.
+    pub(crate) fn harvest_full(&self, index: usize) -> Result<u64, KvmError> {
+        let n = self.harvest(index);
+        self.reset()?;
+        Ok(n)
     }
 
     fn harvest_all(&self) -> Result<(), KvmError> {

@@ -280,7 +280,14 @@ pub(crate) struct VcpuCore {
     pub(crate) vm: Arc<VmShared>,
     /// The last exit was port I/O or MMIO, which the next KVM_RUN completes.
     io_pending: bool,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits in a row that found nothing to
+    /// harvest.
+    empty_ring_exits: u32,
 }
+
+/// How many full-ring exits over an empty ring in a row mean KVM lost
+/// count.
+const EMPTY_RING_EXITS_MAX: u32 = 1000;
 
 struct Shared {
     vcpus: Vec<Vcpu>,
@@ -678,6 +685,10 @@ impl Drop for KvmVcpus {
         {
             let mut ok = self.shared.kick_ok.write();
             for (i, v) in self.shared.vcpus.iter().enumerate() {
+                // `want_run` false before the kick: a thread that sees
+                // `stop` with `want_run` still true takes the kick for a
+                // flush and runs on.
+                v.ctl.lock().want_run = false;
                 v.stop.store(true, Ordering::SeqCst);
                 if let Some(run) = v.run.get() {
                     run.immediate_exit().store(1, Ordering::SeqCst);
@@ -688,10 +699,7 @@ impl Drop for KvmVcpus {
                     // after this signal.
                     unsafe { libc::pthread_kill(t, kick_signal()) };
                 }
-                let mut c = v.ctl.lock();
-                c.quit = true;
-                c.want_run = false;
-                drop(c);
+                v.ctl.lock().quit = true;
                 v.cv.notify_all();
                 log::trace!("vCPU {i} told to quit");
             }
@@ -733,6 +741,7 @@ fn vcpu_thread(
             index,
             vm: vm.clone(),
             io_pending: false,
+            empty_ring_exits: 0,
         })
     };
     let mut core = match setup() {
@@ -950,7 +959,25 @@ fn handle_exit(shared: &Shared, core: &mut VcpuCore, run: &RunMap) -> Option<Gue
         KVM_EXIT_DIRTY_RING_FULL => {
             let ring = shared.ring.as_ref()?;
             match ring.harvest_full(index) {
-                Ok(()) => None,
+                Ok(0) => {
+                    // Another thread may have harvested just before; but a
+                    // KVM that keeps saying "full" over an empty ring has
+                    // lost count (seen on PVM hosts, which let a ring fill
+                    // past its soft limit): stop rather than spin.
+                    core.empty_ring_exits += 1;
+                    if core.empty_ring_exits > EMPTY_RING_EXITS_MAX {
+                        return internal(format!(
+                            "vCPU {index}: KVM keeps exiting with a full dirty ring that holds no \
+                             dirty entry ({} times): the host's dirty ring overflowed and lost pages",
+                            core.empty_ring_exits
+                        ));
+                    }
+                    None
+                }
+                Ok(_) => {
+                    core.empty_ring_exits = 0;
+                    None
+                }
                 Err(e) => internal(format!(
                     "dirty ring full and cannot be harvested: {}",
                     crate::error_chain(&e)

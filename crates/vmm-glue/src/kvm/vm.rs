@@ -45,8 +45,11 @@ pub struct KvmVmConfig {
     pub vcpus: usize,
     /// Dirty ring entries per vCPU (a power of two, at least 1024; KVM
     /// recommends 4096 or more), or `None` for the dirty bitmap. The VM
-    /// fails to build if the host lacks the ring.
+    /// fails to build if the host lacks the ring, unless `ring_fallback`.
     pub dirty_ring: Option<u32>,
+    /// With `dirty_ring`: use the dirty bitmap where the host has no ring
+    /// (saying so in the log) instead of failing.
+    pub ring_fallback: bool,
     /// `KVM_SET_TSS_ADDR`: three pages below 4 GiB that no RAM slot or MMIO
     /// range overlaps.
     pub tss_addr: u64,
@@ -62,14 +65,25 @@ impl KvmVmConfig {
         KvmVmConfig {
             vcpus,
             dirty_ring: None,
+            ring_fallback: false,
             tss_addr: 0xfffb_d000,
             identity_map_addr: 0xfffb_c000,
         }
     }
 
-    /// With a dirty ring of `entries` per vCPU.
+    /// With a dirty ring of `entries` per vCPU; building fails where the
+    /// host has none.
     pub fn with_dirty_ring(mut self, entries: u32) -> Self {
         self.dirty_ring = Some(entries);
+        self.ring_fallback = false;
+        self
+    }
+
+    /// With a dirty ring of `entries` per vCPU where the host has one, else
+    /// the dirty bitmap ([`KvmVm::dirty_ring_entries`] tells which).
+    pub fn with_dirty_ring_or_bitmap(mut self, entries: u32) -> Self {
+        self.dirty_ring = Some(entries);
+        self.ring_fallback = true;
         self
     }
 
@@ -221,7 +235,13 @@ impl KvmVm {
 
         let ring_bytes = match config.dirty_ring {
             None => 0,
-            Some(entries) => enable_dirty_ring(&fd, entries)?,
+            Some(entries) => match enable_dirty_ring(&fd, entries) {
+                Err(KvmError::Unsupported { what }) if config.ring_fallback => {
+                    log::warn!("this host's KVM lacks {what}: using the dirty bitmap instead");
+                    0
+                }
+                other => other?,
+            },
         };
 
         let slots = mem

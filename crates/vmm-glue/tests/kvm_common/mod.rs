@@ -92,6 +92,24 @@ pub const WRITE_SERVER: &[u8] = &[
     0x48, 0xff, 0xc7, 0xff, 0xc9, 0x75, 0xf6, 0x66, 0xba, 0x02, 0x05, 0xee, 0xeb, 0xd2,
 ];
 
+/// Writes one byte into each of RSI pages from RDI on, then writes to port
+/// 0x10 and halts.
+/// ```text
+///  0: c6 07 01                mov byte ptr [rdi], 1
+///  3: 48 81 c7 00 10 00 00    add rdi, 0x1000
+///  a: 48 ff ce                dec rsi
+///  d: 75 f1                   jnz 0
+///  f: 66 ba 10 00             mov dx, 0x10
+/// 13: ee                      out dx, al
+/// 14: fa                      cli
+/// 15: f4                      hlt
+/// 16: eb fc                   jmp 14
+/// ```
+pub const FILL_PAGES: &[u8] = &[
+    0xc6, 0x07, 0x01, 0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x48, 0xff, 0xce, 0x75, 0xf1, 0x66,
+    0xba, 0x10, 0x00, 0xee, 0xfa, 0xf4, 0xeb, 0xfc,
+];
+
 /// Real mode at 0000:7c00: writes DL (the boot drive) to port 0x10, halts.
 /// ```text
 /// 0: 88 d0       mov al, dl
@@ -139,17 +157,19 @@ pub fn small_vm(vcpus: usize) -> (KvmVm, GuestRam) {
 /// Writes `code` at [`CODE`] and starts every vCPU `i` there in long mode
 /// with RDI = `DATA + i * 0x1000` and its own stack.
 pub fn boot(vm: &KvmVm, code: &[u8]) {
+    let n = vm.vcpus().count() as u64;
+    let args: Vec<[u64; 4]> = (0..n).map(|i| [DATA + i * 0x1000, 0, 0, 0]).collect();
+    boot_args(vm, code, &args);
+}
+
+/// Writes `code` at [`CODE`] and starts vCPU `i` there in long mode with
+/// RDI, RSI, RDX, RCX = `args[i]` and its own stack.
+pub fn boot_args(vm: &KvmVm, code: &[u8], args: &[[u64; 4]]) {
     vm.memory().write_slice(code, GuestAddress(CODE)).unwrap();
-    let n = vm.vcpus().count();
-    let entries: Vec<LongModeEntry> = (0..n as u64)
-        .map(|i| {
-            LongModeEntry::new(CODE, STACKS + (i + 1) * 0x1000).with_args([
-                DATA + i * 0x1000,
-                0,
-                0,
-                0,
-            ])
-        })
+    let entries: Vec<LongModeEntry> = args
+        .iter()
+        .zip(0u64..)
+        .map(|(&a, i)| LongModeEntry::new(CODE, STACKS + (i + 1) * 0x1000).with_args(a))
         .collect();
     vm.vcpus().boot_long_mode(&entries).unwrap();
 }
