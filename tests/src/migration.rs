@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use migration_stream::{BlockId, BlockInfo, Hello, MigrationId, Role, StreamWriter};
 use serde_json::{json, Value};
-use vmm_glue::vm::ab_check;
+use vmm_glue::guest::ab_check;
 
 use crate::harness::{field, DemoVm, VmOpts};
 use crate::{Failure, Outcome};

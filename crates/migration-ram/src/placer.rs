@@ -10,7 +10,7 @@
 //!
 //! | placer | how | use |
 //! |--------|-----|-----|
-//! | [`CopyPlacer`] (default) | a plain copy through vm-memory; on fresh memory a zero page that never arrived before is not written at all | precopy |
+//! | [`CopyPlacer`] (default) | a plain copy through vm-memory; a zero page that never arrived before and already reads as zero is not written at all | precopy |
 //! | [`UffdPlacer`] | one atomic `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`; a zeroed copy on hugetlbfs, which has none) into memory registered with a userfaultfd for MISSING faults, waking the vCPUs that wait on it | postcopy |
 //!
 //! Both take `&self` and are `Send + Sync`, so the loader of the main
@@ -68,9 +68,13 @@ static ZEROS: [u8; 4096] = [0; 4096];
 
 /// Places pages with plain copies through vm-memory.
 ///
-/// On *fresh* memory (all zeros where no page was received, the default),
-/// a zero page whose `received` bit is clear is not written at all, so
-/// untouched guest memory stays unallocated.
+/// A zero page whose `received` bit is clear and whose bytes already read
+/// as zero is not written (the default, "fresh" mode), so untouched guest
+/// memory stays unallocated: reading an untouched anonymous page maps the
+/// kernel's shared zero page and allocates nothing. A VMM that loaded
+/// something into the destination's RAM before the migration (firmware, a
+/// previous failed attempt) is still right: those pages do not read as
+/// zero and are cleared.
 #[derive(Debug)]
 pub struct CopyPlacer {
     mem: Arc<GuestMemoryMmap>,
@@ -86,8 +90,9 @@ impl CopyPlacer {
         }
     }
 
-    /// Whether guest memory is known to be zero where no page was received
-    /// (default `true`). With `false`, every zero page is written.
+    /// Whether a zero page that never arrived may be skipped when it already
+    /// reads as zero (default `true`). With `false`, every zero page is
+    /// written.
     pub fn set_fresh_memory(&self, fresh: bool) {
         self.fresh.store(fresh, Ordering::Relaxed);
     }
@@ -95,6 +100,29 @@ impl CopyPlacer {
     /// See [`set_fresh_memory`](CopyPlacer::set_fresh_memory).
     pub fn fresh_memory(&self) -> bool {
         self.fresh.load(Ordering::Relaxed)
+    }
+
+    /// Whether the page at `at` reads as zero now (read in 4 KiB pieces,
+    /// stopping at the first non-zero one).
+    fn reads_zero(&self, block: &RamBlock, page: u64, at: GuestAddress) -> Result<bool> {
+        let mut buf = [0u8; 4096];
+        let size = u64::from(block.page_size());
+        let piece = buf.len() as u64;
+        for i in 0..size.div_ceil(piece) {
+            let len = piece.min(size - i * piece) as usize;
+            self.mem
+                .read_slice(&mut buf[..len], GuestAddress(at.0 + i * piece))
+                .map_err(|source| Error::Memory {
+                    op: "reading",
+                    name: block.name().to_owned(),
+                    offset: page * size,
+                    source,
+                })?;
+            if !crate::precopy::is_zero(&buf[..len]) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn write(&self, block: &RamBlock, page: u64, at: GuestAddress, data: &[u8]) -> Result<()> {
@@ -119,7 +147,10 @@ impl PagePlacer for CopyPlacer {
 
     fn place_zero(&self, block: &RamBlock, page: u64) -> Result<()> {
         let at = check(block, page, None)?;
-        if !self.fresh_memory() || block.received().test(page) {
+        if !self.fresh_memory()
+            || block.received().test(page)
+            || !self.reads_zero(block, page, at)?
+        {
             let size = u64::from(block.page_size());
             let piece = ZEROS.len() as u64;
             for i in 0..size.div_ceil(piece) {
@@ -347,15 +378,19 @@ mod tests {
     }
 
     #[test]
-    fn copy_placer_skips_fresh_zero_pages_only() {
+    fn copy_placer_skips_only_zero_pages_that_already_read_zero() {
         let (mem, blocks) = setup();
         let block = blocks.iter().next().unwrap();
         let placer = CopyPlacer::new(mem.clone());
-        // A page written by someone else, never received: on "fresh"
-        // memory the zero page is not written (the placer trusts the flag).
+        // Untouched memory: nothing to write, and nothing is allocated.
+        placer.place_zero(block, 4).unwrap();
+        assert_eq!(page_of(&mem, block, 4), vec![0; 4096]);
+        assert!(block.received().test(4));
+        // A page the VMM wrote before the migration (firmware, an earlier
+        // attempt), never received: the zero page clears it.
         mem.write_slice(&[7; 4096], block.page_addr(5)).unwrap();
         placer.place_zero(block, 5).unwrap();
-        assert_eq!(page_of(&mem, block, 5), vec![7; 4096]);
+        assert_eq!(page_of(&mem, block, 5), vec![0; 4096]);
         // Received before: a zero page overwrites it.
         placer.place(block, 6, &[9; 4096]).unwrap();
         placer.place_zero(block, 6).unwrap();

@@ -1,36 +1,37 @@
-//! The hypervisor side of live migration over KVM.
+//! The hypervisor side of live migration: what a VMM links to migrate its VM.
 //!
-//! This crate joins the RAM algorithms of `migration-ram` to a VM:
+//! - [`session`]: the migration session, source and destination, over traits
+//!   the VMM implements for its vCPUs ([`session::Vcpus`]), its dirty log
+//!   ([`migration_ram::DirtyLog`]) and its device state
+//!   ([`session::DeviceState`]); typed capabilities, parameters, status and
+//!   errors; events that never block it.
+//! - [`kvm`]: the only module of the crate with `unsafe` code: a KVM VM over
+//!   the VMM's guest RAM, vCPU threads with their run loop and kicking, boot
+//!   helpers, the whole x86 vCPU and VM state as versioned sections, and KVM
+//!   dirty logging (bitmap with manual protect, dirty ring).
+//! - [`io`]: the port and MMIO bus between vCPUs and the VMM's devices.
+//! - [`soft`]: software vCPUs running the built-in guest workloads on host
+//!   threads, for hosts without KVM (said loudly wherever they are used).
+//! - [`guest`]: the test guests: built-in 64-bit workloads and boot sectors,
+//!   generated in Rust, and the a-b check of their RAM.
+//! - [`verify`]: RAM digests and samples, to check a migration from outside.
+//! - [`qmp`]: a QMP server and the adapter that maps QEMU's migration commands
+//!   to a session.
 //!
-//! - [`kvm`]: the only module of the crate with `unsafe` code: KVM facts of the host
-//!   (API version, dirty-log capabilities).
-//! - [`vcpu`]: the [`vcpu::Vcpus`] trait the migration controller drives (pause, resume,
-//!   state save and restore), whatever runs the vCPUs.
-//! - [`soft`]: software vCPUs running the built-in guest workloads on host threads, for
-//!   hosts without KVM (said loudly wherever they are used).
-//! - [`serial`]: a minimal 16550 on COM1 whose registers migrate with the guest.
-//! - [`vm`]: the VM of `demovm` (memory layout with a hole below 1 MiB, vCPUs, serial)
-//!   and RAM verification helpers (`x-ram-digest`, `x-ram-sample`).
-//! - [`controller`]: the migration controller (QEMU's states, source and destination
-//!   threads, statistics) and its QMP commands.
-//! - [`json`]: a small JSON value, parser and writer, hardened against hostile input.
-//! - [`qmp`]: a QMP-compatible control socket (QEMU's greeting, negotiation, errors and
-//!   events), with commands run by a [`qmp::QmpHandler`].
+//! `demovm` (`src/bin/demovm`) is a minimal VMM built on this API alone, and
+//! `examples/embed.rs` a smaller one that migrates itself.
 
 #![deny(unsafe_code)]
 
-pub mod controller;
 pub mod guest;
-pub mod json;
+pub mod io;
 #[allow(unsafe_code)]
 pub mod kvm;
 mod logger;
 pub mod qmp;
-pub mod serial;
 pub mod session;
 pub mod soft;
-pub mod vcpu;
-pub mod vm;
+pub mod verify;
 
 /// Guest memory as the whole stack uses it (mmap-backed, with vm-memory's atomic dirty
 /// bitmap recording the writes the VMM or a soft vCPU makes).

@@ -2,7 +2,8 @@
 //! KVM.
 //!
 //! Each soft vCPU executes the same workload the built-in KVM guests run (see
-//! [`Workload`]), one page step at a time, writing guest memory through vm-memory's
+//! [`Workload`] and [`crate::guest::builtin`]: the same slices, the same
+//! generator and address formula), one page step at a time, writing guest memory through vm-memory's
 //! `Bytes` API. vm-memory's dirty bitmap therefore records every write, as KVM's dirty
 //! log does for a real guest. On a postcopy destination the threads fault on missing
 //! pages exactly as vCPUs do, because they touch the same host mappings. The vCPU
@@ -19,46 +20,30 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::serial::Serial;
-use crate::vcpu::{VcpuError, Vcpus};
+use crate::guest::COM1;
+use crate::io::IoHandler;
+use crate::session::{ExitHandler, Section, StateError, Vcpus};
 use crate::GuestMemoryMmap;
 
-/// A built-in guest workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workload {
-    /// Increments the first byte of every 4 KiB page of the vCPU's slice in an endless
-    /// loop and writes `B` to COM1 after each pass.
-    Ab,
-    /// Writes 8-byte values to pseudo-random pages of the slice as fast as it can.
-    Random,
-    /// Does nothing (a halted guest).
-    Idle,
-}
+pub use crate::guest::Workload;
 
-impl Workload {
-    /// Parses `ab`, `random` or `idle`.
-    pub fn parse(s: &str) -> Option<Workload> {
-        match s {
-            "ab" => Some(Workload::Ab),
-            "random" => Some(Workload::Random),
-            "idle" => Some(Workload::Idle),
-            _ => None,
-        }
-    }
-
-    fn code(self) -> u8 {
-        match self {
-            Workload::Ab => 1,
-            Workload::Random => 2,
-            Workload::Idle => 3,
-        }
+/// The workload's code in the saved state.
+fn code(w: Workload) -> u8 {
+    match w {
+        Workload::Ab => 1,
+        Workload::Random => 2,
+        Workload::Idle => 3,
     }
 }
 
 const PAGE: u64 = 4096;
-/// Version of the soft vCPU state format.
+/// Version of the soft vCPU state format: per vCPU a section `soft.vcpu<i>`
+/// of 41 bytes, the workload's code byte and five little-endian u64: slice
+/// start and end, position, passes, generator state.
 pub const STATE_VERSION: u32 = 1;
-const PER_VCPU: usize = 5 * 8;
+const STATE_LEN: usize = 1 + 5 * 8;
+/// Prefix of the soft vCPU sections.
+const SECTION_PREFIX: &str = "soft.vcpu";
 
 /// One soft vCPU's architectural state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +63,7 @@ struct Ctl {
 
 struct Shared {
     mem: Arc<GuestMemoryMmap>,
-    serial: Arc<Serial>,
+    io: Arc<dyn IoHandler>,
     workload: Workload,
     run: AtomicBool,
     /// Completed passes of each vCPU, readable while it runs.
@@ -95,43 +80,32 @@ pub struct SoftVcpus {
 
 impl SoftVcpus {
     /// Creates `count` vCPUs running `workload` over guest-physical `[start, end)`, each
-    /// on its own contiguous slice. They start paused; [`Vcpus::resume`] runs them.
+    /// on its own contiguous slice, with port output to `io`. They start paused;
+    /// [`Vcpus::resume`] runs them.
     pub fn new(
         mem: Arc<GuestMemoryMmap>,
-        serial: Arc<Serial>,
+        io: Arc<dyn IoHandler>,
         workload: Workload,
         count: usize,
         start: u64,
         end: u64,
-    ) -> Result<Self, VcpuError> {
-        let count = count.max(1);
-        let pages = (end.saturating_sub(start)) / PAGE;
-        if pages < count as u64 {
-            return Err(VcpuError::Unsupported(format!(
-                "{count} vCPUs need at least {count} pages of workload memory"
-            )));
-        }
-        let per = pages / count as u64;
-        let states = (0..count as u64)
-            .map(|i| {
-                let s = start + i * per * PAGE;
-                let e = if i + 1 == count as u64 {
-                    start + pages * PAGE
-                } else {
-                    s + per * PAGE
-                };
-                State {
-                    start: s,
-                    end: e,
-                    cursor: s,
-                    passes: 0,
-                    rng: 0x9e37_79b9_7f4a_7c15 ^ (i + 1),
-                }
+    ) -> Result<Self, StateError> {
+        let states: Vec<State> = crate::guest::slices(start, end, count)
+            .map_err(|e| StateError::InvalidState(e.to_string()))?
+            .into_iter()
+            .zip(0u64..)
+            .map(|((s, e), i)| State {
+                start: s,
+                end: e,
+                cursor: s,
+                passes: 0,
+                rng: crate::guest::builtin::RANDOM_SEED ^ (i + 1),
             })
             .collect();
+        let count = states.len();
         let shared = Arc::new(Shared {
             mem,
-            serial,
+            io,
             workload,
             run: AtomicBool::new(false),
             passes: (0..count).map(|_| AtomicU64::new(0)).collect(),
@@ -148,10 +122,7 @@ impl SoftVcpus {
                 std::thread::Builder::new()
                     .name(format!("vcpu{i}"))
                     .spawn(move || vcpu_loop(&sh, i))
-                    .map_err(|source| VcpuError::Accel {
-                        op: "spawning a vCPU thread",
-                        source,
-                    })
+                    .map_err(|source| StateError::host("spawning a soft vCPU thread", source))
             })
             .collect::<Result<_, _>>()?;
         let v = SoftVcpus { shared, threads };
@@ -200,7 +171,7 @@ fn step(sh: &Shared, i: usize, st: &mut State) -> bool {
                 st.cursor = st.start;
                 st.passes += 1;
                 sh.passes[i].store(st.passes, Ordering::Relaxed);
-                sh.serial.transmit(b'B');
+                sh.io.pio_write(COM1, b"B");
             }
             true
         }
@@ -250,7 +221,7 @@ fn vcpu_loop(sh: &Shared, i: usize) {
 }
 
 impl Vcpus for SoftVcpus {
-    fn accel(&self) -> &'static str {
+    fn accel(&self) -> &str {
         "soft"
     }
 
@@ -258,7 +229,7 @@ impl Vcpus for SoftVcpus {
         self.threads.len()
     }
 
-    fn resume(&self) -> Result<(), VcpuError> {
+    fn resume(&self) -> Result<(), StateError> {
         let ctl = self.shared.ctl.lock();
         self.shared.run.store(true, Ordering::Release);
         self.shared.cv.notify_all();
@@ -266,7 +237,7 @@ impl Vcpus for SoftVcpus {
         Ok(())
     }
 
-    fn pause(&self) -> Result<(), VcpuError> {
+    fn pause(&self) -> Result<(), StateError> {
         {
             let _ctl = self.shared.ctl.lock();
             self.shared.run.store(false, Ordering::Release);
@@ -280,67 +251,98 @@ impl Vcpus for SoftVcpus {
         self.shared.run.load(Ordering::Acquire)
     }
 
-    fn save_state(&self) -> Result<(u32, Vec<u8>), VcpuError> {
+    fn save_state(&self) -> Result<Vec<Section>, StateError> {
         if self.running() {
-            return Err(VcpuError::BadState(
-                "vCPUs must be paused to save them".into(),
+            return Err(StateError::InvalidState(
+                "soft vCPUs must be paused to save them".into(),
             ));
         }
         let ctl = self.shared.ctl.lock();
-        let mut v = vec![self.shared.workload.code()];
-        v.extend_from_slice(&(ctl.states.len() as u32).to_le_bytes());
-        for s in &ctl.states {
-            for w in [s.start, s.end, s.cursor, s.passes, s.rng] {
-                v.extend_from_slice(&w.to_le_bytes());
-            }
-        }
-        Ok((STATE_VERSION, v))
+        Ok(ctl
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut v = Vec::with_capacity(STATE_LEN);
+                v.push(code(self.shared.workload));
+                for w in [s.start, s.end, s.cursor, s.passes, s.rng] {
+                    v.extend_from_slice(&w.to_le_bytes());
+                }
+                Section::new(format!("{SECTION_PREFIX}{i}"), STATE_VERSION, v)
+            })
+            .collect())
     }
 
-    fn restore_state(&self, version: u32, data: &[u8]) -> Result<(), VcpuError> {
+    fn restore_state(&self, sections: &[Section]) -> Result<(), StateError> {
         if self.running() {
-            return Err(VcpuError::BadState(
-                "vCPUs must be paused to restore them".into(),
+            return Err(StateError::InvalidState(
+                "soft vCPUs must be paused to restore them".into(),
             ));
         }
-        let bad = |m: String| VcpuError::BadState(m);
-        if version != STATE_VERSION {
-            return Err(bad(format!(
-                "soft vCPU state version {version}, expected {STATE_VERSION}"
-            )));
-        }
         let n = self.threads.len();
-        if data.len() != 5 + n * PER_VCPU {
-            return Err(bad(format!(
-                "{} bytes of soft vCPU state, expected {} for {n} vCPUs",
-                data.len(),
-                5 + n * PER_VCPU
-            )));
+        if let Some(other) = sections
+            .iter()
+            .find(|s| !s.name.starts_with(SECTION_PREFIX))
+        {
+            return Err(StateError::incompatible(
+                "vCPUs",
+                format!(
+                    "the source sent vCPU state {:?}, not a soft vCPU's: this VM runs soft vCPUs",
+                    other.name
+                ),
+            ));
         }
-        if data[0] != self.shared.workload.code() {
-            return Err(bad("the source ran a different built-in guest".into()));
+        if sections.len() != n {
+            return Err(StateError::incompatible(
+                "vCPUs",
+                format!("the source has {} soft vCPUs, this VM {n}", sections.len()),
+            ));
         }
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&data[i..i + 8]);
-            u64::from_le_bytes(b)
-        };
         let mut ctl = self.shared.ctl.lock();
         let mut states = Vec::with_capacity(n);
         for (i, mine) in ctl.states.iter().enumerate() {
-            let o = 5 + i * PER_VCPU;
+            let what = format!("{SECTION_PREFIX}{i}");
+            let sec = sections
+                .iter()
+                .find(|s| s.name == what)
+                .ok_or_else(|| StateError::malformed(&what, "missing"))?;
+            if sec.version != STATE_VERSION {
+                return Err(StateError::malformed(
+                    &what,
+                    format!("version {}, this side reads {STATE_VERSION}", sec.version),
+                ));
+            }
+            let data = &sec.data;
+            if data.len() != STATE_LEN {
+                return Err(StateError::malformed(
+                    &what,
+                    format!("{} bytes, expected {STATE_LEN}", data.len()),
+                ));
+            }
+            if data[0] != code(self.shared.workload) {
+                return Err(StateError::incompatible(
+                    &what,
+                    "the source ran a different built-in guest",
+                ));
+            }
+            let word = |k: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&data[1 + 8 * k..9 + 8 * k]);
+                u64::from_le_bytes(b)
+            };
             let s = State {
-                start: word(o),
-                end: word(o + 8),
-                cursor: word(o + 16),
-                passes: word(o + 24),
-                rng: word(o + 32),
+                start: word(0),
+                end: word(1),
+                cursor: word(2),
+                passes: word(3),
+                rng: word(4),
             };
             if (s.start, s.end) != (mine.start, mine.end) || s.cursor < s.start || s.cursor >= s.end
             {
-                return Err(bad(format!(
-                    "vCPU {i}: slice or position does not fit this VM's memory"
-                )));
+                return Err(StateError::incompatible(
+                    &what,
+                    "its slice or position does not fit this VM's memory",
+                ));
             }
             states.push(s);
         }
@@ -349,6 +351,10 @@ impl Vcpus for SoftVcpus {
         }
         ctl.states = states;
         Ok(())
+    }
+
+    fn set_exit_handler(&self, _handler: ExitHandler) {
+        // Soft vCPUs run workloads that never stop on their own.
     }
 }
 
@@ -368,27 +374,61 @@ impl Drop for SoftVcpus {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::vm::{ab_check, memory_layout, HIGH_RAM_START};
+    use crate::guest::ab_check;
+    use crate::session::ErrorKind;
 
+    const HIGH_RAM_START: u64 = 0x10_0000;
     const MEM: u64 = 4 << 20;
 
+    /// Counts the bytes written to COM1.
+    #[derive(Default)]
+    struct Com1Count(AtomicU64);
+
+    impl IoHandler for Com1Count {
+        fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
+            false
+        }
+        fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+            if port == COM1 {
+                self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            port == COM1
+        }
+        fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+            false
+        }
+        fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
+            false
+        }
+    }
+
     fn guest_memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(GuestMemoryMmap::from_ranges(&memory_layout(MEM).unwrap()).unwrap())
+        Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0xa_0000),
+                (
+                    GuestAddress(HIGH_RAM_START),
+                    (MEM - HIGH_RAM_START) as usize,
+                ),
+            ])
+            .unwrap(),
+        )
     }
 
     /// `count` vCPUs running `workload` over the whole high RAM of `mem`.
     fn vcpus(
         mem: &Arc<GuestMemoryMmap>,
-        serial: &Arc<Serial>,
+        io: &Arc<Com1Count>,
         workload: Workload,
         count: usize,
     ) -> SoftVcpus {
         SoftVcpus::new(
             Arc::clone(mem),
-            Arc::clone(serial),
+            Arc::clone(io) as Arc<dyn IoHandler>,
             workload,
             count,
             HIGH_RAM_START,
@@ -418,8 +458,8 @@ mod tests {
     #[test]
     fn ab_survives_save_and_restore_into_another_vm() {
         let mem = guest_memory();
-        let serial = Arc::new(Serial::new(None).unwrap());
-        let v = vcpus(&mem, &serial, Workload::Ab, 2);
+        let io = Arc::new(Com1Count::default());
+        let v = vcpus(&mem, &io, Workload::Ab, 2);
         assert!(!v.running());
         v.resume().unwrap();
         run_until(&v, 3);
@@ -427,11 +467,12 @@ mod tests {
         let bytes = first_bytes(&mem);
         ab_check(&bytes, 2).unwrap();
         assert_eq!(
-            serial.tx_count(),
+            io.0.load(Ordering::Relaxed),
             v.passes().iter().sum::<u64>(),
             "one B per pass"
         );
-        let (ver, state) = v.save_state().unwrap();
+        let state = v.save_state().unwrap();
+        assert_eq!(state.len(), 2, "one section per vCPU");
 
         // A second VM with a copy of memory and the saved state continues exactly.
         let mem2 = guest_memory();
@@ -442,9 +483,8 @@ mod tests {
             )
             .unwrap();
         }
-        let serial2 = Arc::new(Serial::new(None).unwrap());
-        let v2 = vcpus(&mem2, &serial2, Workload::Ab, 2);
-        v2.restore_state(ver, &state).unwrap();
+        let v2 = vcpus(&mem2, &Arc::new(Com1Count::default()), Workload::Ab, 2);
+        v2.restore_state(&state).unwrap();
         let before = v2.passes();
         v2.resume().unwrap();
         run_until(&v2, before.iter().max().unwrap() + 2);
@@ -457,24 +497,35 @@ mod tests {
     #[test]
     fn bad_states_are_refused() {
         let mem = guest_memory();
-        let serial = Arc::new(Serial::new(None).unwrap());
-        let v = vcpus(&mem, &serial, Workload::Ab, 2);
-        let (ver, state) = v.save_state().unwrap();
-        assert!(v.restore_state(ver + 1, &state).is_err());
-        assert!(v.restore_state(ver, &state[..state.len() - 1]).is_err());
-        let one = vcpus(&mem, &serial, Workload::Ab, 1);
-        assert!(
-            one.restore_state(ver, &state).is_err(),
+        let io = Arc::new(Com1Count::default());
+        let v = vcpus(&mem, &io, Workload::Ab, 2);
+        let state = v.save_state().unwrap();
+        let kind = |r: Result<(), StateError>| r.unwrap_err().kind();
+        let mut newer = state.clone();
+        newer[0].version += 1;
+        assert_eq!(kind(v.restore_state(&newer)), ErrorKind::Protocol);
+        let mut short = state.clone();
+        short[1].data.pop();
+        assert_eq!(kind(v.restore_state(&short)), ErrorKind::Protocol);
+        let one = vcpus(&mem, &io, Workload::Ab, 1);
+        assert_eq!(
+            kind(one.restore_state(&state)),
+            ErrorKind::Local,
             "vCPU count differs"
         );
-        let rnd = vcpus(&mem, &serial, Workload::Random, 2);
-        assert!(rnd.restore_state(ver, &state).is_err(), "workload differs");
-        let mut bad = state.clone();
-        bad[5 + 16..5 + 24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(
-            v.restore_state(ver, &bad).is_err(),
-            "cursor outside the slice"
+        let rnd = vcpus(&mem, &io, Workload::Random, 2);
+        assert_eq!(
+            kind(rnd.restore_state(&state)),
+            ErrorKind::Local,
+            "workload differs"
         );
+        let mut kvm = state.clone();
+        kvm[0].name = "kvm.vcpu0.regs".into();
+        let e = v.restore_state(&kvm).unwrap_err();
+        assert!(e.to_string().contains("soft"), "{e}");
+        let mut bad = state.clone();
+        bad[0].data[1 + 16..1 + 24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(v.restore_state(&bad).is_err(), "cursor outside the slice");
         v.resume().unwrap();
         assert!(v.save_state().is_err(), "running vCPUs are not saved");
         v.pause().unwrap();
@@ -485,7 +536,7 @@ mod tests {
         use vm_memory::bitmap::Bitmap;
         use vm_memory::GuestMemoryBackend;
         let mem = guest_memory();
-        let v = vcpus(&mem, &Arc::new(Serial::new(None).unwrap()), Workload::Ab, 1);
+        let v = vcpus(&mem, &Arc::new(Com1Count::default()), Workload::Ab, 1);
         v.resume().unwrap();
         run_until(&v, 1);
         v.pause().unwrap();

@@ -59,24 +59,7 @@ use crate::session::{ExitHandler, GuestExit, Section, StateError, Vcpus};
 
 pub use x86_64::LongModeEntry;
 
-/// The VMM's devices, as the vCPUs see them: port I/O and MMIO exits.
-///
-/// Called on vCPU threads, possibly several at once; a call should not
-/// block for long (a blocked vCPU cannot be paused). Each method returns
-/// `false` when no device handles the access: an unhandled read then gives
-/// `0xff` bytes, and every unhandled access is counted
-/// ([`KvmVcpus::unhandled_io`]).
-pub trait IoHandler: Send + Sync {
-    /// A guest `in` of `data.len()` bytes (1, 2 or 4) from `port`: fill
-    /// `data`.
-    fn pio_read(&self, port: u16, data: &mut [u8]) -> bool;
-    /// A guest `out` of `data` to `port`.
-    fn pio_write(&self, port: u16, data: &[u8]) -> bool;
-    /// A guest read of `data.len()` bytes (1 to 8) at MMIO address `addr`.
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool;
-    /// A guest write of `data` at MMIO address `addr`.
-    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool;
-}
+pub use crate::io::IoHandler;
 
 /// No device at all: every access is unhandled.
 struct NoDevices;

@@ -1,0 +1,335 @@
+//! The VM of `demovm`, built only from the public API of `vmm-glue`, as any
+//! VMM would build its own: guest memory like a small PC, vCPUs on KVM (or the
+//! soft stand-in), COM1, and a migration session over all of it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use migration_ram::{DirtyLog, VmmDirtyLog};
+use serde_json::{json, Map, Value};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_glue::guest::{self, boot_sector, builtin, Workload};
+use vmm_glue::io::IoHandler;
+use vmm_glue::kvm::{self, KvmVcpus, KvmVm, KvmVmConfig, LongModeEntry};
+use vmm_glue::qmp::adapter::QmpExtension;
+use vmm_glue::qmp::server::QmpError;
+use vmm_glue::session::{DeviceState, GuestRam, Machine, RamRegion, Session, Vcpus};
+use vmm_glue::soft::SoftVcpus;
+use vmm_glue::GuestMemoryMmap;
+
+use crate::serial::Com1;
+
+/// Where RAM stops below 1 MiB (the VGA and BIOS hole starts).
+pub const LOW_RAM_END: u64 = 0xa_0000;
+/// Where RAM starts again above the hole; the built-in guests work from here to
+/// the top.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+/// The RAM regions' names, in address order.
+pub const REGIONS: [&str; 2] = ["pc.ram.low", "pc.ram"];
+
+/// What the guest runs.
+#[derive(Debug, Clone)]
+pub enum GuestSpec {
+    /// A built-in 64-bit workload.
+    Builtin(Workload),
+    /// A boot sector, started in real mode at 0000:7c00 (KVM only).
+    BootSector(PathBuf),
+}
+
+impl GuestSpec {
+    /// Parses `builtin:ab|random|idle` or a file path.
+    pub fn parse(s: &str) -> Result<GuestSpec, String> {
+        match s.strip_prefix("builtin:") {
+            Some(w) => Workload::parse(w)
+                .map(GuestSpec::Builtin)
+                .ok_or_else(|| format!("unknown built-in guest {w:?} (ab, random, idle)")),
+            None => Ok(GuestSpec::BootSector(PathBuf::from(s))),
+        }
+    }
+}
+
+impl std::fmt::Display for GuestSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestSpec::Builtin(w) => write!(f, "builtin:{}", w.name()),
+            GuestSpec::BootSector(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Which accelerator runs the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM where `/dev/kvm` works, soft vCPUs otherwise (said loudly).
+    Auto,
+    /// KVM, or a clear error.
+    Kvm,
+    /// Soft vCPUs: host threads running the built-in workloads.
+    Soft,
+}
+
+/// What `demovm` is built from.
+pub struct Config {
+    /// Top of guest-physical memory in bytes (RAM minus the hole).
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// The guest.
+    pub guest: GuestSpec,
+    /// Where COM1 output goes.
+    pub serial: Option<PathBuf>,
+    /// The accelerator asked for.
+    pub accel: Accel,
+    /// Dirty ring entries per vCPU (KVM), or the dirty bitmap.
+    pub dirty_ring: Option<u32>,
+    /// Whether the guest comes from an incoming migration (nothing is loaded).
+    pub incoming: bool,
+}
+
+/// COM1 and nothing else, on the port bus.
+struct Bus {
+    com1: Arc<Com1>,
+}
+
+impl IoHandler for Bus {
+    fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        match (self.com1.port_read(port), data) {
+            (Some(v), [b]) => {
+                *b = v;
+                true
+            }
+            _ => false,
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        match data {
+            [b] => self.com1.port_write(port, *b),
+            _ => false,
+        }
+    }
+    fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+        false
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
+        false
+    }
+}
+
+/// A built VM.
+pub struct Demo {
+    /// The migration session over it.
+    pub session: Arc<Session>,
+    /// What `x-guest-info` answers.
+    pub info: Arc<GuestInfo>,
+}
+
+/// `x-guest-info`: what runs and how it fares.
+pub struct GuestInfo {
+    /// `kvm` or `soft`.
+    pub accel: &'static str,
+    /// Why this accelerator, when it was not asked for.
+    pub accel_note: Option<String>,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// The guest, as given.
+    pub guest: String,
+    com1: Arc<Com1>,
+    kvm: Option<Arc<KvmVcpus>>,
+    /// Which dirty log a migration reads.
+    pub dirty_log: &'static str,
+}
+
+impl QmpExtension for GuestInfo {
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+        if command != "x-guest-info" {
+            return None;
+        }
+        if let Some(k) = args.keys().next() {
+            return Some(Err(QmpError::generic(format!(
+                "Parameter '{k}' is unexpected"
+            ))));
+        }
+        let unhandled = self.kvm.as_ref().map(|v| {
+            let u = v.unhandled_io();
+            json!({
+                "pio-reads": u.pio_reads,
+                "pio-writes": u.pio_writes,
+                "mmio-reads": u.mmio_reads,
+                "mmio-writes": u.mmio_writes,
+            })
+        });
+        Some(Ok(json!({
+            "accel": self.accel,
+            "accel-note": self.accel_note,
+            "vcpus": self.vcpus,
+            "guest": self.guest,
+            "dirty-log": self.dirty_log,
+            "serial-bytes": self.com1.tx_count(),
+            "unhandled-io": unhandled,
+        })))
+    }
+}
+
+/// The accelerator to use, and why when it was not asked for.
+fn choose_accel(asked: Accel) -> Result<(&'static str, Option<String>), String> {
+    match (asked, kvm::host_facts()) {
+        (Accel::Soft, _) => Ok(("soft", Some("soft vCPUs asked for (--accel soft)".into()))),
+        (Accel::Kvm | Accel::Auto, Ok(_)) => Ok(("kvm", None)),
+        (Accel::Kvm, Err(e)) => Err(format!(
+            "--accel kvm: KVM is not usable here: {}",
+            vmm_glue::error_chain(&e)
+        )),
+        (Accel::Auto, Err(e)) => Ok((
+            "soft",
+            Some(format!(
+                "KVM is not usable here ({}): soft vCPUs run the guest",
+                vmm_glue::error_chain(&e)
+            )),
+        )),
+    }
+}
+
+/// Reads and checks a boot sector.
+fn read_boot_sector(path: &PathBuf) -> Result<Vec<u8>, String> {
+    let data = std::fs::read(path)
+        .map_err(|e| format!("cannot read boot sector {}: {e}", path.display()))?;
+    if data.len() != boot_sector::SECTOR_SIZE {
+        return Err(format!(
+            "boot sector {} is {} bytes, not {}",
+            path.display(),
+            data.len(),
+            boot_sector::SECTOR_SIZE
+        ));
+    }
+    if data[510..] != [0x55, 0xaa] {
+        return Err(format!(
+            "{} has no boot signature (0x55 0xAA at offset 510)",
+            path.display()
+        ));
+    }
+    Ok(data)
+}
+
+/// Builds the VM: memory, devices, vCPUs with the guest loaded (unless it comes
+/// from a migration), and a session over them.
+pub fn build(c: &Config) -> Result<Demo, String> {
+    if c.mem < 2 * HIGH_RAM_START || c.mem % 4096 != 0 {
+        return Err(format!(
+            "--mem must be a multiple of 4 KiB and at least 2 MiB, not {:#x}",
+            c.mem
+        ));
+    }
+    let high = usize::try_from(c.mem - HIGH_RAM_START).map_err(|_| "--mem is too large")?;
+    let mem = Arc::new(
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), LOW_RAM_END as usize),
+            (GuestAddress(HIGH_RAM_START), high),
+        ])
+        .map_err(|e| format!("cannot map {} MiB of guest memory: {e}", c.mem >> 20))?,
+    );
+    let ram = GuestRam::new(
+        Arc::clone(&mem),
+        REGIONS.iter().map(|n| RamRegion::new(*n)).collect(),
+    )
+    .map_err(|e| vmm_glue::error_chain(&e))?;
+    let com1 = Arc::new(
+        Com1::new(c.serial.as_deref())
+            .map_err(|e| format!("cannot open the serial output file: {e}"))?,
+    );
+    let bus: Arc<dyn IoHandler> = Arc::new(Bus {
+        com1: Arc::clone(&com1),
+    });
+    let sector = match &c.guest {
+        GuestSpec::BootSector(p) if !c.incoming => Some(read_boot_sector(p)?),
+        _ => None,
+    };
+    let (accel, accel_note) = choose_accel(c.accel)?;
+    let mut devices: Vec<Arc<dyn DeviceState>> = Vec::new();
+    let (vcpus, dirty_log, kvm_vcpus, dirty_name): (
+        Arc<dyn Vcpus>,
+        Arc<dyn DirtyLog>,
+        _,
+        &'static str,
+    ) = if accel == "kvm" {
+        let mut config = KvmVmConfig::new(c.vcpus);
+        if let Some(n) = c.dirty_ring {
+            config = config.with_dirty_ring_or_bitmap(n);
+        }
+        let vm = KvmVm::new(&ram, config).map_err(|e| vmm_glue::error_chain(&e))?;
+        let vcpus = vm.vcpus();
+        vcpus.set_io_handler(Arc::clone(&bus));
+        let kerr = |e: kvm::KvmError| vmm_glue::error_chain(&e);
+        if !c.incoming {
+            match (&c.guest, &sector) {
+                (GuestSpec::Builtin(w), _) => {
+                    let prog = builtin::program(*w);
+                    mem.write_slice(&prog.code, GuestAddress(prog.load_addr))
+                        .map_err(|e| format!("loading the guest: {e}"))?;
+                    let entries: Vec<LongModeEntry> = guest::slices(HIGH_RAM_START, c.mem, c.vcpus)
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .zip(0u64..)
+                        .map(|((start, end), i)| {
+                            LongModeEntry::new(prog.entry, 0).with_args([start, end, i, 0])
+                        })
+                        .collect();
+                    vcpus.boot_long_mode(&entries).map_err(kerr)?;
+                }
+                (GuestSpec::BootSector(_), Some(sector)) => {
+                    mem.write_slice(sector, GuestAddress(u64::from(boot_sector::LOAD_ADDR)))
+                        .map_err(|e| format!("loading the boot sector: {e}"))?;
+                    vcpus.boot_real_mode().map_err(kerr)?;
+                }
+                (GuestSpec::BootSector(_), None) => {}
+            }
+        }
+        devices.extend(vm.device_states());
+        let name = if vm.dirty_ring_entries().is_some() {
+            "kvm-dirty-ring"
+        } else if vm.manual_protect() {
+            "kvm-bitmap-manual-protect"
+        } else {
+            "kvm-bitmap"
+        };
+        (
+            Arc::clone(&vcpus) as Arc<dyn Vcpus>,
+            vm.dirty_log(Arc::clone(&mem)),
+            Some(vcpus),
+            name,
+        )
+    } else {
+        let GuestSpec::Builtin(w) = c.guest else {
+            return Err(format!(
+                "boot-sector guests need KVM ({}); soft vCPUs run only the built-in guests",
+                accel_note.as_deref().unwrap_or("soft vCPUs asked for")
+            ));
+        };
+        let vcpus = SoftVcpus::new(Arc::clone(&mem), bus, w, c.vcpus, HIGH_RAM_START, c.mem)
+            .map_err(|e| vmm_glue::error_chain(&e))?;
+        (
+            Arc::new(vcpus) as Arc<dyn Vcpus>,
+            Arc::new(VmmDirtyLog::new(Arc::clone(&mem))) as Arc<dyn DirtyLog>,
+            None,
+            "vm-memory-bitmap",
+        )
+    };
+    devices.push(Arc::clone(&com1) as Arc<dyn DeviceState>);
+    let mut machine = Machine::new(ram, dirty_log, vcpus);
+    for d in devices {
+        machine = machine
+            .with_device(d)
+            .map_err(|e| vmm_glue::error_chain(&e))?;
+    }
+    Ok(Demo {
+        session: Arc::new(Session::new(machine)),
+        info: Arc::new(GuestInfo {
+            accel,
+            accel_note,
+            vcpus: c.vcpus,
+            guest: c.guest.to_string(),
+            com1,
+            kvm: kvm_vcpus,
+            dirty_log: dirty_name,
+        }),
+    })
+}

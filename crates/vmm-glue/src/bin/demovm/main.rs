@@ -1,0 +1,151 @@
+//! `demovm`: a minimal KVM VMM that runs a guest and migrates it, driven over QMP.
+//!
+//! It is the library's first user and uses only its public API, as a
+//! third-party VMM would: it builds guest memory, COM1 and vCPUs
+//! ([`machine`]), hands them to a `vmm_glue::session::Session`, and serves QMP
+//! through `vmm_glue::qmp::adapter` over `vmm_glue::qmp::server`.
+
+mod machine;
+mod serial;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+
+use clap::Parser;
+use vmm_glue::qmp::adapter::{forward_events, QmpAdapter};
+use vmm_glue::qmp::server::{Config as QmpConfig, EventSink, Greeting, Server};
+use vmm_glue::Logger;
+
+use machine::{Accel, Config, GuestSpec};
+
+/// A minimal KVM VMM that runs a guest and live-migrates it, driven over QMP.
+#[derive(Parser, Debug)]
+#[command(name = "demovm", version, long_about = None, after_help = AFTER_HELP)]
+struct Args {
+    /// Guest RAM: bytes, or with a K, M or G suffix (512M).
+    #[arg(long, value_parser = parse_size)]
+    mem: u64,
+    /// vCPUs (1 to 64).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    vcpus: u16,
+    /// builtin:ab | builtin:random | builtin:idle, or a 512-byte boot sector FILE.
+    #[arg(long, default_value = "builtin:ab", value_parser = GuestSpec::parse)]
+    guest: GuestSpec,
+    /// The QMP socket to serve.
+    #[arg(long)]
+    qmp: Option<PathBuf>,
+    /// Where COM1 output goes (a file, appended to).
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// Wait for an incoming migration: tcp:HOST:PORT, unix:PATH, file:PATH, or
+    /// defer (then QMP migrate-incoming).
+    #[arg(long, value_name = "URI")]
+    incoming: Option<String>,
+    /// What runs the vCPUs; auto is KVM where /dev/kvm works, else soft.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    accel: Accel,
+    /// Track dirty pages with a KVM dirty ring of N entries per vCPU (the
+    /// dirty bitmap where the host has no ring).
+    #[arg(long, value_name = "N")]
+    dirty_ring: Option<u32>,
+}
+
+const AFTER_HELP: &str = "\
+Environment: DEMOVM_LOG=error|warn|info|debug|trace sets the log level (info).
+A failed incoming migration leaves the guest unstarted and waiting: QMP migrate-incoming
+may start another one.";
+
+/// Parses `512M`, `1G`, `65536`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+fn main() -> ExitCode {
+    Logger::install_from_env("DEMOVM_LOG");
+    let args = Args::parse();
+    let config = Config {
+        mem: args.mem,
+        vcpus: usize::from(args.vcpus),
+        guest: args.guest.clone(),
+        serial: args.serial.clone(),
+        accel: args.accel,
+        dirty_ring: args.dirty_ring,
+        incoming: args.incoming.is_some(),
+    };
+    let demo = match machine::build(&config) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("demovm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let info = &demo.info;
+    eprintln!(
+        "demovm: {} MiB, {} vCPU(s), guest {}, accel {}{}",
+        args.mem >> 20,
+        info.vcpus,
+        info.guest,
+        info.accel,
+        info.accel_note
+            .as_deref()
+            .map(|n| format!(" [{n}]"))
+            .unwrap_or_default()
+    );
+    let session = &demo.session;
+    let (quit_tx, quit_rx) = mpsc::channel::<()>();
+    let events = EventSink::new();
+    forward_events(session, events.clone());
+    let server = match &args.qmp {
+        Some(path) => {
+            let quit = quit_tx.clone();
+            let adapter = QmpAdapter::new(
+                Arc::clone(session),
+                Box::new(move || {
+                    let _ = quit.send(());
+                }),
+            )
+            .with_extension(Arc::clone(&demo.info) as _);
+            let greeting = Greeting {
+                version: (9, 2, 0),
+                package: format!("demovm {}", env!("CARGO_PKG_VERSION")),
+            };
+            match Server::bind(path, QmpConfig::new(greeting), Arc::new(adapter), events) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!(
+                        "demovm: cannot serve QMP on {}: {}",
+                        path.display(),
+                        vmm_glue::error_chain(&e)
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+    let started = match args.incoming.as_deref() {
+        Some("defer") => session.defer_incoming(),
+        Some(uri) => session.incoming(uri),
+        None => session.start(),
+    };
+    if let Err(e) = started {
+        eprintln!("demovm: {}", e.describe());
+        return ExitCode::FAILURE;
+    }
+    // Runs until QMP `quit` (or until killed).
+    let _ = quit_rx.recv();
+    // The QMP server first (it holds the session), then the session and the
+    // vCPUs: every thread is joined.
+    drop(server);
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,20 @@
+//! The I/O bus between vCPUs and the VMM's devices: what a vCPU's port and
+//! MMIO accesses reach, whatever runs the vCPU (KVM or the soft stand-in).
+
+/// Port and MMIO accesses of the guest, served by the VMM's devices.
+///
+/// Each method returns whether a device handled the access. The vCPU layer
+/// answers unhandled reads with all-ones bytes (as a PC bus does) and counts
+/// unhandled accesses. Called on vCPU threads: a handler must not block for
+/// long (a device that writes to a file may; one that waits on a peer must
+/// not).
+pub trait IoHandler: Send + Sync {
+    /// A read of `data.len()` bytes from I/O port `port`.
+    fn pio_read(&self, port: u16, data: &mut [u8]) -> bool;
+    /// A write of `data` to I/O port `port`.
+    fn pio_write(&self, port: u16, data: &[u8]) -> bool;
+    /// A read of `data.len()` bytes from guest-physical `addr` outside RAM.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool;
+    /// A write of `data` to guest-physical `addr` outside RAM.
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool;
+}

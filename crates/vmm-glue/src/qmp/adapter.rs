@@ -1,0 +1,368 @@
+//! The QMP face of a [`Session`]: QEMU's migration commands mapped to the
+//! session's typed calls, and its events to QMP events. Nothing else lives
+//! here: the protocol is the server's, the behaviour the session's.
+//!
+//! | command | session call |
+//! |---|---|
+//! | `query-status` | [`Session::run_state`] |
+//! | `stop`, `cont` | [`Session::stop`], [`Session::cont`] |
+//! | `migrate-set-capabilities`, `query-migrate-capabilities` | [`Session::set_capabilities`], [`Session::capabilities`] |
+//! | `migrate-set-parameters`, `query-migrate-parameters` | [`Session::update_parameters`], [`Session::parameters`] |
+//! | `migrate`, `migrate-incoming`, `migrate_cancel` | [`Session::migrate`], [`Session::incoming`], [`Session::cancel`] |
+//! | `query-migrate` | [`Session::info`] |
+//! | `x-ram-digest`, `x-ram-sample` | [`verify::digest`], [`verify::sample`] |
+//! | `quit` | the VMM's quit callback, after the reply |
+//!
+//! `migrate-set-parameters` also takes `x-link-timeout` (milliseconds). Other
+//! commands go to the VMM's [`QmpExtension`], if any.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use crate::qmp::server::{EventSink, Handler, QmpError};
+use crate::session::{
+    Capability, Event, GuestExit, MigrationInfo, MigrationStatus, Parameters, RunState, Session,
+    SessionError, UsageError,
+};
+use crate::verify;
+
+/// Commands a VMM adds to the adapter's (`x-guest-info`, say).
+pub trait QmpExtension: Send + Sync {
+    /// Runs `command`, or returns `None` when it is not one of the extension's.
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>>;
+}
+
+/// Maps QMP commands to a [`Session`].
+pub struct QmpAdapter {
+    session: Arc<Session>,
+    quit: Box<dyn Fn() + Send + Sync>,
+    extension: Option<Arc<dyn QmpExtension>>,
+}
+
+impl QmpAdapter {
+    /// An adapter for `session`; `quit` runs after the reply to `quit` went
+    /// out.
+    pub fn new(session: Arc<Session>, quit: Box<dyn Fn() + Send + Sync>) -> QmpAdapter {
+        QmpAdapter {
+            session,
+            quit,
+            extension: None,
+        }
+    }
+
+    /// Adds the VMM's own commands.
+    pub fn with_extension(mut self, extension: Arc<dyn QmpExtension>) -> QmpAdapter {
+        self.extension = Some(extension);
+        self
+    }
+}
+
+/// Sends the session's events to QMP clients as QEMU names them (`MIGRATION`,
+/// `STOP`, `RESUME`, `SHUTDOWN`). The sink never blocks, so neither does the
+/// session.
+pub fn forward_events(session: &Session, sink: EventSink) {
+    session.on_event(Box::new(move |e| match e {
+        Event::Migration(s) => sink.emit("MIGRATION", Some(json!({ "status": s.as_str() }))),
+        Event::Stop => sink.emit("STOP", None),
+        Event::Resume => sink.emit("RESUME", None),
+        Event::GuestExit(GuestExit::Shutdown { reason }) => sink.emit(
+            "SHUTDOWN",
+            Some(json!({ "guest": true, "reason": "guest-shutdown", "x-detail": reason })),
+        ),
+        Event::GuestExit(GuestExit::InternalError { vcpu, message }) => sink.emit(
+            "STOP",
+            Some(json!({ "x-internal-error": { "vcpu": vcpu, "message": message } })),
+        ),
+    }));
+}
+
+fn err(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn session_err(e: SessionError) -> QmpError {
+    QmpError::generic(e.describe())
+}
+
+/// Refuses members other than `allowed`, as QEMU words it.
+fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(err(format_args!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+fn missing(name: &str) -> QmpError {
+    err(format_args!("Parameter '{name}' is missing"))
+}
+
+fn wrong_type(name: &str, expected: &str) -> QmpError {
+    err(format_args!(
+        "Invalid parameter type for '{name}', expected: {expected}"
+    ))
+}
+
+fn str_arg<'a>(args: &'a Map<String, Value>, name: &str) -> Result<&'a str, QmpError> {
+    match args.get(name) {
+        None => Err(missing(name)),
+        Some(v) => v.as_str().ok_or_else(|| wrong_type(name, "string")),
+    }
+}
+
+fn u64_of(name: &str, v: &Value) -> Result<u64, QmpError> {
+    v.as_u64().ok_or_else(|| wrong_type(name, "integer"))
+}
+
+fn u64_arg(args: &Map<String, Value>, name: &str) -> Result<u64, QmpError> {
+    args.get(name)
+        .ok_or_else(|| missing(name))
+        .and_then(|v| u64_of(name, v))
+}
+
+fn bool_of(name: &str, v: &Value) -> Result<bool, QmpError> {
+    v.as_bool().ok_or_else(|| wrong_type(name, "boolean"))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl QmpAdapter {
+    fn set_capabilities(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        only(args, &["capabilities"])?;
+        let list = args
+            .get("capabilities")
+            .ok_or_else(|| missing("capabilities"))?
+            .as_array()
+            .ok_or_else(|| wrong_type("capabilities", "array"))?;
+        let mut changes = Vec::with_capacity(list.len());
+        for item in list {
+            let item = item
+                .as_object()
+                .ok_or_else(|| wrong_type("capabilities", "array of objects"))?;
+            only(item, &["capability", "state"])?;
+            let name = str_arg(item, "capability")?;
+            let state = item
+                .get("state")
+                .ok_or_else(|| missing("state"))
+                .and_then(|v| bool_of("state", v))?;
+            let cap = Capability::from_name(name).ok_or_else(|| {
+                err(format_args!(
+                    "Parameter 'capability' does not accept value '{name}'"
+                ))
+            })?;
+            changes.push((cap, state));
+        }
+        self.session
+            .set_capabilities(&changes)
+            .map_err(session_err)?;
+        Ok(json!({}))
+    }
+
+    fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        only(
+            args,
+            &[
+                "max-bandwidth",
+                "downtime-limit",
+                "max-postcopy-bandwidth",
+                "x-link-timeout",
+            ],
+        )?;
+        let mut values = Vec::with_capacity(args.len());
+        for (k, v) in args {
+            values.push((k.as_str(), u64_of(k, v)?));
+        }
+        self.session
+            .update_parameters(|p: &mut Parameters| {
+                for (k, v) in values {
+                    match k {
+                        "max-bandwidth" => p.max_bandwidth = v,
+                        "downtime-limit" => p.downtime_limit = Duration::from_millis(v),
+                        "max-postcopy-bandwidth" => p.max_postcopy_bandwidth = v,
+                        _ => p.link_timeout = Duration::from_millis(v),
+                    }
+                }
+            })
+            .map_err(session_err)?;
+        Ok(json!({}))
+    }
+
+    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        only(args, &["uri", "resume", "detach"])?;
+        if let Some(v) = args.get("resume") {
+            if bool_of("resume", v)? {
+                return Err(err("Cannot resume if there is no paused migration"));
+            }
+        }
+        if let Some(v) = args.get("detach") {
+            bool_of("detach", v)?;
+        }
+        let uri = str_arg(args, "uri")?;
+        self.session.migrate(uri).map_err(session_err)?;
+        Ok(json!({}))
+    }
+
+    fn migrate_incoming(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        only(args, &["uri"])?;
+        let uri = str_arg(args, "uri")?;
+        if self.session.run_state() != RunState::InMigrate {
+            return Err(err("'-incoming' was not specified on the command line"));
+        }
+        self.session.incoming(uri).map_err(session_err)?;
+        Ok(json!({}))
+    }
+
+    fn ram_sample(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        only(args, &["start", "end", "stride"])?;
+        let data = verify::sample(
+            self.session.machine().ram(),
+            u64_arg(args, "start")?,
+            u64_arg(args, "end")?,
+            u64_arg(args, "stride")?,
+        )
+        .map_err(QmpError::generic)?;
+        Ok(json!({ "data": base64::engine::general_purpose::STANDARD.encode(data) }))
+    }
+}
+
+/// QEMU's `query-migrate` reply for `info`.
+pub fn query_migrate_reply(info: &MigrationInfo) -> Value {
+    let mut f = Map::new();
+    f.insert("status".into(), json!(info.status.as_str()));
+    if info.status == MigrationStatus::None {
+        return Value::Object(f);
+    }
+    if let Some(t) = info.total_time {
+        f.insert("total-time".into(), json!(ms(t)));
+    }
+    if let Some(t) = info.downtime {
+        f.insert("downtime".into(), json!(ms(t)));
+    }
+    if let Some(t) = info.setup_time {
+        f.insert("setup-time".into(), json!(ms(t)));
+    }
+    if let Some(s) = &info.ram {
+        f.insert(
+            "ram".into(),
+            json!({
+                "transferred": s.transferred,
+                "remaining": s.remaining,
+                "total": s.total,
+                "duplicate": s.duplicate,
+                "normal": s.normal,
+                "normal-bytes": s.normal_bytes,
+                "mbps": s.mbps,
+                "dirty-sync-count": s.dirty_sync_count,
+                "postcopy-requests": s.postcopy_requests,
+                "dirty-pages-rate": s.dirty_pages_rate,
+            }),
+        );
+    }
+    if let Some(u) = &info.socket_address {
+        use migration_stream::MigrationUri;
+        let addr = match u {
+            MigrationUri::Tcp { host, port } => {
+                json!({ "type": "inet", "host": host, "port": port.to_string() })
+            }
+            MigrationUri::Unix { path } => {
+                json!({ "type": "unix", "path": path.display().to_string() })
+            }
+            MigrationUri::File { path } => {
+                json!({ "type": "file", "path": path.display().to_string() })
+            }
+        };
+        f.insert("socket-address".into(), json!([addr]));
+    }
+    if info.rejected_connections > 0 {
+        f.insert(
+            "x-rejected-connections".into(),
+            json!(info.rejected_connections),
+        );
+    }
+    if let Some(e) = &info.error {
+        f.insert("error-desc".into(), json!(e.describe()));
+        f.insert("x-error-kind".into(), json!(e.kind().as_str()));
+    }
+    Value::Object(f)
+}
+
+impl Handler for QmpAdapter {
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let s = &self.session;
+        let none = |()| json!({});
+        match command {
+            "query-status" => {
+                only(args, &[])?;
+                let rs = s.run_state();
+                Ok(json!({
+                    "status": rs.as_str(),
+                    "running": rs == RunState::Running,
+                    "singlestep": false,
+                }))
+            }
+            "stop" => only(args, &[]).and_then(|()| s.stop().map(none).map_err(session_err)),
+            "cont" => only(args, &[]).and_then(|()| s.cont().map(none).map_err(session_err)),
+            "quit" => only(args, &[]).map(none),
+            "migrate-set-capabilities" => self.set_capabilities(args),
+            "query-migrate-capabilities" => {
+                only(args, &[])?;
+                let caps = s.capabilities();
+                Ok(Value::Array(
+                    Capability::ALL
+                        .iter()
+                        .map(|c| json!({ "capability": c.name(), "state": caps.get(*c) }))
+                        .collect(),
+                ))
+            }
+            "migrate-set-parameters" => self.set_parameters(args),
+            "query-migrate-parameters" => {
+                only(args, &[])?;
+                let p = s.parameters();
+                Ok(json!({
+                    "max-bandwidth": p.max_bandwidth,
+                    "downtime-limit": ms(p.downtime_limit),
+                    "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+                    "x-link-timeout": ms(p.link_timeout),
+                }))
+            }
+            "query-migrate" => only(args, &[]).map(|()| query_migrate_reply(&s.info())),
+            "migrate" => self.migrate(args),
+            "migrate-incoming" => self.migrate_incoming(args),
+            "migrate_cancel" => {
+                only(args, &[])?;
+                s.cancel();
+                Ok(json!({}))
+            }
+            "migrate-start-postcopy" => Err(err(UsageError::Unavailable(Capability::PostcopyRam))),
+            "migrate-pause" => Err(err(
+                "migrate-pause is currently only supported during postcopy-active or postcopy-recover state",
+            )),
+            "migrate-recover" => Err(err(
+                "Migrate recover can only be run when postcopy is paused.",
+            )),
+            "x-ram-digest" => {
+                only(args, &[])?;
+                let blocks: Vec<Value> = verify::digest(s.machine().ram())
+                    .into_iter()
+                    .map(|d| json!({ "name": d.name, "size": d.size, "digest": d.sha256 }))
+                    .collect();
+                Ok(json!({ "algorithm": verify::DIGEST_ALGORITHM, "blocks": blocks }))
+            }
+            "x-ram-sample" => self.ram_sample(args),
+            other => match self.extension.as_ref().and_then(|x| x.execute(other, args)) {
+                Some(r) => r,
+                None => Err(QmpError::not_found(other)),
+            },
+        }
+    }
+
+    fn after_reply(&self, command: &str) {
+        if command == "quit" {
+            (self.quit)();
+        }
+    }
+}
