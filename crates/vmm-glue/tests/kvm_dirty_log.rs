@@ -309,3 +309,31 @@ fn ring_falls_back_to_the_bitmap_only_when_allowed() {
     // Not a power of two: refused whatever the host.
     assert!(KvmVm::new(&ram, KvmVmConfig::new(1).with_dirty_ring(1000)).is_err());
 }
+
+#[test]
+fn ring_sync_kicks_a_halted_running_guest_and_returns() {
+    let name = "ring_sync_kicks_a_halted_running_guest_and_returns";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let Some((vm, _ram)) = dirty_vm(true, name) else {
+        return;
+    };
+    let blocks = watched_blocks(&vm);
+    let log = vm.kvm_dirty_log();
+    log.start().unwrap();
+    let io = Arc::new(TestIo::default());
+    vm.vcpus().set_io_handler(io.clone());
+    boot_args(&vm, FILL_PAGES, &[[R2, 5, 0, 0]]);
+    vm.vcpus().resume().unwrap();
+    wait_until(|| !io.writes.lock().is_empty());
+    // Running, halted in KVM_RUN: every sync kicks it out and back in.
+    assert_eq!(log.sync(&blocks).unwrap(), 5);
+    for _ in 0..20 {
+        assert_eq!(log.sync(&blocks).unwrap(), 0);
+    }
+    assert!(vm.vcpus().running());
+    assert_eq!(dirty(&blocks, "r2"), vec![0, 1, 2, 3, 4]);
+    vm.vcpus().pause().unwrap();
+    log.stop().unwrap();
+}
