@@ -97,7 +97,7 @@ fn two_vcpus_each_run_their_own_loop() {
     if !kvm_or_skip("two_vcpus_each_run_their_own_loop") {
         return;
     }
-    let (vm, _ram) = small_vm(2);
+    let (vm, ram) = small_vm(2);
     boot(&vm, COUNTER);
     let vcpus = vm.vcpus();
     vcpus.resume().unwrap();
@@ -113,14 +113,21 @@ fn two_vcpus_each_run_their_own_loop() {
     assert_eq!(vcpus.regs(0).unwrap().rdi, DATA);
     assert_eq!(vcpus.regs(1).unwrap().rdi, DATA + 0x1000);
     // Both saved, with a header naming two vCPUs.
-    let names: Vec<String> = vcpus
-        .save_state()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert!(names.contains(&"kvm.vcpus".to_owned()));
-    assert!(names.contains(&"kvm.vcpu1.lapic".to_owned()));
+    let sections = vcpus.save_state().unwrap();
+    let names: Vec<&str> = sections.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"kvm.vcpus"));
+    assert!(names.contains(&"kvm.vcpu1.lapic"));
+    // Both go on in a second VM, each with its own counter.
+    let ram2 = copy_ram(&ram);
+    let vm2 = KvmVm::new(&ram2, KvmVmConfig::new(2)).unwrap();
+    for (d, s) in vm2.device_states().iter().zip(vm.device_states()) {
+        d.load(s.version(), &s.save().unwrap()).unwrap();
+    }
+    vm2.vcpus().restore_state(&sections).unwrap();
+    vm2.vcpus().resume().unwrap();
+    let mem2 = vm2.memory().clone();
+    wait_until(|| read_u64(&mem2, DATA) > a + 1000 && read_u64(&mem2, DATA + 0x1000) > b + 1000);
+    vm2.vcpus().pause().unwrap();
 }
 
 #[test]
@@ -295,4 +302,33 @@ fn mmio_goes_to_the_io_handler_and_unhandled_reads_return_ff() {
     );
     let u = vcpus.unhandled_io();
     assert_eq!((u.mmio_reads, u.mmio_writes), (1, 0));
+}
+
+#[test]
+fn code_in_an_mmio_hole_is_an_internal_error_and_the_process_lives_on() {
+    if !kvm_or_skip("code_in_an_mmio_hole_is_an_internal_error_and_the_process_lives_on") {
+        return;
+    }
+    let (vm, _ram) = small_vm(1);
+    boot(&vm, JUMP_TO_MMIO);
+    let vcpus = vm.vcpus();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    vcpus.set_exit_handler(Box::new(move |e| s.lock().push(e)));
+    vcpus.resume().unwrap();
+    wait_until(|| !seen.lock().is_empty());
+    let exits = seen.lock().clone();
+    match &exits[0] {
+        GuestExit::InternalError { vcpu, message } => {
+            assert_eq!(*vcpu, 0);
+            assert!(
+                message.contains("emulation failure (suberror 1)"),
+                "{message}"
+            );
+        }
+        other => panic!("expected an internal error, got {other:?}"),
+    }
+    wait_until(|| !vcpus.running());
+    vcpus.pause().unwrap();
+    assert!(!vcpus.save_state().unwrap().is_empty());
 }

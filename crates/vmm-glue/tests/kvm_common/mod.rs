@@ -61,6 +61,14 @@ pub const PIO_READ: &[u8] = &[
 /// ```
 pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 
+/// Jumps into the MMIO hole at 0xd000_0000: KVM cannot fetch an
+/// instruction there (an emulation failure).
+/// ```text
+/// 0: b8 00 00 00 d0    mov eax, 0xd0000000
+/// 5: ff e0             jmp rax
+/// ```
+pub const JUMP_TO_MMIO: &[u8] = &[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0];
+
 /// A write server: asks port 0x500 for an address (low, high dword) and a
 /// length, reads that many bytes from port 0x501 and stores them there,
 /// acknowledges on port 0x502; a length of 0 asks again.
