@@ -97,7 +97,7 @@ fn two_vcpus_each_run_their_own_loop() {
     if !kvm_or_skip("two_vcpus_each_run_their_own_loop") {
         return;
     }
-    let (vm, _ram) = small_vm(2);
+    let (vm, ram) = small_vm(2);
     boot(&vm, COUNTER);
     let vcpus = vm.vcpus();
     vcpus.resume().unwrap();
@@ -113,14 +113,21 @@ fn two_vcpus_each_run_their_own_loop() {
     assert_eq!(vcpus.regs(0).unwrap().rdi, DATA);
     assert_eq!(vcpus.regs(1).unwrap().rdi, DATA + 0x1000);
     // Both saved, with a header naming two vCPUs.
-    let names: Vec<String> = vcpus
-        .save_state()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert!(names.contains(&"kvm.vcpus".to_owned()));
-    assert!(names.contains(&"kvm.vcpu1.lapic".to_owned()));
+    let sections = vcpus.save_state().unwrap();
+    let names: Vec<&str> = sections.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"kvm.vcpus"));
+    assert!(names.contains(&"kvm.vcpu1.lapic"));
+    // Both go on in a second VM, each with its own counter.
+    let ram2 = copy_ram(&ram);
+    let vm2 = KvmVm::new(&ram2, KvmVmConfig::new(2)).unwrap();
+    for (d, s) in vm2.device_states().iter().zip(vm.device_states()) {
+        d.load(s.version(), &s.save().unwrap()).unwrap();
+    }
+    vm2.vcpus().restore_state(&sections).unwrap();
+    vm2.vcpus().resume().unwrap();
+    let mem2 = vm2.memory().clone();
+    wait_until(|| read_u64(&mem2, DATA) > a + 1000 && read_u64(&mem2, DATA + 0x1000) > b + 1000);
+    vm2.vcpus().pause().unwrap();
 }
 
 #[test]
@@ -223,4 +230,105 @@ fn saving_while_running_is_refused() {
     assert!(vm.device_states()[0].save().is_err());
     vcpus.pause().unwrap();
     vcpus.save_state().unwrap();
+}
+
+#[test]
+fn pause_completes_pending_port_reads_across_migrations() {
+    if !kvm_or_skip("pause_completes_pending_port_reads_across_migrations") {
+        return;
+    }
+    // The guest does nothing but `in`: nearly every pause lands right after
+    // a port-read exit. Were that read not completed before the state is
+    // saved, the next VM would execute it again and the guest would see a
+    // value skipped.
+    let io = Arc::new(TestIo::default());
+    let (vm, ram) = small_vm(1);
+    vm.vcpus().set_io_handler(io.clone());
+    boot(&vm, PIO_SEQUENCE);
+    let mut vm = vm;
+    let mut ram = ram;
+    for round in 0..6 {
+        vm.vcpus().resume().unwrap();
+        let mem = vm.memory().clone();
+        let start = read_u64(&mem, DATA);
+        wait_until(|| read_u64(&mem, DATA) > start + 200 || !io.writes.lock().is_empty());
+        vm.vcpus().pause().unwrap();
+        assert_eq!(
+            *io.writes.lock(),
+            vec![],
+            "the guest saw a gap in round {round}"
+        );
+        let sections = vm.vcpus().save_state().unwrap();
+        let ram2 = copy_ram(&ram);
+        let vm2 = KvmVm::new(&ram2, KvmVmConfig::new(1)).unwrap();
+        vm2.vcpus().set_io_handler(io.clone());
+        vm2.vcpus().restore_state(&sections).unwrap();
+        // The last value the device gave reached the guest's EAX: the
+        // read completed before the state was taken.
+        let regs = vm2.vcpus().regs(0).unwrap();
+        let seq = u64::from(io.seq.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(regs.rax, seq, "round {round}");
+        assert!(regs.rbx == seq || regs.rbx + 1 == seq, "round {round}");
+        (vm, ram) = (vm2, ram2);
+    }
+    vm.vcpus().resume().unwrap();
+    let mem = vm.memory().clone();
+    let start = read_u64(&mem, DATA);
+    wait_until(|| read_u64(&mem, DATA) > start + 200 || !io.writes.lock().is_empty());
+    vm.vcpus().pause().unwrap();
+    assert_eq!(*io.writes.lock(), vec![]);
+}
+
+#[test]
+fn mmio_goes_to_the_io_handler_and_unhandled_reads_return_ff() {
+    if !kvm_or_skip("mmio_goes_to_the_io_handler_and_unhandled_reads_return_ff") {
+        return;
+    }
+    let (vm, _ram) = small_vm(1);
+    boot(&vm, MMIO);
+    let io = Arc::new(TestIo::default());
+    let vcpus = vm.vcpus();
+    vcpus.set_io_handler(io.clone());
+    vcpus.resume().unwrap();
+    wait_until(|| !io.writes.lock().is_empty() || vcpus.last_exit().is_some());
+    vcpus.pause().unwrap();
+    assert_eq!(vcpus.last_exit(), None);
+    let read = |off: u64| -> u32 { vm.memory().read_obj(GuestAddress(DATA + off)).unwrap() };
+    assert_eq!(read(0), MMIO_VALUE);
+    assert_eq!(read(4), 0xffff_ffff);
+    assert_eq!(
+        *io.mmio_writes.lock(),
+        vec![(MMIO_REG + 16, 0x1234_5678u32.to_le_bytes().to_vec())]
+    );
+    let u = vcpus.unhandled_io();
+    assert_eq!((u.mmio_reads, u.mmio_writes), (1, 0));
+}
+
+#[test]
+fn code_in_an_mmio_hole_is_an_internal_error_and_the_process_lives_on() {
+    if !kvm_or_skip("code_in_an_mmio_hole_is_an_internal_error_and_the_process_lives_on") {
+        return;
+    }
+    let (vm, _ram) = small_vm(1);
+    boot(&vm, JUMP_TO_MMIO);
+    let vcpus = vm.vcpus();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    vcpus.set_exit_handler(Box::new(move |e| s.lock().push(e)));
+    vcpus.resume().unwrap();
+    wait_until(|| !seen.lock().is_empty());
+    let exits = seen.lock().clone();
+    match &exits[0] {
+        GuestExit::InternalError { vcpu, message } => {
+            assert_eq!(*vcpu, 0);
+            assert!(
+                message.contains("emulation failure (suberror 1)"),
+                "{message}"
+            );
+        }
+        other => panic!("expected an internal error, got {other:?}"),
+    }
+    wait_until(|| !vcpus.running());
+    vcpus.pause().unwrap();
+    assert!(!vcpus.save_state().unwrap().is_empty());
 }

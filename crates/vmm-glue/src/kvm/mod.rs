@@ -14,6 +14,7 @@
 //! | `kvm/vcpu/x86_64.rs` | CPUID, boot set-up (real mode, long mode), register/MSR/LAPIC state and its save/restore order |
 //! | `kvm/dirty_log.rs` | [`KvmDirtyLog`] (bitmap, manual protect) and [`KvmDirtyRing`] |
 //! | `kvm/wire.rs` | the little-endian encoding of the state sections |
+//! | `kvm/abi.rs` | the ioctls kvm-ioctls lacks, checked against the kernel ABI |
 //!
 //! A VMM builds a [`KvmVm`] over its [`GuestRam`](crate::session::GuestRam),
 //! plugs its devices in through [`KvmVcpus::set_io_handler`], sets the vCPUs

@@ -249,7 +249,8 @@ struct Vcpu {
     cv: Condvar,
     run: OnceLock<RunMap>,
     thread: OnceLock<libc::pthread_t>,
-    /// KVM_RUN returns so far (to wait for a kick to land).
+    /// Passes through the top of the run loop, out of KVM_RUN (to wait for
+    /// a flush kick to land).
     exits: AtomicU64,
 }
 
@@ -530,8 +531,11 @@ impl KvmVcpus {
         *self.shared.last_exit.lock() = None;
     }
 
-    /// Kicks every running vCPU and waits until each has left `KVM_RUN` at
-    /// least once since (so CPU-buffered dirty state, PML, reached KVM).
+    /// Kicks every running vCPU and waits until each has been out of
+    /// `KVM_RUN` since (so CPU-buffered dirty state, PML, reached KVM). A
+    /// kick that lands while the thread handles an exit in user space is
+    /// consumed there, but the thread then passes the top of its run loop,
+    /// which is what this waits for.
     pub(crate) fn kick_and_wait_exits(&self) {
         let before: Vec<u64> = self
             .shared
@@ -819,6 +823,10 @@ fn run_loop(shared: &Shared, v: &Vcpu, core: &mut VcpuCore) -> Outcome {
     };
     loop {
         run.immediate_exit().store(0, Ordering::SeqCst);
+        // Out of KVM_RUN (so CPU-buffered dirty state reached KVM) with
+        // `immediate_exit` clear: a flush kick that raced with the clear
+        // above sees this count move and need not land.
+        v.exits.fetch_add(1, Ordering::SeqCst);
         if v.stop.load(Ordering::SeqCst) {
             if v.ctl.lock().want_run {
                 // A kick that asks for no pause (a dirty-ring flush).
@@ -828,7 +836,6 @@ fn run_loop(shared: &Shared, v: &Vcpu, core: &mut VcpuCore) -> Outcome {
             }
         }
         let r = kvm_run(core);
-        v.exits.fetch_add(1, Ordering::SeqCst);
         match r {
             Ok(()) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {

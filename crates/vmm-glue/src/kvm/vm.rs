@@ -11,7 +11,8 @@
 //! 4. one memory slot per vm-memory region (slot `i` = region `i` =
 //!    `ram.regions()[i]`);
 //! 5. manual dirty-log protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, with
-//!    `KVM_DIRTY_LOG_INITIALLY_SET` where offered) when there is no ring;
+//!    `KVM_DIRTY_LOG_INITIALLY_SET` where offered) when there is no ring
+//!    and the configuration does not turn it off;
 //! 6. the vCPUs, each on its own thread, paused ([`KvmVcpus`]).
 
 pub mod x86_64;
@@ -50,6 +51,10 @@ pub struct KvmVmConfig {
     /// With `dirty_ring`: use the dirty bitmap where the host has no ring
     /// (saying so in the log) instead of failing.
     pub ring_fallback: bool,
+    /// Use manual dirty-log protect (`KVM_CLEAR_DIRTY_LOG`) where the host
+    /// offers it (the default); off, `KVM_GET_DIRTY_LOG` re-protects whole
+    /// slots itself.
+    pub manual_protect: bool,
     /// `KVM_SET_TSS_ADDR`: three pages below 4 GiB that no RAM slot or MMIO
     /// range overlaps.
     pub tss_addr: u64,
@@ -66,6 +71,7 @@ impl KvmVmConfig {
             vcpus,
             dirty_ring: None,
             ring_fallback: false,
+            manual_protect: true,
             tss_addr: 0xfffb_d000,
             identity_map_addr: 0xfffb_c000,
         }
@@ -84,6 +90,12 @@ impl KvmVmConfig {
     pub fn with_dirty_ring_or_bitmap(mut self, entries: u32) -> Self {
         self.dirty_ring = Some(entries);
         self.ring_fallback = true;
+        self
+    }
+
+    /// Without manual dirty-log protect, even where the host offers it.
+    pub fn without_manual_protect(mut self) -> Self {
+        self.manual_protect = false;
         self
     }
 
@@ -265,7 +277,7 @@ impl KvmVm {
         x86_64::check_system_pages(&slots, &config)?;
         x86_64::setup_vm(&fd, &config)?;
 
-        let manual_protect = if ring_bytes == 0 {
+        let manual_protect = if ring_bytes == 0 && config.manual_protect {
             enable_manual_protect(&fd)?
         } else {
             0

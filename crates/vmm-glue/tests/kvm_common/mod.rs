@@ -61,6 +61,14 @@ pub const PIO_READ: &[u8] = &[
 /// ```
 pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 
+/// Jumps into the MMIO hole at 0xd000_0000: KVM cannot fetch an
+/// instruction there (an emulation failure).
+/// ```text
+/// 0: b8 00 00 00 d0    mov eax, 0xd0000000
+/// 5: ff e0             jmp rax
+/// ```
+pub const JUMP_TO_MMIO: &[u8] = &[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0];
+
 /// A write server: asks port 0x500 for an address (low, high dword) and a
 /// length, reads that many bytes from port 0x501 and stores them there,
 /// acknowledges on port 0x502; a length of 0 asks again.
@@ -109,6 +117,54 @@ pub const FILL_PAGES: &[u8] = &[
     0xc6, 0x07, 0x01, 0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x48, 0xff, 0xce, 0x75, 0xf1, 0x66,
     0xba, 0x10, 0x00, 0xee, 0xfa, 0xf4, 0xeb, 0xfc,
 ];
+
+/// Reads port 0x600 forever, checking that each value is one more than
+/// the last (from 1), storing the count at RDI; on a gap or repeat it
+/// writes port 0x601 and halts.
+/// ```text
+///  0: 66 ba 00 06    mov dx, 0x600
+///  4: ed             in eax, dx
+///  5: ff c3          inc ebx
+///  7: 39 d8          cmp eax, ebx
+///  9: 75 05          jne 10
+///  b: 48 89 1f       mov [rdi], rbx
+///  e: eb f4          jmp 4
+/// 10: 66 ba 01 06    mov dx, 0x601
+/// 14: ee             out dx, al
+/// 15: fa             cli
+/// 16: f4             hlt
+/// 17: eb fc          jmp 15
+/// ```
+pub const PIO_SEQUENCE: &[u8] = &[
+    0x66, 0xba, 0x00, 0x06, 0xed, 0xff, 0xc3, 0x39, 0xd8, 0x75, 0x05, 0x48, 0x89, 0x1f, 0xeb, 0xf4,
+    0x66, 0xba, 0x01, 0x06, 0xee, 0xfa, 0xf4, 0xeb, 0xfc,
+];
+
+/// MMIO at 0xd000_0000: reads +0 (a device register) and +8 (nothing
+/// there) into RDI and RDI + 4, writes 0x12345678 at +16, then writes port
+/// 0x10 and halts.
+/// ```text
+///  0: b8 00 00 00 d0          mov eax, 0xd0000000
+///  5: 8b 08                   mov ecx, [rax]
+///  7: 89 0f                   mov [rdi], ecx
+///  9: 8b 48 08                mov ecx, [rax + 8]
+///  c: 89 4f 04                mov [rdi + 4], ecx
+///  f: c7 40 10 78 56 34 12    mov dword ptr [rax + 16], 0x12345678
+/// 16: 66 ba 10 00             mov dx, 0x10
+/// 1a: ee                      out dx, al
+/// 1b: fa                      cli
+/// 1c: f4                      hlt
+/// 1d: eb fc                   jmp 1b
+/// ```
+pub const MMIO: &[u8] = &[
+    0xb8, 0x00, 0x00, 0x00, 0xd0, 0x8b, 0x08, 0x89, 0x0f, 0x8b, 0x48, 0x08, 0x89, 0x4f, 0x04, 0xc7,
+    0x40, 0x10, 0x78, 0x56, 0x34, 0x12, 0x66, 0xba, 0x10, 0x00, 0xee, 0xfa, 0xf4, 0xeb, 0xfc,
+];
+
+/// The MMIO register [`MMIO`] reads, and its value.
+pub const MMIO_REG: u64 = 0xd000_0000;
+/// What [`TestIo`] answers at [`MMIO_REG`].
+pub const MMIO_VALUE: u32 = 0xcafe_f00d;
 
 /// Real mode at 0000:7c00: writes DL (the boot drive) to port 0x10, halts.
 /// ```text
@@ -208,11 +264,16 @@ pub fn copy_ram(ram: &GuestRam) -> GuestRam {
     copy
 }
 
-/// Records port writes; optionally serves [`WRITE_SERVER`].
+/// Records port writes (0x10, 0x601) and MMIO writes; counts up on port
+/// 0x600; answers [`MMIO_REG`]; serves [`WRITE_SERVER`].
 #[derive(Default)]
 pub struct TestIo {
     /// (port, byte) of every write.
     pub writes: Mutex<Vec<(u16, u8)>>,
+    /// The last value port 0x600 gave.
+    pub seq: std::sync::atomic::AtomicU32,
+    /// (address, bytes) of every handled MMIO write.
+    pub mmio_writes: Mutex<Vec<(u64, Vec<u8>)>>,
     server: Mutex<Server>,
     cv: Condvar,
 }
@@ -264,6 +325,10 @@ impl IoHandler for TestIo {
                     s.cur.as_ref().map_or(0, |c| c.1.len() as u32)
                 }
             },
+            0x600 => {
+                drop(s);
+                self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+            }
             0x501 => {
                 let pos = s.pos;
                 s.pos += 1;
@@ -277,7 +342,7 @@ impl IoHandler for TestIo {
 
     fn pio_write(&self, port: u16, data: &[u8]) -> bool {
         match port {
-            0x10 => {
+            0x10 | 0x601 => {
                 self.writes.lock().push((port, data[0]));
                 true
             }
@@ -292,11 +357,19 @@ impl IoHandler for TestIo {
         }
     }
 
-    fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
-        false
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if addr != MMIO_REG {
+            return false;
+        }
+        data.copy_from_slice(&MMIO_VALUE.to_le_bytes()[..data.len()]);
+        true
     }
 
-    fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
-        false
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        if addr != MMIO_REG + 16 {
+            return false;
+        }
+        self.mmio_writes.lock().push((addr, data.to_vec()));
+        true
     }
 }
