@@ -162,6 +162,30 @@ pub struct VmOpts<'a> {
     pub guest: &'a str,
     /// `--incoming` value, if any.
     pub incoming: Option<&'a str>,
+    /// `--accel` value; `None` is [`default_accel`].
+    pub accel: Option<&'a str>,
+    /// More arguments (`--dirty-ring 4096`).
+    pub extra: &'a [&'a str],
+}
+
+/// Whether `/dev/kvm` is PVM (module `kvm_pvm`: KVM on shadow paging inside
+/// a VM without nested virtualization), which runs most guests but
+/// mishandles a full dirty ring.
+pub fn kvm_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The accelerator scenarios ask for: `E2E_ACCEL` if set; `kvm` under
+/// `REQUIRE_KVM=1`, so a missing KVM fails loudly instead of running soft
+/// vCPUs; `auto` otherwise (KVM where `/dev/kvm` works).
+pub fn default_accel() -> String {
+    if let Ok(a) = std::env::var("E2E_ACCEL") {
+        return a;
+    }
+    if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
+        return "kvm".into();
+    }
+    "auto".into()
 }
 
 impl DemoVm {
@@ -199,6 +223,9 @@ impl DemoVm {
         if let Some(i) = o.incoming {
             cmd.arg("--incoming").arg(i);
         }
+        cmd.arg("--accel")
+            .arg(o.accel.map_or_else(default_accel, str::to_owned))
+            .args(o.extra);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start demovm: {e}"))?;
@@ -240,7 +267,7 @@ impl DemoVm {
     pub fn wait_migration(
         &mut self,
         what: &str,
-        done: impl Fn(&Value) -> bool,
+        mut done: impl FnMut(&Value) -> bool,
     ) -> Result<Value, String> {
         let start = Instant::now();
         loop {
@@ -311,9 +338,14 @@ impl DemoVm {
 
     /// The first byte of each 4 KiB page of the workload memory.
     pub fn page_bytes(&mut self) -> Result<Vec<u8>, String> {
+        self.page_bytes_in(WORKLOAD_START, self.mem)
+    }
+
+    /// The first byte of each 4 KiB page of guest-physical `[start, end)`.
+    pub fn page_bytes_in(&mut self, start: u64, end: u64) -> Result<Vec<u8>, String> {
         let r = self.qmp.cmd(
             "x-ram-sample",
-            json!({"start": WORKLOAD_START, "end": self.mem, "stride": 4096}),
+            json!({"start": start, "end": end, "stride": 4096}),
         )?;
         let data = r
             .get("data")
@@ -369,6 +401,11 @@ impl DemoVm {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still alive.

@@ -12,6 +12,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod control;
 pub mod harness;
 pub mod migration;
 pub mod uffd;
@@ -78,11 +79,19 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("precopy-stopped-tcp", migration::stopped_tcp),
     ("precopy-stopped-unix", migration::stopped_unix),
     ("precopy-live-ab", migration::live_ab),
+    ("precopy-live-ab-ring", migration::live_ab_ring),
+    ("precopy-live-random", migration::live_random),
+    ("precopy-live-sector-ab", migration::live_sector_ab),
+    ("precopy-live-sector-random", migration::live_sector_random),
+    ("precopy-live-ab-soft", migration::live_ab_soft),
     ("precopy-cancel-random", migration::cancel_random),
     ("precopy-dest-killed", migration::dest_killed),
     ("precopy-dest-refuses", migration::dest_refuses),
+    ("precopy-dest-stopped", control::dest_stopped),
     ("precopy-file", migration::file_save_restore),
     ("hostile-streams", migration::hostile_streams),
+    ("qmp-stuck-client", control::qmp_stuck_client),
+    ("qmp-concurrent", control::qmp_concurrent),
     ("uffd-postcopy", uffd::postcopy),
     ("uffd-snapshot", uffd::snapshot),
 ];

@@ -259,6 +259,8 @@ pub fn live_figures() -> Result<Vec<Figure>, String> {
         vcpus: 1,
         guest: "builtin:ab",
         incoming,
+        accel: None,
+        extra: &[],
     };
     let mut src = DemoVm::start("bench-src", &opts(None))?;
     let mut dst = DemoVm::start("bench-dst", &opts(Some("tcp:127.0.0.1:0")))?;

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
+use crate::bitmap::TakenPages;
 use crate::block::{RamBlock, RamBlocks};
 use crate::error::{Error, Result};
 use crate::GuestMemoryMmap;
@@ -46,11 +47,15 @@ pub trait DirtyLog: Send + Sync {
     /// tracking.
     fn sync(&self, blocks: &RamBlocks) -> Result<u64>;
 
-    /// Called just before pages `[first_page, first_page + n)` of block
-    /// `index` are read for sending (KVM_CLEAR_DIRTY_LOG with manual
-    /// protect re-protects there). Default: nothing.
-    fn clear(&self, index: usize, first_page: u64, n: u64) -> Result<()> {
-        let _ = (index, first_page, n);
+    /// Called with the pages of block `index` just taken from its dirty
+    /// bitmap, before they are read for sending. With KVM's manual dirty-log
+    /// protect this is where exactly those pages are write-protected again
+    /// (`KVM_CLEAR_DIRTY_LOG`), so a write after it shows up in the next
+    /// `sync`. It must not forget a write to any page not in `pages`: that
+    /// page is not being sent now, and only the next `sync` can report it.
+    /// Default: nothing.
+    fn clear(&self, index: usize, pages: &TakenPages) -> Result<()> {
+        let _ = (index, pages);
         Ok(())
     }
 
@@ -220,10 +225,8 @@ impl DirtyLog for CompositeDirtyLog {
         Ok(newly)
     }
 
-    fn clear(&self, index: usize, first_page: u64, n: u64) -> Result<()> {
-        self.0
-            .iter()
-            .try_for_each(|log| log.clear(index, first_page, n))
+    fn clear(&self, index: usize, pages: &TakenPages) -> Result<()> {
+        self.0.iter().try_for_each(|log| log.clear(index, pages))
     }
 
     fn stop(&self) -> Result<()> {
@@ -255,7 +258,10 @@ pub type GuestWrite<'a> = dyn FnMut(GuestAddress, &[u8]) -> std::result::Result<
 /// by the next `sync`, with the right count of newly marked pages and no
 /// other page; that a second `sync` reports nothing (a write is reported
 /// once); that a page already dirty in the block's bitmap is not counted
-/// as newly marked; that `clear` and `stop` succeed.
+/// as newly marked; that `clear` re-arms exactly the pages it is given: a
+/// write made after a `sync` to a page beside them is reported by the next
+/// `sync`, and so is a write to a cleared page after its `clear`; and that
+/// `stop` succeeds.
 pub fn conformance(
     mem: &GuestMemoryMmap,
     log: &dyn DirtyLog,
@@ -330,7 +336,28 @@ pub fn conformance(
     expected[0] = vec![0, 1];
     check(&expected, "after the third sync")?;
 
-    log.clear(0, 0, b0.pages()).map_err(|e| fail("clear", e))?;
+    // clear() re-arms exactly the pages it is given. Page 1 is written after
+    // the sync, so only the log knows; the sender takes page 0 alone (its
+    // chunk covers page 1 too) and clears it: page 1's write must survive,
+    // and page 0 must be reported again when written after its clear.
+    blocks.iter().for_each(|b| b.dirty().clear_all());
+    if b0.pages() >= 4 {
+        write(b0.page_addr(1), &[9])?;
+        b0.dirty().set(0);
+        let taken = b0.dirty().take_range(0, b0.pages());
+        if taken.iter().collect::<Vec<_>>() != [0] {
+            return Err("take_range took other pages than page 0".into());
+        }
+        log.clear(0, &taken).map_err(|e| fail("clear", e))?;
+        write(b0.page_addr(0), &[10])?;
+        log.sync(&blocks).map_err(|e| fail("sync after clear", e))?;
+        let mut expected: Vec<Vec<u64>> = blocks.iter().map(|_| Vec::new()).collect();
+        expected[0] = vec![0, 1];
+        check(
+            &expected,
+            "after clearing page 0 alone (page 1 written before, page 0 after)",
+        )?;
+    }
     log.stop().map_err(|e| fail("stop", e))?;
     Ok(())
 }
@@ -389,7 +416,7 @@ mod tests {
             }
             Ok(newly)
         }
-        fn clear(&self, _: usize, _: u64, _: u64) -> Result<()> {
+        fn clear(&self, _: usize, _: &TakenPages) -> Result<()> {
             self.calls.lock().push("clear");
             Ok(())
         }
@@ -397,6 +424,57 @@ mod tests {
             self.calls.lock().push("stop");
             Ok(())
         }
+    }
+
+    /// A log with manual protect done wrong: `clear` re-arms every page of
+    /// the range its pages span, forgetting writes no sync reported yet
+    /// there (the bug a range-based clear of KVM's log has).
+    struct RangeClearingLog {
+        inner: VmmDirtyLog,
+        mem: Arc<GuestMemoryMmap>,
+        carry: Mutex<Vec<(usize, u64)>>,
+    }
+
+    impl DirtyLog for RangeClearingLog {
+        fn start(&self) -> Result<()> {
+            self.inner.start()
+        }
+        fn sync(&self, blocks: &RamBlocks) -> Result<u64> {
+            let mut newly = self.inner.sync(blocks)?;
+            for (i, p) in self.carry.lock().drain(..) {
+                newly += u64::from(blocks.iter().nth(i).unwrap().dirty().set(p));
+            }
+            Ok(newly)
+        }
+        fn clear(&self, index: usize, pages: &TakenPages) -> Result<()> {
+            // Take what was written since the last sync; forget the pages of
+            // the range, keep the others for the next sync.
+            let scratch = RamBlocks::from_guest_memory(&self.mem, &["r0", "r1"])?;
+            self.inner.sync(&scratch)?;
+            for (i, b) in scratch.iter().enumerate() {
+                for p in b.dirty().iter_set() {
+                    if i != index || p < pages.start() || p >= pages.end() {
+                        self.carry.lock().push((i, p));
+                    }
+                }
+            }
+            Ok(())
+        }
+        fn stop(&self) -> Result<()> {
+            self.inner.stop()
+        }
+    }
+
+    #[test]
+    fn conformance_catches_a_clear_that_forgets_pages_beside_those_given() {
+        let mem = mem();
+        let log = RangeClearingLog {
+            inner: VmmDirtyLog::new(mem.clone()),
+            mem: mem.clone(),
+            carry: Mutex::new(Vec::new()),
+        };
+        let e = conformance(&mem, &log, &mut bytes_writer(&mem)).unwrap_err();
+        assert!(e.contains("after clearing page 0 alone"), "{e}");
     }
 
     #[test]

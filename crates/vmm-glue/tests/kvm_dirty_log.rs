@@ -182,8 +182,8 @@ fn exact_pages_then_again_after_clear(mode: Mode, name: &str) {
     io.guest_write(R1 + 700 * 4096, &[6]);
     for (i, b) in blocks.iter().enumerate() {
         for p in b.dirty().iter_set().collect::<Vec<_>>() {
-            b.dirty().clear(p);
-            log.clear(i, p, 1).unwrap();
+            let taken = b.dirty().take_range(p, 1);
+            log.clear(i, &taken).unwrap();
         }
     }
     // With manual protect, clear() re-protected page 700 just before it was
@@ -256,8 +256,8 @@ fn large_block_pages(mode: Mode, name: &str) {
     assert_eq!(dirty(&blocks, "r2"), vec![1]);
     for (i, b) in blocks.iter().enumerate() {
         for p in b.dirty().iter_set().collect::<Vec<_>>() {
-            b.dirty().clear(p);
-            log.clear(i, p, 1).unwrap();
+            let taken = b.dirty().take_range(p, 1);
+            log.clear(i, &taken).unwrap();
         }
     }
     io.guest_write(R2 + 3 * MIB + 4096, &[1]);

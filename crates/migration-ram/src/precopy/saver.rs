@@ -436,8 +436,7 @@ impl PrecopySaver {
             size: block.size(),
         })?;
         let taken = &batch.pages;
-        self.dirty_log
-            .clear(batch.block, taken.start(), taken.end() - taken.start())?;
+        self.dirty_log.clear(batch.block, taken)?;
         let page_size = u64::from(block.page_size());
         let ps = block.page_size() as usize;
         let group = (self.buf.len() / ps).clamp(1, TAKE_MAX_PAGES as usize);

@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use migration_ram::{DirtyLog, GuestMemoryMmap, PrecopyLoader, RamBlocks, RamStats, Result};
+use migration_ram::{
+    DirtyLog, GuestMemoryMmap, PrecopyLoader, RamBlocks, RamStats, Result, TakenPages,
+};
 use migration_stream::{Error as StreamError, Record, StreamReader};
 use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -153,16 +155,16 @@ impl<L: DirtyLog> DirtyLog for Recording<L> {
     fn sync(&self, blocks: &RamBlocks) -> Result<u64> {
         self.inner.sync(blocks)
     }
-    fn clear(&self, index: usize, first: u64, n: u64) -> Result<()> {
+    fn clear(&self, index: usize, pages: &TakenPages) -> Result<()> {
         let count = {
             let mut c = self.clears.lock();
-            c.push((index, first, n));
+            c.push((index, pages.start(), pages.end() - pages.start()));
             c.len()
         };
         if let Some(hook) = self.on_clear.lock().as_mut() {
             hook(count);
         }
-        self.inner.clear(index, first, n)
+        self.inner.clear(index, pages)
     }
     fn stop(&self) -> Result<()> {
         self.stopped.store(true, Ordering::SeqCst);

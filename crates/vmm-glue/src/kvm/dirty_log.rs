@@ -55,7 +55,7 @@ use kvm_bindings::{
     kvm_clear_dirty_log, kvm_dirty_gfn, KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::VcpuFd;
-use migration_ram::{DirtyLog, Error, RamBlocks};
+use migration_ram::{DirtyLog, Error, RamBlocks, TakenPages};
 use parking_lot::Mutex;
 
 use super::abi::{self, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET};
@@ -236,8 +236,8 @@ impl DirtyLog for KvmDirtyLog {
         Ok(newly)
     }
 
-    fn clear(&self, index: usize, first_page: u64, n: u64) -> migration_ram::Result<()> {
-        if !self.manual() || n == 0 {
+    fn clear(&self, index: usize, pages: &TakenPages) -> migration_ram::Result<()> {
+        if !self.manual() || pages.is_empty() {
             return Ok(());
         }
         let geom = self.blocks.lock().get(index).copied();
@@ -247,9 +247,11 @@ impl DirtyLog for KvmDirtyLog {
                 format!("no block {index} in the last sync"),
             ));
         };
-        let lo = b_addr.saturating_add(first_page.saturating_mul(b_page));
+        // The KVM pages of exactly the block pages taken: a page beside them
+        // may hold a write no sync has reported yet, and must keep its bit.
+        let lo = b_addr.saturating_add(pages.start().saturating_mul(b_page));
         let hi = b_addr
-            .saturating_add(first_page.saturating_add(n).saturating_mul(b_page))
+            .saturating_add(pages.end().saturating_mul(b_page))
             .min(b_addr + b_size);
         for slot in &self.vm.slots {
             let s_end = slot.guest_addr + slot.size;
@@ -263,12 +265,25 @@ impl DirtyLog for KvmDirtyLog {
             let a0 = p0 & !63;
             let a1 = p1.next_multiple_of(64).min(slot_pages);
             let mut bits = vec![0u64; usize::try_from((a1 - a0).div_ceil(64)).unwrap_or(0)];
-            for p in p0..p1 {
-                let b = p - a0;
-                bits[(b / 64) as usize] |= 1 << (b % 64);
+            let mut any = false;
+            for page in pages {
+                let start = b_addr + page * b_page;
+                let (g0, g1) = (start.max(slot.guest_addr), (start + b_page).min(s_end));
+                if g0 >= g1 {
+                    continue;
+                }
+                for p in
+                    (g0 - slot.guest_addr) / KVM_PAGE..(g1 - slot.guest_addr).div_ceil(KVM_PAGE)
+                {
+                    let b = p - a0;
+                    bits[(b / 64) as usize] |= 1 << (b % 64);
+                    any = true;
+                }
             }
-            self.clear_slot(slot, a0, a1 - a0, &mut bits)
-                .map_err(|e| Error::dirty_log("clear", e))?;
+            if any {
+                self.clear_slot(slot, a0, a1 - a0, &mut bits)
+                    .map_err(|e| Error::dirty_log("clear", e))?;
+            }
         }
         Ok(())
     }
@@ -508,7 +523,7 @@ impl DirtyLog for KvmDirtyRing {
     }
 
     /// The ring re-protects pages when `sync` resets it: nothing to do.
-    fn clear(&self, _: usize, _: u64, _: u64) -> migration_ram::Result<()> {
+    fn clear(&self, _: usize, _: &TakenPages) -> migration_ram::Result<()> {
         Ok(())
     }
 

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use migration_ram::{Keepalive, PeerLiveness, PrecopySaver};
+use migration_stream::ErrorKind;
 use migration_stream::{
     connect, read_preamble, BoxedWriter, ConnectionHandle, Hello, MigrationId, ReturnMessage,
     ReturnPathReader, Role, StreamWriter,
@@ -77,10 +78,10 @@ fn outgoing(
     let liveness = Arc::new(PeerLiveness::new());
     let (verdict_tx, verdict_rx) = mpsc::channel();
     let rp_thread = if has_rp {
-        let (reader, liveness) = (conn.reader, Arc::clone(&liveness));
+        let (reader, liveness, rp_handle) = (conn.reader, Arc::clone(&liveness), handle.clone());
         let spawned = std::thread::Builder::new()
             .name("migration-rp".into())
-            .spawn(move || return_path(reader, id, &liveness, &verdict_tx))
+            .spawn(move || return_path(reader, id, &liveness, &verdict_tx, &rp_handle))
             .map_err(|source| SessionError::Host {
                 what: "starting the return-path thread",
                 source,
@@ -229,7 +230,16 @@ fn precopy(
     if result.is_err() {
         saver.abort();
     }
-    result
+    match result {
+        // A write that failed because the return-path watchdog shut the link
+        // down: the watchdog's reason is the real one.
+        Err(e) if e.kind() == ErrorKind::Link && *resume_ok => match ch.verdicts.try_recv() {
+            Ok(Err(why)) if why.kind() == ErrorKind::Link => Err(why),
+            Ok(v) => Err(early_verdict(v)),
+            Err(_) => Err(e),
+        },
+        r => r,
+    }
 }
 
 /// The error for a verdict that came before the switchover.
@@ -245,11 +255,18 @@ fn early_verdict(v: Verdict) -> SessionError {
 
 /// Reads the return path: pongs refresh the peer's liveness; `Shut` (or the
 /// reason there is none) is the verdict.
+///
+/// It is also the link's watchdog: when the return path fails (the
+/// destination said nothing for the link timeout, went away, or refused), it
+/// reports why first and then shuts the connection down, so a write blocked
+/// on a destination that no longer reads fails at once rather than after its
+/// own timeout.
 fn return_path(
     mut reader: Box<dyn Read + Send>,
     id: MigrationId,
     liveness: &PeerLiveness,
     verdict: &Sender<Verdict>,
+    handle: &ConnectionHandle,
 ) {
     let r = (|| -> Verdict {
         let hello = read_preamble(&mut reader)?;
@@ -268,8 +285,14 @@ fn return_path(
             }
         }
     })();
+    let confirmed = matches!(r, Ok(0));
     // The migration thread may be gone already: nothing to tell then.
     let _ = verdict.send(r);
+    if !confirmed {
+        if let Err(e) = handle.shutdown() {
+            log::debug!("shutting the migration connection down: {e}");
+        }
+    }
 }
 
 /// Records the outcome and puts the guest where it belongs.

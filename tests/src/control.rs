@@ -1,0 +1,342 @@
+//! The control plane under stress, as an attacker or an unlucky operator would
+//! stress it: QMP clients that never read, too many clients, concurrent
+//! commands, a destination that stops answering, a connection that never says
+//! hello.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{field, Qmp, HANG_GUARD};
+use crate::migration::Guest;
+use crate::{Failure, Outcome};
+
+fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Failure::Failed(what()))
+    }
+}
+
+fn status(q: &Value) -> &str {
+    q.get("status").and_then(Value::as_str).unwrap_or("?")
+}
+
+fn converge(qmp: &mut Qmp) -> Result<(), String> {
+    qmp.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 0, "downtime-limit": 5000}),
+    )
+    .map(drop)
+}
+
+fn outcome(q: &Value, accel: String, note: String) -> Outcome {
+    Outcome {
+        accel: Some(accel),
+        total: Duration::from_millis(field(q, "total-time")),
+        downtime: q
+            .get("downtime")
+            .and_then(Value::as_u64)
+            .map(Duration::from_millis),
+        bytes: field(q, "ram.transferred"),
+        pages: field(q, "ram.normal") + field(q, "ram.duplicate"),
+        faults: 0,
+        note,
+    }
+}
+
+/// A raw QMP connection: greeting read, capabilities negotiated. While the
+/// server is at its connection cap (clients that just left not yet reaped),
+/// it tries again.
+fn negotiated(path: &std::path::Path) -> Result<UnixStream, String> {
+    let start = Instant::now();
+    let (s, mut r) = loop {
+        let s = UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(HANG_GUARD))
+            .map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        let mut greeting = String::new();
+        r.read_line(&mut greeting).map_err(|e| e.to_string())?;
+        if greeting.contains("\"QMP\"") {
+            break (s, r);
+        }
+        if start.elapsed() > HANG_GUARD {
+            return Err(format!("never greeted: {greeting}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut line = String::new();
+    (&s).write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .map_err(|e| e.to_string())?;
+    r.read_line(&mut line).map_err(|e| e.to_string())?;
+    if !line.contains("return") {
+        return Err(format!("negotiation failed: {line}"));
+    }
+    Ok(s)
+}
+
+/// A QMP client that negotiates, then sends commands and never reads a reply,
+/// while a live migration runs and other clients keep asking; plus the
+/// connection cap. The migration completes, the other clients get every
+/// answer, the stuck client is dropped, and the client over the cap gets a
+/// clear error while the others are served.
+pub fn qmp_stuck_client() -> Result<Outcome, Failure> {
+    let guest = Guest::builtin("ab", 1, 64);
+    let mut src = guest.start("src", None)?;
+    let qmp_path = src.dir.join("qmp.sock");
+
+    // The cap: the harness's client is one; open more until one is refused.
+    let mut extra = Vec::new();
+    let refused = loop {
+        let s = UnixStream::connect(&qmp_path).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(HANG_GUARD))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(s.try_clone().map_err(|e| e.to_string())?)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        if line.contains("\"error\"") {
+            break line;
+        }
+        extra.push(s);
+        expect(extra.len() < 64, || "no QMP connection cap".into())?;
+    };
+    expect(refused.contains("too many QMP connections"), || {
+        format!("the client over the cap got {refused}")
+    })?;
+    let cap = extra.len() + 1;
+    // The others are still served.
+    src.qmp.cmd("query-status", json!({}))?;
+    drop(extra);
+
+    // The stuck client: commands it never reads the answers to, until its
+    // socket is full.
+    let stuck = negotiated(&qmp_path)?;
+    stuck.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let line = b"{\"execute\": \"query-migrate\"}\n";
+    let mut sent = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match (&stuck).write(line) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => break,
+        }
+    }
+    // A second client that keeps asking (once the clients over the cap are
+    // reaped).
+    let start = Instant::now();
+    let mut other = loop {
+        match Qmp::connect(&qmp_path) {
+            Ok(q) => break q,
+            Err(e) if start.elapsed() > HANG_GUARD => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    other.cmd("query-status", json!({}))?;
+
+    let mut dst = guest.paused_destination("dst", "tcp:127.0.0.1:0")?;
+    let uri = dst.incoming_uri()?;
+    converge(&mut src.qmp)?;
+    src.qmp.cmd("migrate", json!({ "uri": uri }))?;
+    let mut answers = 0u32;
+    let q = loop {
+        let q = other.cmd("query-migrate", json!({}))?;
+        answers += 1;
+        if matches!(status(&q), "completed" | "failed" | "cancelled") {
+            break q;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    expect(status(&q) == "completed", || format!("source: {q}"))?;
+    let d = dst.wait_finished()?;
+    expect(status(&d) == "completed", || format!("destination: {d}"))?;
+    let (a, b) = (src.digest()?, dst.digest()?);
+    expect(a == b, || format!("RAM differs: {a} vs {b}"))?;
+    // The stuck client was dropped: once drained, its socket ends.
+    stuck.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let mut sink = Vec::new();
+    // It ends with end of file, or a reset when the server closed it with
+    // commands still unread: dropped either way.
+    let drained = (&stuck).read_to_end(&mut sink);
+    let dropped = match &drained {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    expect(dropped, || {
+        format!("the stuck client was never dropped: {drained:?}")
+    })?;
+    let accel = src.accel()?;
+    Ok(outcome(
+        &q,
+        accel,
+        format!(
+            "client {cap} over the cap refused; a client that sent {sent} commands and read nothing was dropped; \
+             the migration completed (RAM equal) while another client got {answers} answers"
+        ),
+    ))
+}
+
+/// Four QMP clients send 50 `stop`, `cont`, `migrate` (to files) and
+/// `migrate_cancel` commands at once. Nothing deadlocks, the final states are
+/// legal ones, query-status agrees with what the vCPUs do, and the guest ends
+/// running or paused as the last command asked.
+pub fn qmp_concurrent() -> Result<Outcome, Failure> {
+    let guest = Guest::builtin("ab", 1, 32);
+    let mut src = guest.start("src", None)?;
+    converge(&mut src.qmp)?;
+    let qmp_path = src.dir.join("qmp.sock");
+    let dir = src.dir.clone();
+    let started = Instant::now();
+    let results: Vec<Result<(u32, u32), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u32)
+            .map(|c| {
+                let (qmp_path, dir) = (&qmp_path, &dir);
+                s.spawn(move || -> Result<(u32, u32), String> {
+                    let mut q = Qmp::connect(qmp_path)?;
+                    let (mut ok, mut refused) = (0, 0);
+                    let n = if c < 2 { 13 } else { 12 };
+                    for k in 0..n {
+                        let r = match (c + k) % 4 {
+                            0 => q.execute("stop", json!({}))?,
+                            1 => q.execute("cont", json!({}))?,
+                            2 => {
+                                let uri = format!("file:{}/c{c}-{k}.mig", dir.display());
+                                q.execute("migrate", json!({ "uri": uri }))?
+                            }
+                            _ => q.execute("migrate_cancel", json!({}))?,
+                        };
+                        match r {
+                            Ok(_) => ok += 1,
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    Ok((ok, refused))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a client panicked".into())))
+            .collect()
+    });
+    let (mut ok, mut refused) = (0, 0);
+    for r in results {
+        let (o, f) = r?;
+        ok += o;
+        refused += f;
+    }
+    expect(ok + refused == 50, || {
+        format!("{} answers to 50 commands", ok + refused)
+    })?;
+    let q = src.wait_migration("the last migration to end", |q| {
+        matches!(status(q), "none" | "completed" | "failed" | "cancelled")
+    })?;
+    let rs = src.run_status()?;
+    expect(
+        matches!(rs.as_str(), "running" | "paused" | "postmigrate"),
+        || format!("run state {rs} after the storm"),
+    )?;
+    // The last command decides, and query-status tells the truth.
+    src.qmp.cmd("cont", json!({}))?;
+    expect(src.run_status()? == "running", || {
+        "cont did not run it".into()
+    })?;
+    src.wait_ram_changes()?;
+    src.qmp.cmd("stop", json!({}))?;
+    expect(src.run_status()? == "paused", || {
+        "stop did not pause it".into()
+    })?;
+    let a = src.digest()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let b = src.digest()?;
+    expect(a == b, || "the guest runs while paused".into())?;
+    let accel = src.accel()?;
+    Ok(Outcome {
+        accel: Some(accel),
+        total: started.elapsed(),
+        note: format!(
+            "50 concurrent commands from 4 clients: {ok} done, {refused} refused as the state required; \
+             last migration {}, then cont runs and stop pauses the guest",
+            status(&q)
+        ),
+        ..Outcome::default()
+    })
+}
+
+fn signal(pid: u32, sig: &str) -> Result<(), String> {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map_err(|e| format!("kill {sig}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("kill {sig} {pid}: {st}"))
+    }
+}
+
+/// The destination is frozen (SIGSTOP) mid-migration: the source reports a
+/// link error once the link timeout passes, and its guest runs on; a
+/// connection that never says hello does not keep the real source out.
+pub fn dest_stopped() -> Result<Outcome, Failure> {
+    let guest = Guest::builtin("ab", 1, 128);
+    let mut src = guest.start("src", None)?;
+    src.qmp.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 32 << 20, "x-link-timeout": 3000}),
+    )?;
+    let mut dst = guest.start("dst", Some("tcp:127.0.0.1:0"))?;
+    let uri = dst.incoming_uri()?;
+    // Somebody connects first and never says a word.
+    let silent = TcpStream::connect(uri.trim_start_matches("tcp:"))
+        .map_err(|e| format!("silent connection: {e}"))?;
+    src.qmp.cmd("migrate", json!({ "uri": uri }))?;
+    src.wait_migration("pages to flow", |q| field(q, "ram.transferred") > 8 << 20)?;
+    let accel = crate::migration::accel_of(&mut [&mut src, &mut dst])?;
+    signal(dst.pid(), "-STOP")?;
+    let frozen = Instant::now();
+    let q = src.wait_finished();
+    let waited = frozen.elapsed();
+    signal(dst.pid(), "-CONT")?;
+    let q = q?;
+    drop(silent);
+    expect(status(&q) == "failed", || format!("source: {q}"))?;
+    let kind = q.get("x-error-kind").and_then(Value::as_str).unwrap_or("");
+    let desc = q.get("error-desc").and_then(Value::as_str).unwrap_or("");
+    expect(kind == "link", || {
+        format!("a frozen destination must be a link error: {q}")
+    })?;
+    expect(src.run_status()? == "running", || {
+        "the source guest must run on".into()
+    })?;
+    let before = src.serial_len();
+    src.wait_serial_beyond(before + 1)?;
+    src.qmp.cmd("stop", json!({}))?;
+    guest_ab_check(&mut src)?;
+    // The thawed destination sees the link gone and does not run the guest.
+    let d = dst.wait_finished()?;
+    expect(status(&d) == "failed", || format!("destination: {d}"))?;
+    expect(dst.run_status()? == "inmigrate", || {
+        "the destination must not run the guest".into()
+    })?;
+    Ok(outcome(
+        &q,
+        accel,
+        format!(
+            "a silent connection came first and the source still got in; destination frozen: source failed after {:.1} s \
+             (link timeout 3 s) with \"{desc}\"; its guest runs on, a-b check holds",
+            waited.as_secs_f64()
+        ),
+    ))
+}
+
+fn guest_ab_check(vm: &mut crate::harness::DemoVm) -> Result<(), String> {
+    vmm_glue::guest::ab_check(&vm.page_bytes()?, 1).map_err(|e| format!("{}: {e}", vm.name))
+}
