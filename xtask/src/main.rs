@@ -6,6 +6,8 @@
 //! - `e2e [--json] [--scenario NAME] [--list]`: end-to-end scenarios on the real kernel,
 //!   with a summary table; progress on stderr.
 //! - `bench [--json]`: benchmarks, each figure beside a baseline measured in the same run.
+//! - `guests [--touch SIZE] [--out DIR]`: writes the boot-sector guests (`guests/` as
+//!   committed, with no options).
 //! - `ci`: what CI runs (`.ci/run`): fmt, clippy, doc and the tests.
 //! - `qmp SOCKET COMMAND [JSON-ARGS] [--events]`: one QMP command against a running
 //!   `demovm`, its `return` printed as pretty JSON.
@@ -18,6 +20,7 @@
 mod bench;
 mod bench_precopy;
 mod e2e;
+mod guests;
 mod qmp;
 
 use std::process::ExitCode;
@@ -40,6 +43,9 @@ enum Command {
     E2e(e2e::Args),
     /// Benchmarks, each figure beside a baseline measured in the same run.
     Bench(bench::Args),
+    /// Writes the boot-sector guests (ab.bin, random.bin); with no options, guests/ as
+    /// committed.
+    Guests(guests::Args),
     /// What CI runs (.ci/run): fmt, clippy, doc and the tests.
     Ci,
     /// One QMP command against a running demovm; prints its `return` as pretty JSON.
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
         }
         Command::E2e(a) => e2e::main(a),
         Command::Bench(a) => bench::main(a),
+        Command::Guests(a) => guests::main(a),
         Command::Ci => ci(),
         Command::Qmp(a) => qmp::main(a),
     };
@@ -106,6 +113,7 @@ mod tests {
             &["doctor", "--help"],
             &["e2e", "--help"],
             &["bench", "--help"],
+            &["guests", "--help"],
             &["ci", "--help"],
             &["qmp", "--help"],
         ] {
@@ -116,7 +124,7 @@ mod tests {
             assert!(!e.use_stderr(), "{args:?}: help goes to stdout");
         }
         let top = Cli::command().render_help().to_string();
-        for cmd in ["doctor", "e2e", "bench", "ci", "qmp"] {
+        for cmd in ["doctor", "e2e", "bench", "guests", "ci", "qmp"] {
             assert!(top.contains(cmd), "{cmd} missing from:\n{top}");
         }
     }
@@ -137,6 +145,27 @@ mod tests {
         assert!(
             e.to_string().contains("precopy-live-ab"),
             "the error names the scenarios: {e}"
+        );
+    }
+
+    #[test]
+    fn guests_defaults_to_the_committed_touch_size() {
+        let Command::Guests(a) = parse(&["guests"]).unwrap().command else {
+            panic!("not guests");
+        };
+        assert_eq!(a.touch, vmm_glue::guest::boot_sector::DEFAULT_TOUCH);
+        assert_eq!(a.out, None);
+        let Command::Guests(a) = parse(&["guests", "--touch", "512M", "--out", "/tmp/g"])
+            .unwrap()
+            .command
+        else {
+            panic!("not guests");
+        };
+        assert_eq!(a.touch, 512 << 20);
+        assert_eq!(a.out, Some(std::path::PathBuf::from("/tmp/g")));
+        assert_eq!(
+            parse(&["guests", "--touch", "lots"]).unwrap_err().kind(),
+            ErrorKind::ValueValidation
         );
     }
 
