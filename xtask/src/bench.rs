@@ -1,17 +1,27 @@
 //! `cargo xtask bench`: figures measured beside a baseline in the same run.
 //!
-//! userfaultfd (`uffd.*`): pages placed per second by one handler thread while a faulting
-//! thread waits on each page in turn (a full fault round trip per 4 KiB page), by
-//! `UFFDIO_COPY` and by `UFFDIO_ZEROPAGE`; the baseline is a plain memcpy of the same
-//! bytes, 4 KiB at a time, into populated memory. Rounds alternate between the measured
-//! path and its baseline so machine noise hits both alike; the median round is reported.
+//! Groups (`--only GROUP` picks some; all run by default):
+//!
+//! - `uffd`: pages placed per second by one userfaultfd handler thread while a faulting
+//!   thread waits on each page in turn (a full fault round trip per 4 KiB page), by
+//!   `UFFDIO_COPY` and by `UFFDIO_ZEROPAGE`; the baseline is a plain memcpy of the same
+//!   bytes, 4 KiB at a time, into populated memory.
+//! - `precopy`: a stopped 1 GiB guest over loopback TCP against a plain socket copy of
+//!   the same bytes, and the saver's and loader's memory overhead
+//!   ([`crate::bench_precopy`]).
+//! - `live`: a running 1 GiB `ab` guest between two `demovm` processes.
+//!
+//! Rounds alternate between the measured path and its baseline so machine noise hits
+//! both alike; the median round is reported. Figures are printed as each group
+//! finishes. A figure this host cannot measure is printed as `SKIPPED` with the reason
+//! (and, with `--json`, as an object with `skipped` instead of `value`), never left out
+//! silently.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use uffd_sys::{CopyMode, Event, EventBuf, Mapping, MemoryKind, RegisterMode, Uffd, Wake};
-
 use serde::Serialize;
+use uffd_sys::{CopyMode, Event, EventBuf, Mapping, MemoryKind, RegisterMode, Uffd, Wake};
 
 const PAGE: usize = 4096;
 /// Pages per round: 64 MiB.
@@ -21,20 +31,78 @@ const ROUNDS: usize = 5;
 /// One reported figure.
 pub struct Figure {
     /// Dotted name.
-    pub name: &'static str,
+    pub name: String,
     /// The measurement.
     pub value: f64,
     /// Its unit.
     pub unit: &'static str,
     /// The same quantity for the baseline, measured in the same run.
     pub baseline: Option<f64>,
+    /// How it was measured, when the name does not say enough (parameters, sizes).
+    pub note: Option<String>,
 }
 
 impl Figure {
+    /// A figure with no baseline and no note.
+    pub fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Figure {
+        Figure {
+            name: name.into(),
+            value,
+            unit,
+            baseline: None,
+            note: None,
+        }
+    }
+
+    /// With the baseline measured in the same run.
+    pub fn baseline(mut self, baseline: f64) -> Figure {
+        self.baseline = Some(baseline);
+        self
+    }
+
+    /// With a note on how it was measured.
+    pub fn note(mut self, note: impl Into<String>) -> Figure {
+        self.note = Some(note.into());
+        self
+    }
+
     fn ratio(&self) -> Option<f64> {
         self.baseline.map(|b| self.value / b)
     }
 }
+
+/// A line of the report: a figure, or a figure this host cannot measure.
+pub enum Report {
+    /// A measured figure.
+    Figure(Figure),
+    /// Not measured here.
+    Skipped {
+        /// The figure (or group of figures) not measured.
+        name: String,
+        /// Why, and what would make it measurable.
+        why: String,
+    },
+}
+
+impl From<Figure> for Report {
+    fn from(f: Figure) -> Report {
+        Report::Figure(f)
+    }
+}
+
+/// A group of figures `--only` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Group {
+    /// userfaultfd fault round trips against memcpy.
+    Uffd,
+    /// A stopped 1 GiB guest over loopback TCP against a socket copy; memory overhead.
+    Precopy,
+    /// A live 1 GiB ab guest between two demovm processes.
+    Live,
+}
+
+/// The groups run when `--only` is not given.
+const DEFAULT_GROUPS: [Group; 3] = [Group::Uffd, Group::Precopy, Group::Live];
 
 /// `cargo xtask bench`'s command line.
 #[derive(Debug, clap::Args)]
@@ -42,55 +110,140 @@ pub struct Args {
     /// One JSON object per figure on stdout instead of aligned text.
     #[arg(long)]
     pub json: bool,
+    /// Run only these groups (repeat or separate with commas); default: every group.
+    #[arg(long, value_name = "GROUP", value_enum, value_delimiter = ',')]
+    pub only: Vec<Group>,
 }
 
-/// One figure in `--json` output; `baseline` and `ratio` only where a baseline exists.
+impl Args {
+    /// The groups to run, in report order.
+    fn groups(&self) -> Vec<Group> {
+        if self.only.is_empty() {
+            return DEFAULT_GROUPS.to_vec();
+        }
+        DEFAULT_GROUPS
+            .into_iter()
+            .filter(|g| self.only.contains(g))
+            .collect()
+    }
+}
+
+/// One figure in `--json` output; `baseline` and `ratio` only where a baseline exists,
+/// `note` where the figure has one, `skipped` (and no `value`) where it was not
+/// measured.
 #[derive(Serialize)]
 struct JsonFigure<'a> {
     name: &'a str,
-    value: f64,
-    unit: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     baseline: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<&'a str>,
 }
 
+/// Runs the chosen groups, printing each group's figures as it finishes.
 pub fn main(a: &Args) -> Result<bool, String> {
-    let mut figures = uffd_figures()?;
-    figures.extend(crate::bench_precopy::stopped_figures()?);
-    figures.extend(crate::bench_precopy::live_figures()?);
-    for f in &figures {
-        if a.json {
-            let line = serde_json::to_string(&JsonFigure {
-                name: f.name,
-                value: round(f.value),
-                unit: f.unit,
-                baseline: f.baseline.map(round),
-                ratio: f.ratio().map(|r| (r * 1000.0).round() / 1000.0),
-            })
-            .map_err(|e| e.to_string())?;
-            println!("{line}");
-        } else {
-            match (f.baseline, f.ratio()) {
-                (Some(b), Some(r)) => println!(
-                    "{:<28} {:>14.0} {:<8} baseline {:>14.0}  ratio {:.3}",
-                    f.name, f.value, f.unit, b, r
-                ),
-                _ => println!("{:<28} {:>14.0} {}", f.name, f.value, f.unit),
-            }
+    let mut out = Printer {
+        json: a.json,
+        last_note: None,
+    };
+    for group in a.groups() {
+        let reports = match group {
+            Group::Uffd => uffd_figures()?,
+            Group::Precopy => crate::bench_precopy::stopped_figures()?,
+            Group::Live => crate::bench_precopy::live_figures()?,
+        };
+        for r in &reports {
+            out.print(r)?;
         }
     }
     Ok(true)
+}
+
+/// Prints reports as text or JSON lines.
+struct Printer {
+    json: bool,
+    /// The note printed last in text mode (a note shared by several figures is
+    /// printed once, above them).
+    last_note: Option<String>,
+}
+
+impl Printer {
+    /// Prints `r` on stdout (and, with `--json`, a skip loudly on stderr too, as stdout
+    /// is for machines then).
+    fn print(&mut self, r: &Report) -> Result<(), String> {
+        if let (true, Report::Skipped { name, why }) = (self.json, r) {
+            eprintln!("*** SKIPPED {name}: {why} ***");
+        }
+        print!("{}", self.render(r)?);
+        Ok(())
+    }
+
+    /// The lines `r` prints as, each ending in a newline.
+    fn render(&mut self, r: &Report) -> Result<String, String> {
+        if self.json {
+            let line = match r {
+                Report::Figure(f) => JsonFigure {
+                    name: &f.name,
+                    value: Some(round(f.value)),
+                    unit: Some(f.unit),
+                    baseline: f.baseline.map(round),
+                    ratio: f.ratio().map(|r| (r * 1000.0).round() / 1000.0),
+                    note: f.note.as_deref(),
+                    skipped: None,
+                },
+                Report::Skipped { name, why } => JsonFigure {
+                    name,
+                    value: None,
+                    unit: None,
+                    baseline: None,
+                    ratio: None,
+                    note: None,
+                    skipped: Some(why),
+                },
+            };
+            let line = serde_json::to_string(&line).map_err(|e| e.to_string())?;
+            return Ok(format!("{line}\n"));
+        }
+        let mut out = String::new();
+        match r {
+            Report::Figure(f) => {
+                if let Some(note) = f.note.as_deref().filter(|_| f.note != self.last_note) {
+                    out.push_str(&format!("# {note}\n"));
+                }
+                self.last_note.clone_from(&f.note);
+                out.push_str(&match (f.baseline, f.ratio()) {
+                    (Some(b), Some(r)) => format!(
+                        "{:<40} {:>14.0} {:<8} baseline {:>14.0}  ratio {:.3}\n",
+                        f.name, f.value, f.unit, b, r
+                    ),
+                    _ => format!("{:<40} {:>14.0} {}\n", f.name, f.value, f.unit),
+                });
+            }
+            Report::Skipped { name, why } => {
+                self.last_note = None;
+                out.push_str(&format!("*** SKIPPED {name}: {why} ***\n"));
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn round(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (the upper one of an even count); 0 when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[derive(Clone, Copy)]
@@ -99,9 +252,13 @@ enum Place {
     Zero,
 }
 
-fn uffd_figures() -> Result<Vec<Figure>, String> {
-    let uffd = Uffd::new().map_err(|e| format!("userfaultfd unusable, no uffd figures: {e}"))?;
-    drop(uffd);
+fn uffd_figures() -> Result<Vec<Report>, String> {
+    if let Err(e) = Uffd::new() {
+        return Ok(vec![Report::Skipped {
+            name: "uffd.*".into(),
+            why: format!("userfaultfd unusable: {e} (cargo xtask doctor says more)"),
+        }]);
+    }
     let src = vec![0xa5u8; PAGE];
     let mut copy = Vec::new();
     let mut zero = Vec::new();
@@ -115,31 +272,24 @@ fn uffd_figures() -> Result<Vec<Figure>, String> {
     let mib = |pages_per_s: f64| pages_per_s * PAGE as f64 / (1024.0 * 1024.0);
     let copy = median(copy);
     let zero = median(zero);
+    let note = format!(
+        "{PAGES} faults on 4 KiB pages per round, each resolved by one handler thread; \
+         baseline: memcpy of the same pages; median of {ROUNDS} rounds, alternating"
+    );
     Ok(vec![
-        Figure {
-            name: "uffd.copy_4k",
-            value: copy,
-            unit: "pages/s",
-            baseline: Some(base),
-        },
-        Figure {
-            name: "uffd.zeropage_4k",
-            value: zero,
-            unit: "pages/s",
-            baseline: Some(base),
-        },
-        Figure {
-            name: "uffd.copy_4k_bandwidth",
-            value: mib(copy),
-            unit: "MiB/s",
-            baseline: Some(mib(base)),
-        },
-        Figure {
-            name: "memcpy_4k",
-            value: base,
-            unit: "pages/s",
-            baseline: None,
-        },
+        Figure::new("uffd.copy_4k", copy, "pages/s")
+            .baseline(base)
+            .note(&note)
+            .into(),
+        Figure::new("uffd.zeropage_4k", zero, "pages/s")
+            .baseline(base)
+            .note(&note)
+            .into(),
+        Figure::new("uffd.copy_4k_bandwidth", mib(copy), "MiB/s")
+            .baseline(mib(base))
+            .note(&note)
+            .into(),
+        Figure::new("memcpy_4k", base, "pages/s").note(note).into(),
     ])
 }
 
@@ -212,4 +362,83 @@ fn memcpy_pages(src: &[u8]) -> Result<Duration, String> {
         return Err("memcpy baseline lost its bytes".into());
     }
     Ok(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: Args,
+    }
+
+    fn groups(args: &[&str]) -> Vec<Group> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .unwrap()
+            .bench
+            .groups()
+    }
+
+    #[test]
+    fn groups_default_to_all_and_run_in_report_order() {
+        assert_eq!(groups(&[]), DEFAULT_GROUPS.to_vec());
+        assert_eq!(
+            groups(&["--only", "live,uffd"]),
+            vec![Group::Uffd, Group::Live]
+        );
+        assert_eq!(
+            groups(&["--only", "live", "--only", "live"]),
+            vec![Group::Live]
+        );
+        assert!(Cli::try_parse_from(["bench", "--only", "nonesuch"]).is_err());
+    }
+
+    #[test]
+    fn json_lines_keep_the_figure_shape_and_say_why_a_figure_is_skipped() {
+        let mut p = Printer {
+            json: true,
+            last_note: None,
+        };
+        let line = p
+            .render(&Figure::new("a.b", 2.0, "ms").baseline(4.0).into())
+            .unwrap();
+        assert_eq!(
+            line,
+            "{\"name\":\"a.b\",\"value\":2.0,\"unit\":\"ms\",\"baseline\":4.0,\"ratio\":0.5}\n"
+        );
+        let line = p
+            .render(&Report::Skipped {
+                name: "c".into(),
+                why: "no KVM".into(),
+            })
+            .unwrap();
+        assert_eq!(line, "{\"name\":\"c\",\"skipped\":\"no KVM\"}\n");
+    }
+
+    #[test]
+    fn text_prints_a_shared_note_once_above_its_figures() {
+        let mut p = Printer {
+            json: false,
+            last_note: None,
+        };
+        let a = p
+            .render(&Figure::new("x.one", 1.0, "ms").note("how").into())
+            .unwrap();
+        let b = p
+            .render(&Figure::new("x.two", 2.0, "ms").note("how").into())
+            .unwrap();
+        assert!(a.starts_with("# how\nx.one"), "{a}");
+        assert!(b.starts_with("x.two"), "{b}");
+        let skipped = p
+            .render(&Report::Skipped {
+                name: "y".into(),
+                why: "why".into(),
+            })
+            .unwrap();
+        assert_eq!(skipped, "*** SKIPPED y: why ***\n");
+    }
 }

@@ -22,7 +22,7 @@ use migration_ram::{
 };
 use migration_stream::{Record, StreamReader, StreamWriter};
 
-use crate::bench::Figure;
+use crate::bench::{median, Figure, Report};
 
 const GIB: u64 = 1 << 30;
 const CHUNK: usize = 1 << 20;
@@ -167,13 +167,12 @@ fn socket_copy_once(
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+/// How the overhead figures are measured.
+const OVERHEAD_NOTE: &str = "resident memory the saver (setup and one pass) and the loader \
+     (a recorded stream) add, guest memory already resident, 1 GiB guest";
 
 /// The stopped-guest throughput and the overhead figures.
-pub fn stopped_figures() -> Result<Vec<Figure>, String> {
+pub fn stopped_figures() -> Result<Vec<Report>, String> {
     let src = guest(true)?;
     let dst = guest(false)?;
     let mib = |d: Duration| GIB as f64 / f64::from(1u32 << 20) / d.as_secs_f64();
@@ -229,29 +228,33 @@ pub fn stopped_figures() -> Result<Vec<Figure>, String> {
     drop((saver, w, loader, r));
 
     Ok(vec![
-        Figure {
-            name: "precopy.stopped_1g",
-            value: ours,
-            unit: "MiB/s",
-            baseline: Some(plain),
-        },
-        Figure {
-            name: "precopy.overhead_source_per_gib",
-            value: src_overhead as f64,
-            unit: "bytes",
-            baseline: None,
-        },
-        Figure {
-            name: "precopy.overhead_destination_per_gib",
-            value: dst_overhead as f64,
-            unit: "bytes",
-            baseline: None,
-        },
+        Figure::new("precopy.stopped_1g", ours, "MiB/s")
+            .baseline(plain)
+            .note(format!(
+                "stopped 1 GiB guest, every page non-zero, saver to loader over loopback \
+                 TCP; baseline: a plain socket copy of the same bytes, memory to memory; \
+                 median of {ROUNDS} rounds, alternating"
+            ))
+            .into(),
+        Figure::new(
+            "precopy.overhead_source_per_gib",
+            src_overhead as f64,
+            "bytes",
+        )
+        .note(OVERHEAD_NOTE)
+        .into(),
+        Figure::new(
+            "precopy.overhead_destination_per_gib",
+            dst_overhead as f64,
+            "bytes",
+        )
+        .note(OVERHEAD_NOTE)
+        .into(),
     ])
 }
 
 /// A running 1 GiB `ab` guest migrated between two `demovm` processes.
-pub fn live_figures() -> Result<Vec<Figure>, String> {
+pub fn live_figures() -> Result<Vec<Report>, String> {
     use e2e::harness::{field, DemoVm, VmOpts};
     use serde_json::{json, Value};
     let opts = |incoming| VmOpts {
@@ -280,34 +283,38 @@ pub fn live_figures() -> Result<Vec<Figure>, String> {
         return Err(format!("live bench destination: {d}"));
     }
     let accel = dst.accel()?;
-    let name = |n: &'static str, soft: &'static str| if accel == "soft" { soft } else { n };
+    let prefix = if accel == "soft" {
+        "precopy.live_ab_1g_soft_vcpus"
+    } else {
+        "precopy.live_ab_1g"
+    };
+    let note = format!(
+        "running 1 GiB builtin:ab guest ({accel}) between two demovm processes over \
+         loopback TCP, max-bandwidth 0 (unlimited), downtime-limit 5000 ms; one run; \
+         sent against the guest size"
+    );
     Ok(vec![
-        Figure {
-            name: name(
-                "precopy.live_ab_1g.total",
-                "precopy.live_ab_1g_soft_vcpus.total",
-            ),
-            value: field(&q, "total-time") as f64,
-            unit: "ms",
-            baseline: None,
-        },
-        Figure {
-            name: name(
-                "precopy.live_ab_1g.downtime",
-                "precopy.live_ab_1g_soft_vcpus.downtime",
-            ),
-            value: field(&q, "downtime") as f64,
-            unit: "ms",
-            baseline: None,
-        },
-        Figure {
-            name: name(
-                "precopy.live_ab_1g.sent",
-                "precopy.live_ab_1g_soft_vcpus.sent",
-            ),
-            value: field(&q, "ram.transferred") as f64 / f64::from(1u32 << 20),
-            unit: "MiB",
-            baseline: Some(GIB as f64 / f64::from(1u32 << 20)),
-        },
+        Figure::new(
+            format!("{prefix}.total"),
+            field(&q, "total-time") as f64,
+            "ms",
+        )
+        .note(&note)
+        .into(),
+        Figure::new(
+            format!("{prefix}.downtime"),
+            field(&q, "downtime") as f64,
+            "ms",
+        )
+        .note(&note)
+        .into(),
+        Figure::new(
+            format!("{prefix}.sent"),
+            field(&q, "ram.transferred") as f64 / f64::from(1u32 << 20),
+            "MiB",
+        )
+        .baseline(GIB as f64 / f64::from(1u32 << 20))
+        .note(note)
+        .into(),
     ])
 }

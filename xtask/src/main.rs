@@ -5,7 +5,8 @@
 //!   KVM API version and dirty-log capabilities.
 //! - `e2e [--json] [--scenario NAME] [--list]`: end-to-end scenarios on the real kernel,
 //!   with a summary table; progress on stderr.
-//! - `bench [--json]`: benchmarks, each figure beside a baseline measured in the same run.
+//! - `bench [--json] [--only GROUP]`: benchmarks, each figure beside a baseline measured
+//!   in the same run.
 //! - `guests [--touch SIZE] [--out DIR]`: writes the boot-sector guests (`guests/` as
 //!   committed, with no options).
 //! - `ci`: what CI runs (`.ci/run`): fmt, clippy, doc and the tests.
