@@ -10,6 +10,8 @@
 //!   the same bytes, and the saver's and loader's memory overhead
 //!   ([`crate::bench_precopy`]).
 //! - `live`: a running 1 GiB `ab` guest between two `demovm` processes.
+//! - `dirty-sync`: the cost of one dirty-log sync of a 1 GiB KVM guest with the plain
+//!   bitmap, with manual protect and with the dirty ring ([`crate::bench_dirty`]).
 //!
 //! Rounds alternate between the measured path and its baseline so machine noise hits
 //! both alike; the median round is reported. Figures are printed as each group
@@ -99,10 +101,12 @@ pub enum Group {
     Precopy,
     /// A live 1 GiB ab guest between two demovm processes.
     Live,
+    /// One dirty-log sync of a KVM guest: bitmap, manual protect, ring.
+    DirtySync,
 }
 
 /// The groups run when `--only` is not given.
-const DEFAULT_GROUPS: [Group; 3] = [Group::Uffd, Group::Precopy, Group::Live];
+const DEFAULT_GROUPS: [Group; 4] = [Group::Uffd, Group::Precopy, Group::Live, Group::DirtySync];
 
 /// `cargo xtask bench`'s command line.
 #[derive(Debug, clap::Args)]
@@ -113,6 +117,13 @@ pub struct Args {
     /// Run only these groups (repeat or separate with commas); default: every group.
     #[arg(long, value_name = "GROUP", value_enum, value_delimiter = ',')]
     pub only: Vec<Group>,
+    /// Guest memory of the dirty-sync figures (smaller inside the kvm-box, where
+    /// touching guest memory is slow; the figure names say the size).
+    #[arg(long, value_name = "SIZE", value_parser = crate::guests::parse_size, default_value = "1G")]
+    pub sync_mem: u64,
+    /// Memory the dirty-sync guest dirties between two syncs.
+    #[arg(long, value_name = "SIZE", value_parser = crate::guests::parse_size, default_value = "128M")]
+    pub sync_dirty: u64,
 }
 
 impl Args {
@@ -159,6 +170,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
             Group::Uffd => uffd_figures()?,
             Group::Precopy => crate::bench_precopy::stopped_figures()?,
             Group::Live => crate::bench_precopy::live_figures()?,
+            Group::DirtySync => crate::bench_dirty::figures(a.sync_mem, a.sync_dirty)?,
         };
         for r in &reports {
             out.print(r)?;
@@ -387,8 +399,8 @@ mod tests {
     fn groups_default_to_all_and_run_in_report_order() {
         assert_eq!(groups(&[]), DEFAULT_GROUPS.to_vec());
         assert_eq!(
-            groups(&["--only", "live,uffd"]),
-            vec![Group::Uffd, Group::Live]
+            groups(&["--only", "dirty-sync,uffd"]),
+            vec![Group::Uffd, Group::DirtySync]
         );
         assert_eq!(
             groups(&["--only", "live", "--only", "live"]),

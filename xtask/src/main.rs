@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 
 mod bench;
+mod bench_dirty;
 mod bench_precopy;
 mod e2e;
 mod guests;
