@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: figures measured beside a baseline in the same run.
 //!
-//! Groups (`--only GROUP` picks some; all run by default):
+//! Groups (`--only GROUP` picks some; all but `vs-qemu` run by default):
 //!
 //! - `uffd`: pages placed per second by one userfaultfd handler thread while a faulting
 //!   thread waits on each page in turn (a full fault round trip per 4 KiB page), by
@@ -12,6 +12,8 @@
 //! - `live`: a running 1 GiB `ab` guest between two `demovm` processes.
 //! - `dirty-sync`: the cost of one dirty-log sync of a 1 GiB KVM guest with the plain
 //!   bitmap, with manual protect and with the dirty ring ([`crate::bench_dirty`]).
+//! - `vs-qemu` (`--vs-qemu`): the same boot-sector guest live-migrated by QEMU and by
+//!   `demovm`, driven by the same QMP code ([`crate::bench_qemu`]).
 //!
 //! Rounds alternate between the measured path and its baseline so machine noise hits
 //! both alike; the median round is reported. Figures are printed as each group
@@ -103,9 +105,11 @@ pub enum Group {
     Live,
     /// One dirty-log sync of a KVM guest: bitmap, manual protect, ring.
     DirtySync,
+    /// The same guest live-migrated by QEMU and by demovm (as --vs-qemu).
+    VsQemu,
 }
 
-/// The groups run when `--only` is not given.
+/// The groups run when neither `--only` nor `--vs-qemu` is given.
 const DEFAULT_GROUPS: [Group; 4] = [Group::Uffd, Group::Precopy, Group::Live, Group::DirtySync];
 
 /// `cargo xtask bench`'s command line.
@@ -114,9 +118,16 @@ pub struct Args {
     /// One JSON object per figure on stdout instead of aligned text.
     #[arg(long)]
     pub json: bool,
-    /// Run only these groups (repeat or separate with commas); default: every group.
+    /// Run only these groups (repeat or separate with commas); default: every group
+    /// but vs-qemu.
     #[arg(long, value_name = "GROUP", value_enum, value_delimiter = ',')]
     pub only: Vec<Group>,
+    /// Live-migrate the ab boot sector (512 MiB touched, 1 GiB guest) with QEMU and
+    /// with demovm, alternating, 3 rounds each, driven by the same QMP code; needs
+    /// qemu-system-x86_64 (Debian: apt-get install qemu-system-x86). Alone, it runs
+    /// only this comparison.
+    #[arg(long)]
+    pub vs_qemu: bool,
     /// Guest memory of the dirty-sync figures (smaller inside the kvm-box, where
     /// touching guest memory is slow; the figure names say the size).
     #[arg(long, value_name = "SIZE", value_parser = crate::guests::parse_size, default_value = "1G")]
@@ -129,13 +140,15 @@ pub struct Args {
 impl Args {
     /// The groups to run, in report order.
     fn groups(&self) -> Vec<Group> {
-        if self.only.is_empty() {
-            return DEFAULT_GROUPS.to_vec();
+        let mut chosen = self.only.clone();
+        if self.vs_qemu {
+            chosen.push(Group::VsQemu);
         }
-        DEFAULT_GROUPS
-            .into_iter()
-            .filter(|g| self.only.contains(g))
-            .collect()
+        if chosen.is_empty() {
+            chosen = DEFAULT_GROUPS.to_vec();
+        }
+        let order = [DEFAULT_GROUPS.as_slice(), &[Group::VsQemu]].concat();
+        order.into_iter().filter(|g| chosen.contains(g)).collect()
     }
 }
 
@@ -171,6 +184,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
             Group::Precopy => crate::bench_precopy::stopped_figures()?,
             Group::Live => crate::bench_precopy::live_figures()?,
             Group::DirtySync => crate::bench_dirty::figures(a.sync_mem, a.sync_dirty)?,
+            Group::VsQemu => crate::bench_qemu::figures()?,
         };
         for r in &reports {
             out.print(r)?;
@@ -396,11 +410,12 @@ mod tests {
     }
 
     #[test]
-    fn groups_default_to_all_and_run_in_report_order() {
+    fn groups_default_to_all_but_vs_qemu_and_vs_qemu_alone_runs_alone() {
         assert_eq!(groups(&[]), DEFAULT_GROUPS.to_vec());
+        assert_eq!(groups(&["--vs-qemu"]), vec![Group::VsQemu]);
         assert_eq!(
-            groups(&["--only", "dirty-sync,uffd"]),
-            vec![Group::Uffd, Group::DirtySync]
+            groups(&["--only", "dirty-sync,uffd", "--vs-qemu"]),
+            vec![Group::Uffd, Group::DirtySync, Group::VsQemu]
         );
         assert_eq!(
             groups(&["--only", "live", "--only", "live"]),

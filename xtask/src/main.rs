@@ -5,8 +5,9 @@
 //!   KVM API version and dirty-log capabilities.
 //! - `e2e [--json] [--scenario NAME] [--list]`: end-to-end scenarios on the real kernel,
 //!   with a summary table; progress on stderr.
-//! - `bench [--json] [--only GROUP]`: benchmarks, each figure beside a baseline measured
-//!   in the same run.
+//! - `bench [--json] [--only GROUP] [--vs-qemu]`: benchmarks, each figure beside a
+//!   baseline measured in the same run; `--vs-qemu` migrates the same guest with QEMU and
+//!   with `demovm`, side by side.
 //! - `guests [--touch SIZE] [--out DIR]`: writes the boot-sector guests (`guests/` as
 //!   committed, with no options).
 //! - `ci`: what CI runs (`.ci/run`): fmt, clippy, doc and the tests.
@@ -21,6 +22,7 @@
 mod bench;
 mod bench_dirty;
 mod bench_precopy;
+mod bench_qemu;
 mod e2e;
 mod guests;
 mod qmp;
