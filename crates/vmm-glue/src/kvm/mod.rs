@@ -88,6 +88,14 @@ pub struct KvmFacts {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvmError {
+    /// What answers at `/dev/kvm` does not speak KVM's API.
+    #[error(
+        "{DEV_KVM} does not speak KVM's API (KVM_GET_API_VERSION answered {found}, expected 12)"
+    )]
+    ApiVersion {
+        /// The answer.
+        found: i32,
+    },
     /// `/dev/kvm` could not be opened.
     #[error("cannot open {DEV_KVM}")]
     Open(#[source] std::io::Error),
@@ -164,9 +172,15 @@ impl KvmFacts {
 /// Reads the KVM facts of this host.
 pub fn host_facts() -> Result<KvmFacts, KvmError> {
     let kvm = Kvm::new().map_err(|e| KvmError::Open(errno_to_io(e)))?;
+    // Whatever answers at /dev/kvm must speak KVM's API (version 12 since
+    // Linux 2.6.22): a device node that is not KVM fails here, not later.
+    let api_version = kvm.get_api_version();
+    if api_version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(KvmError::ApiVersion { found: api_version });
+    }
     let raw = |cap: u32| u32::try_from(kvm.check_extension_raw(cap.into())).unwrap_or(0);
     Ok(KvmFacts {
-        api_version: kvm.get_api_version(),
+        api_version,
         recommended_vcpus: kvm.get_nr_vcpus(),
         max_vcpus: kvm.get_max_vcpus(),
         manual_dirty_log_protect: raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),

@@ -49,6 +49,9 @@ struct Args {
     /// dirty bitmap where the host has no ring).
     #[arg(long, value_name = "N")]
     dirty_ring: Option<u32>,
+    /// Do not start the guest: QMP `cont` starts it (QEMU's -S).
+    #[arg(short = 'S', long)]
+    paused: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
     let started = match args.incoming.as_deref() {
         Some("defer") => session.defer_incoming(),
         Some(uri) => session.incoming(uri),
+        None if args.paused => Ok(()),
         None => session.start(),
     };
     if let Err(e) = started {
