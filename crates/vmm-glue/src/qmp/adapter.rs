@@ -366,3 +366,180 @@ impl Handler for QmpAdapter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use migration_ram::VmmDirtyLog;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::guest::Workload;
+    use crate::io::IoHandler;
+    use crate::session::{GuestRam, Machine, RamRegion};
+    use crate::soft::SoftVcpus;
+    use crate::GuestMemoryMmap;
+
+    struct Nothing;
+    impl IoHandler for Nothing {
+        fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
+            false
+        }
+        fn pio_write(&self, _: u16, _: &[u8]) -> bool {
+            true
+        }
+        fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+            false
+        }
+        fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
+            false
+        }
+    }
+
+    struct Info;
+    impl QmpExtension for Info {
+        fn execute(
+            &self,
+            command: &str,
+            _: &Map<String, Value>,
+        ) -> Option<Result<Value, QmpError>> {
+            (command == "x-info").then(|| Ok(json!({"vmm": "test"})))
+        }
+    }
+
+    fn adapter(quit: Arc<AtomicBool>) -> QmpAdapter {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap());
+        let ram = GuestRam::new(Arc::clone(&mem), vec![RamRegion::new("ram")]).unwrap();
+        let vcpus = SoftVcpus::new(
+            Arc::clone(&mem),
+            Arc::new(Nothing),
+            Workload::Ab,
+            1,
+            1 << 20,
+            2 << 20,
+        )
+        .unwrap();
+        let machine = Machine::new(ram, Arc::new(VmmDirtyLog::new(mem)), Arc::new(vcpus));
+        QmpAdapter::new(
+            Arc::new(Session::new(machine)),
+            Box::new(move || quit.store(true, Ordering::Relaxed)),
+        )
+        .with_extension(Arc::new(Info))
+    }
+
+    fn call(a: &QmpAdapter, cmd: &str, args: Value) -> Result<Value, String> {
+        let args = args.as_object().cloned().unwrap_or_default();
+        a.execute(cmd, &args).map_err(|e| e.desc)
+    }
+
+    #[test]
+    fn arguments_are_checked_with_qemus_words() {
+        let a = adapter(Arc::default());
+        assert_eq!(
+            call(&a, "migrate", json!({"uri": 5})).unwrap_err(),
+            "Invalid parameter type for 'uri', expected: string"
+        );
+        assert_eq!(
+            call(&a, "migrate", json!({})).unwrap_err(),
+            "Parameter 'uri' is missing"
+        );
+        assert_eq!(
+            call(
+                &a,
+                "migrate",
+                json!({"uri": "tcp:127.0.0.1:1", "blk": true})
+            )
+            .unwrap_err(),
+            "Parameter 'blk' is unexpected"
+        );
+        assert_eq!(
+            call(
+                &a,
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "xbzrle", "state": true}]})
+            )
+            .unwrap_err(),
+            "Parameter 'capability' does not accept value 'xbzrle'"
+        );
+        assert_eq!(
+            call(
+                &a,
+                "migrate-set-parameters",
+                json!({"max-bandwidth": "fast"})
+            )
+            .unwrap_err(),
+            "Invalid parameter type for 'max-bandwidth', expected: integer"
+        );
+        assert!(
+            call(&a, "migrate-set-parameters", json!({"x-link-timeout": 10}))
+                .unwrap_err()
+                .contains("x-link-timeout")
+        );
+        assert_eq!(
+            call(&a, "migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"})).unwrap_err(),
+            "'-incoming' was not specified on the command line"
+        );
+        assert!(call(&a, "migrate", json!({"uri": "ftp:x"}))
+            .unwrap_err()
+            .contains("ftp"));
+        let e = a.execute("no-such-command", &Map::new()).unwrap_err();
+        assert_eq!(e, QmpError::not_found("no-such-command"));
+    }
+
+    #[test]
+    fn commands_map_to_the_session() {
+        let quit = Arc::new(AtomicBool::new(false));
+        let a = adapter(Arc::clone(&quit));
+        assert_eq!(
+            call(&a, "query-status", json!({})).unwrap()["status"],
+            "paused"
+        );
+        call(&a, "cont", json!({})).unwrap();
+        assert_eq!(
+            call(&a, "query-status", json!({})).unwrap()["running"],
+            true
+        );
+        call(&a, "stop", json!({})).unwrap();
+        assert_eq!(
+            call(&a, "query-status", json!({})).unwrap()["status"],
+            "paused"
+        );
+        call(
+            &a,
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1000, "downtime-limit": 50, "x-link-timeout": 5000}),
+        )
+        .unwrap();
+        let p = call(&a, "query-migrate-parameters", json!({})).unwrap();
+        assert_eq!(p["max-bandwidth"], 1000);
+        assert_eq!(p["downtime-limit"], 50);
+        assert_eq!(p["x-link-timeout"], 5000);
+        call(
+            &a,
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
+        )
+        .unwrap();
+        let caps = call(&a, "query-migrate-capabilities", json!({})).unwrap();
+        assert!(caps
+            .as_array()
+            .unwrap()
+            .contains(&json!({"capability": "postcopy-blocktime", "state": true})));
+        assert_eq!(
+            call(&a, "query-migrate", json!({})).unwrap(),
+            json!({"status": "none"})
+        );
+        let d = call(&a, "x-ram-digest", json!({})).unwrap();
+        assert_eq!(d["algorithm"], "sha256");
+        assert_eq!(d["blocks"][0]["name"], "ram");
+        assert_eq!(
+            call(&a, "x-info", json!({})).unwrap(),
+            json!({"vmm": "test"})
+        );
+        call(&a, "quit", json!({})).unwrap();
+        assert!(!quit.load(Ordering::Relaxed), "quit waits for its reply");
+        a.after_reply("quit");
+        assert!(quit.load(Ordering::Relaxed));
+    }
+}

@@ -530,16 +530,26 @@ impl Shared {
         self.set_status_locked(&mut st, status);
     }
 
-    /// Resumes the vCPUs and says so; the caller holds `run_ctl`.
+    /// Resumes the vCPUs and says so; the caller holds `run_ctl`. The run
+    /// state says `running` before the vCPUs start, so a guest that stops on
+    /// its own at once (its exit handler runs on a vCPU thread) has the last
+    /// word.
     fn resume_guest(&self) -> Result<(), SessionError> {
-        self.machine
-            .vcpus()
-            .resume()
-            .map_err(|e| SessionError::state("vCPUs", e))?;
-        let mut st = self.state.lock();
-        st.runstate = RunState::Running;
-        st.guest_started = true;
-        self.events.emit(&Event::Resume);
+        let prior = {
+            let mut st = self.state.lock();
+            let prior = st.runstate;
+            st.runstate = RunState::Running;
+            st.guest_started = true;
+            self.events.emit(&Event::Resume);
+            prior
+        };
+        if let Err(e) = self.machine.vcpus().resume() {
+            let mut st = self.state.lock();
+            if st.runstate == RunState::Running {
+                st.runstate = prior;
+            }
+            return Err(SessionError::state("vCPUs", e));
+        }
         Ok(())
     }
 
@@ -568,8 +578,8 @@ impl Shared {
                 log::warn!("guest shut down: {reason}");
                 RunState::Shutdown
             }
-            GuestExit::InternalError { vcpu, message } => {
-                log::error!("vCPU {vcpu}: {message}");
+            GuestExit::InternalError { message, .. } => {
+                log::error!("guest stopped on an internal error: {message}");
                 RunState::InternalError
             }
         };
