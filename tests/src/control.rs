@@ -340,3 +340,110 @@ pub fn dest_stopped() -> Result<Outcome, Failure> {
 fn guest_ab_check(vm: &mut crate::harness::DemoVm) -> Result<(), String> {
     vmm_glue::guest::ab_check(&vm.page_bytes()?, 1).map_err(|e| format!("{}: {e}", vm.name))
 }
+
+/// A boot sector that enters protected mode with an empty IDT and raises an
+/// exception: a triple fault.
+///
+/// ```text
+/// 7c00: fa                    cli
+/// 7c01: 0f 01 16 30 7c        lgdt [0x7c30]
+/// 7c06: 0f 20 c0              mov eax, cr0
+/// 7c09: 66 83 c8 01           or eax, 1
+/// 7c0d: 0f 22 c0              mov cr0, eax
+/// 7c10: ea 15 7c 08 00        jmp 0x08:0x7c15
+/// 7c15: 0f 01 1d 60 7c 00 00  lidt [0x7c60]      ; limit 0
+/// 7c1c: cc                    int3               ; no IDT: triple fault
+/// 7c1d: f4                    hlt
+/// 7c30: GDTR (limit 0x17, base 0x7c38); 7c38: GDT null, flat code, flat data
+/// 7c60: IDTR (limit 0, base 0)
+/// ```
+fn triple_fault_sector() -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    let code = [
+        0xfa, 0x0f, 0x01, 0x16, 0x30, 0x7c, 0x0f, 0x20, 0xc0, 0x66, 0x83, 0xc8, 0x01, 0x0f, 0x22,
+        0xc0, 0xea, 0x15, 0x7c, 0x08, 0x00,
+    ];
+    b[..code.len()].copy_from_slice(&code);
+    let pm = [0x0f, 0x01, 0x1d, 0x60, 0x7c, 0x00, 0x00, 0xcc, 0xf4];
+    b[0x15..0x15 + pm.len()].copy_from_slice(&pm);
+    b[0x30..0x32].copy_from_slice(&0x17u16.to_le_bytes());
+    b[0x32..0x36].copy_from_slice(&0x7c38u32.to_le_bytes());
+    b[0x40..0x48].copy_from_slice(&0x00cf_9a00_0000_ffffu64.to_le_bytes());
+    b[0x48..0x50].copy_from_slice(&0x00cf_9200_0000_ffffu64.to_le_bytes());
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    b
+}
+
+/// A guest that triple-faults: `query-status` says `shutdown` (on PVM, whose
+/// emulator cannot run this exception path, `internal-error` with the
+/// emulation failure), with a `SHUTDOWN` or `STOP` event; the process lives
+/// on, answers QMP, and refuses to `cont` a guest that stopped.
+pub fn guest_stops() -> Result<Outcome, Failure> {
+    let guest = Guest::sector("ab.bin");
+    guest.available()?;
+    let dir = std::env::temp_dir().join(format!("e2e-tf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let sector = dir.join("triple-fault.bin");
+    std::fs::write(&sector, triple_fault_sector()).map_err(|e| e.to_string())?;
+    let path = sector.display().to_string();
+    let started = Instant::now();
+    let mut vm = crate::harness::DemoVm::start(
+        "tf",
+        &crate::harness::VmOpts {
+            mem_mib: 16,
+            vcpus: 1,
+            guest: &path,
+            incoming: None,
+            accel: None,
+            // Started paused (QEMU's -S), so this client sees it all.
+            extra: &["--paused"],
+        },
+    )?;
+    expect(vm.run_status()? == "paused", || {
+        "--paused did not hold the guest".into()
+    })?;
+    vm.qmp.cmd("cont", json!({}))?;
+    let rs = loop {
+        let rs = vm.run_status()?;
+        if rs != "running" {
+            break rs;
+        }
+        if started.elapsed() > HANG_GUARD {
+            return Err(Failure::Failed("the guest never stopped".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pvm = crate::harness::kvm_is_pvm();
+    expect(rs == "shutdown" || (pvm && rs == "internal-error"), || {
+        format!("run state {rs} after a triple fault (PVM: {pvm})")
+    })?;
+    vm.qmp.cmd("query-migrate", json!({}))?;
+    let events: Vec<String> = vm
+        .qmp
+        .events
+        .iter()
+        .filter_map(|e| e.get("event")?.as_str().map(str::to_owned))
+        .collect();
+    expect(
+        events.iter().any(|e| e == "SHUTDOWN" || e == "STOP"),
+        || format!("no SHUTDOWN or STOP event: {events:?}"),
+    )?;
+    let refused = vm.qmp.execute("cont", json!({}))?;
+    expect(
+        matches!(&refused, Err((_, d)) if d.contains("stopped")),
+        || format!("cont of a stopped guest: {refused:?}"),
+    )?;
+    expect(vm.alive(), || "demovm died".into())?;
+    let accel = vm.accel()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Outcome {
+        accel: Some(accel),
+        total: started.elapsed(),
+        note: format!(
+            "triple fault: run state {rs}{}, events {events:?}; the process answers QMP and refuses cont",
+            if rs == "internal-error" { " (PVM cannot emulate it)" } else { "" }
+        ),
+        ..Outcome::default()
+    })
+}

@@ -92,6 +92,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("hostile-streams", migration::hostile_streams),
     ("qmp-stuck-client", control::qmp_stuck_client),
     ("qmp-concurrent", control::qmp_concurrent),
+    ("guest-stops", control::guest_stops),
     ("uffd-postcopy", uffd::postcopy),
     ("uffd-snapshot", uffd::snapshot),
 ];

@@ -129,7 +129,7 @@ impl Guest {
 
     /// Whether the host can run it: boot sectors need KVM. Under
     /// `REQUIRE_KVM=1` a missing KVM is a failure, elsewhere a loud skip.
-    fn available(&self) -> Result<(), Failure> {
+    pub fn available(&self) -> Result<(), Failure> {
         if !self.sector && self.accel.is_some() {
             return Ok(());
         }

@@ -51,4 +51,5 @@ scenarios! {
     hostile_streams_are_refused => "hostile-streams", e2e::migration::hostile_streams;
     a_qmp_client_that_never_reads_stalls_nothing => "qmp-stuck-client", e2e::control::qmp_stuck_client;
     concurrent_qmp_commands_leave_a_legal_state => "qmp-concurrent", e2e::control::qmp_concurrent;
+    a_guest_that_triple_faults_stops_and_the_vmm_lives => "guest-stops", e2e::control::guest_stops;
 }
