@@ -16,12 +16,12 @@
 //! Without manual protect that call also clears the bitmap and
 //! write-protects the slot. With `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (on
 //! whenever the host offers it, with `KVM_DIRTY_LOG_INITIALLY_SET` where
-//! offered) it does neither, so `sync` itself re-arms what it reported with
-//! `KVM_CLEAR_DIRTY_LOG`, as [`DirtyLog::sync`] promises (a write after a
-//! sync is reported by the next one, whatever the caller did with its
-//! bits); `clear(chunk)` then re-protects a chunk again just before the
-//! caller reads it for sending. A write that landed between the sync and
-//! that read is then sent by this pass and not again: fewer pages go twice.
+//! offered) it does neither: a reported page stays dirty and writable in
+//! KVM until `clear` re-protects exactly the pages the caller took, just
+//! before it reads them for sending (a sync in between reports the page
+//! again, which finds its bit already set). A page written again before it
+//! is sent costs no second protection fault, and each `KVM_CLEAR_DIRTY_LOG`
+//! holds KVM's MMU lock for one chunk only.
 //! `KVM_CLEAR_DIRTY_LOG` wants `first_page` a multiple of 64 and
 //! `num_pages` one too unless the range ends the slot: each call covers the
 //! 64-aligned span around the chunk, with bits set only for the chunk's
@@ -225,11 +225,10 @@ impl DirtyLog for KvmDirtyLog {
             if bits.iter().all(|&w| w == 0) {
                 continue;
             }
-            if self.manual() {
-                let mut clear = bits.clone();
-                self.clear_slot(slot, 0, slot.size / KVM_PAGE, &mut clear)
-                    .map_err(sync_err)?;
-            }
+            // With manual protect the reported pages stay dirty (and writable)
+            // in KVM until `clear` re-protects each one just before it is read:
+            // a page written again before it is sent costs no second fault,
+            // and a later sync reporting it again only finds its bit set.
             newly += merge(blocks, slot, &bits);
             bits.clear();
         }
