@@ -636,22 +636,18 @@ mod tests {
         }
     }
 
-    /// The committed images are what the generator makes. With `UPDATE_GUESTS=1` in
-    /// the environment the test rewrites them first.
+    /// The committed images are what the generator makes (`cargo xtask guests`
+    /// rewrites them).
     #[test]
     fn committed_images_match_the_generator() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests");
-        if std::env::var_os("UPDATE_GUESTS").is_some_and(|v| v == "1") {
-            write_images(&dir).unwrap();
-        }
         for kind in BootSector::ALL {
             let path = dir.join(kind.file_name());
             let committed =
                 std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(
                 committed == kind.generate(DEFAULT_TOUCH).unwrap(),
-                "{} differs from its generator: run \
-                 `UPDATE_GUESTS=1 cargo test -p vmm-glue --lib guest::boot_sector` and commit it",
+                "{} differs from its generator: run `cargo xtask guests` and commit it",
                 path.display()
             );
         }
