@@ -22,7 +22,7 @@
 //! `EMBED_ACCEL=soft` forces the stand-in. It exits 0 when every check holds.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -150,6 +150,7 @@ struct ThreadVcpu {
     doorbell: Arc<Doorbell>,
     run: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    tid: Arc<AtomicU32>,
 }
 
 impl ThreadVcpu {
@@ -175,14 +176,16 @@ impl Vcpus for ThreadVcpu {
             return Ok(());
         }
         self.run.store(true, Ordering::Release);
-        let (mem, bell, run) = (
+        let (mem, bell, run, tid) = (
             Arc::clone(&self.mem),
             Arc::clone(&self.doorbell),
             Arc::clone(&self.run),
+            Arc::clone(&self.tid),
         );
         let h = std::thread::Builder::new()
             .name("embed-vcpu".into())
             .spawn(move || {
+                tid.store(vmm_glue::thread_id(), Ordering::Relaxed);
                 while run.load(Ordering::Acquire) {
                     ThreadVcpu::step(&mem, &bell);
                 }
@@ -219,6 +222,9 @@ impl Vcpus for ThreadVcpu {
         }
     }
     fn set_exit_handler(&self, _: ExitHandler) {}
+    fn thread_ids(&self) -> Vec<u32> {
+        vec![self.tid.load(Ordering::Relaxed)]
+    }
 }
 
 impl Drop for ThreadVcpu {
@@ -265,6 +271,7 @@ fn side(kvm: bool, load_guest: bool) -> Result<Side, String> {
             doorbell: Arc::clone(&doorbell),
             run: Arc::new(AtomicBool::new(false)),
             thread: Mutex::new(None),
+            tid: Arc::new(AtomicU32::new(0)),
         };
         (
             Arc::new(v) as Arc<dyn Vcpus>,

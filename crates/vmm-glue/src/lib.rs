@@ -39,6 +39,15 @@ pub use migration_ram::GuestMemoryMmap;
 
 pub use logger::Logger;
 
+/// The calling thread's host thread id (`gettid`), read from
+/// `/proc/thread-self`; 0 if it cannot be read.
+pub fn thread_id() -> u32 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// An error and its sources, joined with `: `.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -49,4 +58,14 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thread_ids_tell_threads_apart() {
+        let here = super::thread_id();
+        let there = std::thread::spawn(super::thread_id).join().unwrap();
+        assert!(here != 0 && there != 0 && here != there, "{here} {there}");
+    }
 }

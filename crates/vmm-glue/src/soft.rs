@@ -13,7 +13,7 @@
 //! Soft vCPUs are a stand-in for KVM and say so: [`Vcpus::accel`] returns `soft`, and
 //! `demovm` prints it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -68,6 +68,8 @@ struct Shared {
     run: AtomicBool,
     /// Completed passes of each vCPU, readable while it runs.
     passes: Vec<AtomicU64>,
+    /// Each vCPU thread's host thread id (0 until it started).
+    tids: Vec<AtomicU32>,
     ctl: Mutex<Ctl>,
     cv: Condvar,
 }
@@ -109,6 +111,7 @@ impl SoftVcpus {
             workload,
             run: AtomicBool::new(false),
             passes: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            tids: (0..count).map(|_| AtomicU32::new(0)).collect(),
             ctl: Mutex::new(Ctl {
                 states,
                 parked: 0,
@@ -191,6 +194,7 @@ fn step(sh: &Shared, i: usize, st: &mut State) -> bool {
 }
 
 fn vcpu_loop(sh: &Shared, i: usize) {
+    sh.tids[i].store(crate::thread_id(), Ordering::Relaxed);
     let mut st = sh.ctl.lock().states[i];
     loop {
         if !sh.run.load(Ordering::Acquire) {
@@ -353,6 +357,14 @@ impl Vcpus for SoftVcpus {
         Ok(())
     }
 
+    fn thread_ids(&self) -> Vec<u32> {
+        self.shared
+            .tids
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .collect()
+    }
+
     fn set_exit_handler(&self, _handler: ExitHandler) {
         // Soft vCPUs run workloads that never stop on their own.
     }
@@ -461,6 +473,8 @@ mod tests {
         let io = Arc::new(Com1Count::default());
         let v = vcpus(&mem, &io, Workload::Ab, 2);
         assert!(!v.running());
+        let tids = v.thread_ids();
+        assert!(tids.len() == 2 && tids[0] != 0 && tids[0] != tids[1], "{tids:?}");
         v.resume().unwrap();
         run_until(&v, 3);
         v.pause().unwrap();

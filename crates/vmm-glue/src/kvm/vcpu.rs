@@ -37,7 +37,7 @@ use std::os::fd::AsRawFd;
 use std::os::raw::{c_int, c_void};
 use std::os::unix::thread::JoinHandleExt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 
@@ -249,6 +249,8 @@ struct Vcpu {
     cv: Condvar,
     run: OnceLock<RunMap>,
     thread: OnceLock<libc::pthread_t>,
+    /// The host thread id of the vCPU's thread (0 until it started).
+    tid: AtomicU32,
     /// Passes through the top of the run loop, out of KVM_RUN (to wait for
     /// a flush kick to land).
     exits: AtomicU64,
@@ -377,6 +379,7 @@ impl KvmVcpus {
                 cv: Condvar::new(),
                 run: OnceLock::new(),
                 thread: OnceLock::new(),
+                tid: AtomicU32::new(0),
                 exits: AtomicU64::new(0),
             })
             .collect();
@@ -649,6 +652,14 @@ impl Vcpus for KvmVcpus {
         Ok(())
     }
 
+    fn thread_ids(&self) -> Vec<u32> {
+        self.shared
+            .vcpus
+            .iter()
+            .map(|v| v.tid.load(Ordering::Relaxed))
+            .collect()
+    }
+
     fn set_exit_handler(&self, handler: ExitHandler) {
         *self.shared.exit_handler.write() = Some(handler);
     }
@@ -713,6 +724,9 @@ fn vcpu_thread(
     run_size: usize,
     init: mpsc::SyncSender<Result<(), KvmError>>,
 ) {
+    shared.vcpus[index]
+        .tid
+        .store(crate::thread_id(), Ordering::Relaxed);
     let setup = || -> Result<VcpuCore, KvmError> {
         vmm_sys_util::signal::unblock_signal(kick_signal()).map_err(|e| KvmError::Thread {
             vcpu: index,

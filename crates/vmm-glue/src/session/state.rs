@@ -190,4 +190,10 @@ pub trait Vcpus: Send + Sync {
     /// error). A session installs its handler when it is built; vCPUs that
     /// cannot stop on their own may drop it.
     fn set_exit_handler(&self, handler: ExitHandler);
+
+    /// The host thread id (`gettid`) of each vCPU's thread, in vCPU order
+    /// (0 where unknown). A postcopy destination attributes the page faults
+    /// of these threads to their vCPU (per-vCPU blocktime);
+    /// [`crate::thread_id`] gives the calling thread's.
+    fn thread_ids(&self) -> Vec<u32>;
 }
