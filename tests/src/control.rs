@@ -11,43 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::harness::{field, Qmp, HANG_GUARD};
-use crate::migration::Guest;
+use crate::migration::{converge, expect, outcome, status, Guest};
 use crate::{Failure, Outcome};
-
-fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Failure::Failed(what()))
-    }
-}
-
-fn status(q: &Value) -> &str {
-    q.get("status").and_then(Value::as_str).unwrap_or("?")
-}
-
-fn converge(qmp: &mut Qmp) -> Result<(), String> {
-    qmp.cmd(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 0, "downtime-limit": 5000}),
-    )
-    .map(drop)
-}
-
-fn outcome(q: &Value, accel: String, note: String) -> Outcome {
-    Outcome {
-        accel: Some(accel),
-        total: Duration::from_millis(field(q, "total-time")),
-        downtime: q
-            .get("downtime")
-            .and_then(Value::as_u64)
-            .map(Duration::from_millis),
-        bytes: field(q, "ram.transferred"),
-        pages: field(q, "ram.normal") + field(q, "ram.duplicate"),
-        faults: 0,
-        note,
-    }
-}
 
 /// A raw QMP connection: greeting read, capabilities negotiated. While the
 /// server is at its connection cap (clients that just left not yet reaped),
@@ -143,7 +108,7 @@ pub fn qmp_stuck_client() -> Result<Outcome, Failure> {
 
     let mut dst = guest.paused_destination("dst", "tcp:127.0.0.1:0")?;
     let uri = dst.incoming_uri()?;
-    converge(&mut src.qmp)?;
+    converge(&mut src)?;
     src.qmp.cmd("migrate", json!({ "uri": uri }))?;
     let mut answers = 0u32;
     let q = loop {
@@ -190,7 +155,7 @@ pub fn qmp_stuck_client() -> Result<Outcome, Failure> {
 pub fn qmp_concurrent() -> Result<Outcome, Failure> {
     let guest = Guest::builtin("ab", 1, 32);
     let mut src = guest.start("src", None)?;
-    converge(&mut src.qmp)?;
+    converge(&mut src)?;
     let qmp_path = src.dir.join("qmp.sock");
     let dir = src.dir.clone();
     let started = Instant::now();

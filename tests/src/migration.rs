@@ -167,7 +167,7 @@ fn vm(
     )
 }
 
-fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
+pub(crate) fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     if cond {
         Ok(())
     } else {
@@ -175,12 +175,12 @@ fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     }
 }
 
-fn status(q: &Value) -> &str {
+pub(crate) fn status(q: &Value) -> &str {
     q.get("status").and_then(Value::as_str).unwrap_or("?")
 }
 
 /// `query-migrate`'s `error-desc`, empty when there is none.
-fn error_desc(q: &Value) -> String {
+pub(crate) fn error_desc(q: &Value) -> String {
     q.get("error-desc")
         .and_then(Value::as_str)
         .unwrap_or("")
@@ -188,7 +188,7 @@ fn error_desc(q: &Value) -> String {
 }
 
 /// Settings under which an `ab` guest converges: no bandwidth cap, a generous downtime.
-fn converge(vm: &mut DemoVm) -> Result<(), String> {
+pub(crate) fn converge(vm: &mut DemoVm) -> Result<(), String> {
     vm.qmp
         .cmd(
             "migrate-set-parameters",
@@ -197,7 +197,7 @@ fn converge(vm: &mut DemoVm) -> Result<(), String> {
         .map(drop)
 }
 
-fn migrate(src: &mut DemoVm, uri: &str) -> Result<(), String> {
+pub(crate) fn migrate(src: &mut DemoVm, uri: &str) -> Result<(), String> {
     src.qmp.cmd("migrate", json!({ "uri": uri })).map(drop)
 }
 
@@ -214,7 +214,7 @@ pub fn accel_of(vms: &mut [&mut DemoVm]) -> Result<String, String> {
     Ok(seen.join("+"))
 }
 
-fn outcome(q: &Value, accel: String, note: String) -> Outcome {
+pub(crate) fn outcome(q: &Value, accel: String, note: String) -> Outcome {
     Outcome {
         accel: Some(accel),
         total: Duration::from_millis(field(q, "total-time")),

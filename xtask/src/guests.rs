@@ -26,19 +26,7 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// Parses `512M`, `1G`, `64k`, `65536` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("bad size {s:?}: bytes, or a number with K, M or G"))
-}
+pub use vmm_glue::parse_size;
 
 /// `bytes` as `512 MiB` when it is a whole number of MiB, else as bytes.
 pub fn show_size(bytes: u64) -> String {

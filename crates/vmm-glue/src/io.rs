@@ -18,3 +18,23 @@ pub trait IoHandler: Send + Sync {
     /// A write of `data` to guest-physical `addr` outside RAM.
     fn mmio_write(&self, addr: u64, data: &[u8]) -> bool;
 }
+
+/// A bus with no device: every access is unhandled (reads give all-ones
+/// bytes and are counted by the vCPU layer). The KVM vCPUs start with it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDevices;
+
+impl IoHandler for NoDevices {
+    fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
+        false
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) -> bool {
+        false
+    }
+    fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
+        false
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
+        false
+    }
+}

@@ -48,6 +48,21 @@ pub fn thread_id() -> u32 {
         .unwrap_or(0)
 }
 
+/// Parses a size: bytes, or a number with a binary `K`, `M` or `G` suffix
+/// (`512M`, `1G`, `64k`, `65536`), as command lines take guest sizes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}: bytes, or a number with K, M or G"))
+}
+
 /// An error and its sources, joined with `: `.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -62,6 +77,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(super::parse_size("512M"), Ok(512 << 20));
+        assert_eq!(super::parse_size("1G"), Ok(1 << 30));
+        assert_eq!(super::parse_size("64k"), Ok(64 << 10));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert!(super::parse_size("12X").is_err());
+        assert!(super::parse_size("99999999999G").is_err());
+        assert!(super::parse_size("").is_err());
+    }
+
     #[test]
     fn thread_ids_tell_threads_apart() {
         let here = super::thread_id();

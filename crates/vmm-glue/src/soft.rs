@@ -474,7 +474,10 @@ mod tests {
         let v = vcpus(&mem, &io, Workload::Ab, 2);
         assert!(!v.running());
         let tids = v.thread_ids();
-        assert!(tids.len() == 2 && tids[0] != 0 && tids[0] != tids[1], "{tids:?}");
+        assert!(
+            tids.len() == 2 && tids[0] != 0 && tids[0] != tids[1],
+            "{tids:?}"
+        );
         v.resume().unwrap();
         run_until(&v, 3);
         v.pause().unwrap();

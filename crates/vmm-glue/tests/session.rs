@@ -14,7 +14,7 @@ use migration_ram::VmmDirtyLog;
 use migration_stream::{memory_pair, ErrorKind, Hello, MigrationId, Role, StreamWriter};
 use vm_memory::GuestAddress;
 use vmm_glue::guest::{ab_check, Workload};
-use vmm_glue::io::IoHandler;
+use vmm_glue::io::NoDevices;
 use vmm_glue::session::{
     Capability, DeviceState, Event, GuestRam, Machine, MigrationInfo, MigrationStatus, RamRegion,
     RunState, Session, SessionError, StateError, UsageError, Vcpus,
@@ -55,24 +55,6 @@ impl DeviceState for Register {
         self.value
             .store(u64::from_le_bytes(bytes), Ordering::Relaxed);
         Ok(())
-    }
-}
-
-/// Port output nobody reads.
-struct NoDevices;
-
-impl IoHandler for NoDevices {
-    fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
-        false
-    }
-    fn pio_write(&self, _: u16, _: &[u8]) -> bool {
-        true
-    }
-    fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
-        false
-    }
-    fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
-        false
     }
 }
 
@@ -232,7 +214,9 @@ fn losing_the_destination_is_a_link_error_and_the_source_runs_on() {
     src.session
         .update_parameters(|p| p.max_bandwidth = 4 << 20)
         .unwrap();
+    let dst = vm(64, Workload::Ab, [0, 0]);
     let (a, b) = memory_pair();
+    dst.session.incoming_from(b).unwrap();
     src.session.migrate_to(a).unwrap();
     let t = Instant::now();
     while src
@@ -244,8 +228,8 @@ fn losing_the_destination_is_a_link_error_and_the_source_runs_on() {
         assert!(t.elapsed() < GUARD);
         std::thread::sleep(Duration::from_millis(5));
     }
-    // The destination process dies: its end of the connection closes.
-    drop(b);
+    // The destination VMM goes away: its session ends, its connection closes.
+    drop(dst);
     let s = src.wait_final();
     assert_eq!(s.status, MigrationStatus::Failed);
     assert_eq!(error_of(&s).kind(), ErrorKind::Link, "{}", error_of(&s));

@@ -60,24 +60,7 @@ use crate::session::{ExitHandler, GuestExit, Section, StateError, Vcpus};
 pub use x86_64::LongModeEntry;
 
 pub use crate::io::IoHandler;
-
-/// No device at all: every access is unhandled.
-struct NoDevices;
-
-impl IoHandler for NoDevices {
-    fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
-        false
-    }
-    fn pio_write(&self, _: u16, _: &[u8]) -> bool {
-        false
-    }
-    fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
-        false
-    }
-    fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
-        false
-    }
-}
+use crate::io::NoDevices;
 
 /// Guest accesses no device handled, since the VM was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

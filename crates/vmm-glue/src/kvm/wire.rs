@@ -112,6 +112,13 @@ impl<'a> Reader<'a> {
     }
 
     /// Fails unless every byte was read.
+    /// The whole data as one struct: [`Reader::raw`], then [`Reader::end`].
+    pub(crate) fn only<T: FromBytes>(mut self) -> Result<T, StateError> {
+        let v = self.raw()?;
+        self.end()?;
+        Ok(v)
+    }
+
     pub(crate) fn end(&self) -> Result<(), StateError> {
         if self.pos != self.data.len() {
             return Err(self.malformed(format!("{} trailing bytes", self.data.len() - self.pos)));

@@ -376,26 +376,10 @@ mod tests {
 
     use super::*;
     use crate::guest::Workload;
-    use crate::io::IoHandler;
+    use crate::io::NoDevices;
     use crate::session::{GuestRam, Machine, RamRegion};
     use crate::soft::SoftVcpus;
     use crate::GuestMemoryMmap;
-
-    struct Nothing;
-    impl IoHandler for Nothing {
-        fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
-            false
-        }
-        fn pio_write(&self, _: u16, _: &[u8]) -> bool {
-            true
-        }
-        fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
-            false
-        }
-        fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
-            false
-        }
-    }
 
     struct Info;
     impl QmpExtension for Info {
@@ -413,7 +397,7 @@ mod tests {
         let ram = GuestRam::new(Arc::clone(&mem), vec![RamRegion::new("ram")]).unwrap();
         let vcpus = SoftVcpus::new(
             Arc::clone(&mem),
-            Arc::new(Nothing),
+            Arc::new(NoDevices),
             Workload::Ab,
             1,
             1 << 20,

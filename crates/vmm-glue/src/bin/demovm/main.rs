@@ -24,7 +24,7 @@ use machine::{Accel, Config, GuestSpec};
 #[command(name = "demovm", version, long_about = None, after_help = AFTER_HELP)]
 struct Args {
     /// Guest RAM: bytes, or with a K, M or G suffix (512M).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = vmm_glue::parse_size)]
     mem: u64,
     /// vCPUs (1 to 64).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -58,20 +58,6 @@ const AFTER_HELP: &str = "\
 Environment: DEMOVM_LOG=error|warn|info|debug|trace sets the log level (info).
 A failed incoming migration leaves the guest unstarted and waiting: QMP migrate-incoming
 may start another one.";
-
-/// Parses `512M`, `1G`, `65536`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("bad size {s:?}"))
-}
 
 fn main() -> ExitCode {
     Logger::install_from_env("DEMOVM_LOG");

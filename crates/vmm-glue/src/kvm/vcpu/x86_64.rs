@@ -709,15 +709,9 @@ pub(crate) fn parse(
             Ok(Reader::new(&s.name, &s.data))
         };
         let whole = |p: usize| -> Result<Reader<'_>, StateError> { get(p) };
-        let mut r = whole(0)?;
-        let mp_state = r.raw()?;
-        r.end()?;
-        let mut r = whole(1)?;
-        let regs = r.raw()?;
-        r.end()?;
-        let mut r = whole(2)?;
-        let sregs = r.raw()?;
-        r.end()?;
+        let mp_state = whole(0)?.only()?;
+        let regs = whole(1)?.only()?;
+        let sregs = whole(2)?.only()?;
         let mut r = whole(3)?;
         let size = r.count(1, MAX_XSAVE)?;
         if size < LEGACY_XSAVE || size % 4 != 0 {
@@ -731,15 +725,9 @@ pub(crate) fn parse(
                 format!("XSAVE area of {size} bytes, larger than this host's {host_xsave}"),
             ));
         }
-        let mut r = whole(4)?;
-        let xcrs = r.raw()?;
-        r.end()?;
-        let mut r = whole(5)?;
-        let debugregs = r.raw()?;
-        r.end()?;
-        let mut r = whole(6)?;
-        let lapic = r.raw()?;
-        r.end()?;
+        let xcrs = whole(4)?.only()?;
+        let debugregs = whole(5)?.only()?;
+        let lapic = whole(6)?.only()?;
         let mut r = whole(7)?;
         let tsc_khz = r.u32()?;
         r.end()?;
@@ -756,9 +744,7 @@ pub(crate) fn parse(
         let n = r.count(16, 4 * KVM_MAX_MSR_ENTRIES)?;
         let msrs = (0..n).map(|_| r.raw()).collect::<Result<Vec<_>, _>>()?;
         r.end()?;
-        let mut r = whole(10)?;
-        let events = r.raw()?;
-        r.end()?;
+        let events = whole(10)?.only()?;
         out.push(VcpuState {
             mp_state,
             regs,
