@@ -28,6 +28,10 @@
 //!   between (read, write, flush, cancel, a missing channel, a silent
 //!   peer), the whole batch is marked dirty again.
 //!
+//! - `set_interrupt` gives a flag that ends an `iterate` at the next chunk
+//!   boundary (QEMU's `migrate-start-postcopy` during a pass): the chunk
+//!   being sent completes, the pages not reached stay dirty.
+//!
 //! The channels are a [`ChannelSet`](crate::ChannelSet): a single
 //! `StreamWriter` for precopy (main only), [`Channels`](crate::Channels)
 //! when postcopy preempt adds a second connection.

@@ -25,17 +25,24 @@ const PAGE_HEAD_BYTES: u64 = 14;
 
 /// What one precopy pass achieved.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct IterationOutcome {
-    /// Bytes of the pages dirty after the pass (and its closing sync).
+    /// Bytes of the pages dirty after the pass (and its closing sync; an
+    /// interrupted pass does not sync, so this lacks the writes since the
+    /// last one).
     pub remaining_bytes: u64,
     /// Measured bandwidth in bytes per second.
     pub bandwidth: f64,
     /// Whether `remaining_bytes` fits in the downtime limit at
     /// `bandwidth`: the caller may pause the guest and call
-    /// [`PrecopySaver::complete`].
+    /// [`PrecopySaver::complete`]. Never for an interrupted pass.
     pub switchover: bool,
     /// Pages sent by the pass (normal and zero).
     pub pages_sent: u64,
+    /// Whether the pass ended early because the
+    /// [interrupt](PrecopySaver::set_interrupt) flag was raised: the pages
+    /// it did not reach are still dirty.
+    pub interrupted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,12 +64,14 @@ impl State {
     }
 }
 
-/// Whether a pass honours `max_bandwidth` (iterations) or not (completion,
-/// with the guest paused).
+/// What a pass is: it decides the bandwidth limit and whether the pass
+/// may be interrupted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Limit {
-    Bandwidth,
-    None,
+enum Pass {
+    /// A precopy iteration: `max_bandwidth`, interruptible, log running.
+    Precopy,
+    /// The completion pass, guest paused: no limit, log running.
+    Completion,
 }
 
 /// Bandwidth measurement of the current pass: bytes flushed since the last
@@ -81,6 +90,7 @@ pub struct PrecopySaver {
     params: SharedParams,
     stats: Arc<RamStats>,
     cancel: Arc<AtomicBool>,
+    interrupt: Arc<AtomicBool>,
     scheduler: Box<dyn PageScheduler>,
     keepalive: Option<KeepaliveState>,
     /// Pages of a chunk, read before the chunk is admitted and written.
@@ -132,6 +142,7 @@ impl PrecopySaver {
             params,
             stats,
             cancel,
+            interrupt: Arc::new(AtomicBool::new(false)),
             scheduler: Box::new(LinearScan::new()),
             keepalive: None,
             buf: Vec::new(),
@@ -175,6 +186,17 @@ impl PrecopySaver {
     /// [`crate::keepalive`].
     pub fn set_keepalive(&mut self, keepalive: Option<Keepalive>) {
         self.keepalive = keepalive.map(KeepaliveState::new);
+    }
+
+    /// Ends precopy passes early when `interrupt` is raised (QEMU's
+    /// `migrate-start-postcopy`): [`iterate`](PrecopySaver::iterate)
+    /// returns at the next chunk boundary, once the chunk being sent is
+    /// flushed, with [`IterationOutcome::interrupted`] set; the pages it did
+    /// not reach stay dirty. It is read once per chunk. While it stays
+    /// raised every `iterate` returns at once; the completion pass and
+    /// postcopy ignore it.
+    pub fn set_interrupt(&mut self, interrupt: Arc<AtomicBool>) {
+        self.interrupt = interrupt;
     }
 
     /// The blocks, with their dirty bitmaps.
@@ -259,29 +281,42 @@ impl PrecopySaver {
     /// `EndOfSection` and `Sync` on the main channel (flushed), syncs the
     /// dirty log, and returns the remaining dirty bytes and whether they
     /// fit in the downtime limit at the measured bandwidth.
+    ///
+    /// When the [interrupt](PrecopySaver::set_interrupt) flag is raised the
+    /// pass ends at the next chunk boundary: it writes `EndOfSection` only
+    /// (flushed; `Sync` marks whole passes), does not sync the dirty log
+    /// (the postcopy switch that follows does), and returns with
+    /// [`IterationOutcome::interrupted`] set.
     pub fn iterate<C: ChannelSet>(&mut self, ch: &mut C) -> Result<IterationOutcome> {
         self.expect_state("iterate", State::Active)?;
         self.check_cancel()?;
         self.tick(ch)?;
-        let pages_sent = self.send_pass(ch, Limit::Bandwidth)?;
-        self.iteration += 1;
+        let (pages_sent, interrupted) = self.send_pass(ch, Pass::Precopy)?;
+        if !interrupted {
+            self.iteration += 1;
+        }
+        let iteration = self.iteration;
         let w = ch.main();
         let tail = w.bytes_written();
-        let result = w
-            .write_end_of_section()
-            .and_then(|()| w.write_sync(self.iteration))
-            .and_then(|()| w.flush());
+        let mut result = w.write_end_of_section();
+        if !interrupted {
+            result = result.and_then(|()| w.write_sync(iteration));
+        }
+        let result = result.and_then(|()| w.flush());
         let tail = w.bytes_written() - tail;
         self.stats.add_transferred(tail);
         result?;
         let bandwidth = self.measure(Instant::now(), tail);
-        self.sync()?;
-        self.stats.add_iteration();
+        if !interrupted {
+            self.sync()?;
+            self.stats.add_iteration();
+        }
         self.tick(ch)?;
         let downtime = self.params.downtime_limit();
-        let switchover = self.remaining as f64 <= bandwidth * downtime.as_secs_f64();
+        let switchover =
+            !interrupted && self.remaining as f64 <= bandwidth * downtime.as_secs_f64();
         log::debug!(
-            "precopy pass {}: {pages_sent} pages, {} bytes remaining, {bandwidth:.0} B/s, switchover {switchover}",
+            "precopy pass {}: {pages_sent} pages, {} bytes remaining, {bandwidth:.0} B/s, switchover {switchover}, interrupted {interrupted}",
             self.iteration,
             self.remaining
         );
@@ -290,6 +325,7 @@ impl PrecopySaver {
             bandwidth,
             switchover,
             pages_sent,
+            interrupted,
         })
     }
 
@@ -302,7 +338,7 @@ impl PrecopySaver {
         self.check_cancel()?;
         self.sync()?;
         self.tick(ch)?;
-        self.send_pass(ch, Limit::None)?;
+        self.send_pass(ch, Pass::Completion)?;
         let w = ch.main();
         let tail = w.bytes_written();
         let result = w.write_end_of_section().and_then(|()| w.flush());
@@ -370,9 +406,11 @@ impl PrecopySaver {
         estimate
     }
 
-    /// Sends the scheduler's batches until the pass is over; returns the
-    /// pages sent. A batch that fails is restored to the dirty bitmap.
-    fn send_pass<C: ChannelSet>(&mut self, ch: &mut C, limit: Limit) -> Result<u64> {
+    /// Sends the scheduler's batches until the pass is over, or, for a
+    /// precopy pass, until the interrupt flag is raised (checked at each
+    /// chunk boundary, before a batch is taken). Returns the pages sent and
+    /// whether the pass was interrupted.
+    fn send_pass<C: ChannelSet>(&mut self, ch: &mut C, pass: Pass) -> Result<(u64, bool)> {
         let blocks = self.blocks.clone();
         let mem = self.mem.clone();
         self.scheduler.new_pass();
@@ -382,45 +420,67 @@ impl PrecopySaver {
             bytes: 0,
         };
         let mut sent = 0;
-        while let Some(batch) = self.scheduler.next(&blocks) {
-            let Some(block) = blocks.iter().nth(batch.block) else {
-                return Err(Error::BadBatch {
-                    block: batch.block,
-                    blocks: blocks.len(),
-                });
-            };
-            if batch.pages.is_empty() {
-                continue;
+        loop {
+            if pass == Pass::Precopy && self.interrupt.load(Ordering::Relaxed) {
+                return Ok((sent, true));
             }
-            let result = self
-                .check_cancel()
-                .and_then(|()| self.send_batch(ch, &mem, block, &batch, limit));
-            if let Err(e) = result {
+            let Some(batch) = self.scheduler.next(&blocks) else {
+                return Ok((sent, false));
+            };
+            sent += self.send_one(ch, &mem, &blocks, &batch, pass)?.0;
+        }
+    }
+
+    /// Sends one batch of a scheduler and flushes it; returns its pages and
+    /// the bytes written. If it fails, its pages are dirty again.
+    fn send_one<C: ChannelSet>(
+        &mut self,
+        ch: &mut C,
+        mem: &GuestMemoryMmap,
+        blocks: &RamBlocks,
+        batch: &Batch,
+        pass: Pass,
+    ) -> Result<(u64, u64)> {
+        let Some(block) = blocks.iter().nth(batch.block) else {
+            return Err(Error::BadBatch {
+                block: batch.block,
+                blocks: blocks.len(),
+            });
+        };
+        if batch.pages.is_empty() {
+            return Ok((0, 0));
+        }
+        let result = self
+            .check_cancel()
+            .and_then(|()| self.send_batch(ch, mem, block, batch, pass));
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(e) => {
                 block.dirty().restore(&batch.pages);
                 return Err(e);
             }
-            let count = batch.pages.count();
-            sent += count;
-            let bytes = count * u64::from(block.page_size());
-            self.remaining = self.remaining.saturating_sub(bytes);
-            self.stats.set_remaining(self.remaining);
-        }
-        Ok(sent)
+        };
+        let count = batch.pages.count();
+        self.remaining = self
+            .remaining
+            .saturating_sub(count * u64::from(block.page_size()));
+        self.stats.set_remaining(self.remaining);
+        Ok((count, bytes))
     }
 
     /// Sends one batch and flushes its channel: the pages are read in
     /// groups that fit the chunk buffer, each group admitted whole by the
-    /// rate limiter (one clock read and one parameter read per group), then
-    /// written. The page counters are updated only once the flush
-    /// succeeded.
+    /// rate limiter in a precopy pass (one clock read and one parameter
+    /// read per group), then written. The page counters are updated only
+    /// once the flush succeeded. Returns the bytes written.
     fn send_batch<C: ChannelSet>(
         &mut self,
         ch: &mut C,
         mem: &GuestMemoryMmap,
         block: &RamBlock,
         batch: &Batch,
-        limit: Limit,
-    ) -> Result<()> {
+        pass: Pass,
+    ) -> Result<u64> {
         if !ch.has(batch.channel) {
             return Err(Error::NoChannel {
                 channel: batch.channel,
@@ -440,7 +500,7 @@ impl PrecopySaver {
         let page_size = u64::from(block.page_size());
         let ps = block.page_size() as usize;
         let group = (self.buf.len() / ps).clamp(1, TAKE_MAX_PAGES as usize);
-        let (mut zero, mut normal, mut flushed) = (0u64, 0u64, 0u64);
+        let (mut zero, mut normal, mut flushed, mut total) = (0u64, 0u64, 0u64, 0u64);
         let mut pages = taken.iter().peekable();
         while pages.peek().is_some() {
             let first = pages.clone();
@@ -458,7 +518,7 @@ impl PrecopySaver {
             self.measure(now, flushed);
             flushed = 0;
             keepalive::tick(&mut self.keepalive, now, ch.main(), &self.stats)?;
-            if limit == Limit::Bandwidth {
+            if pass == Pass::Precopy {
                 let (keepalive, stats) = (&mut self.keepalive, &self.stats);
                 self.limiter
                     .admit(bytes, now, &self.params, &self.cancel, |t| {
@@ -492,12 +552,13 @@ impl PrecopySaver {
             let written = w.bytes_written() - before;
             self.stats.add_transferred(written);
             flushed += written;
+            total += written;
             result?;
         }
         self.meter.bytes += flushed;
         self.stats.add_zero_pages(zero);
         self.stats.add_normal_pages(normal, page_size);
-        Ok(())
+        Ok(total)
     }
 }
 
@@ -599,5 +660,29 @@ mod tests {
         assert_eq!(w.bytes_written() - setup_len, expected);
         assert_eq!(st.transferred, w.bytes_written());
         assert!(st.mbps > 0.0);
+    }
+
+    #[test]
+    fn a_raised_interrupt_ends_the_pass_before_the_next_chunk() {
+        let (_, mut s) = saver(PrecopyParams::default());
+        let flag = Arc::new(AtomicBool::new(true));
+        s.set_interrupt(flag.clone());
+        let mut w = StreamWriter::new(Vec::new());
+        s.setup(&mut w).unwrap();
+        let setup_len = w.bytes_written();
+        let out = s.iterate(&mut w).unwrap();
+        assert!(out.interrupted && !out.switchover);
+        assert_eq!(
+            (out.pages_sent, out.remaining_bytes),
+            (0, (16 + 256) * 4096)
+        );
+        assert_eq!(w.bytes_written() - setup_len, 2, "EndOfSection only");
+        assert_eq!(s.iterations(), 0);
+        // Lowered: a whole pass.
+        flag.store(false, Ordering::Relaxed);
+        let out = s.iterate(&mut w).unwrap();
+        assert!(!out.interrupted);
+        assert_eq!(out.pages_sent, 16 + 256);
+        assert_eq!(s.iterations(), 1);
     }
 }
