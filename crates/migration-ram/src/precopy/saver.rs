@@ -199,7 +199,7 @@ impl PrecopySaver {
         self.interrupt = interrupt;
     }
 
-    /// The blocks, with their dirty bitmaps.
+    /// The blocks, with their dirty and sent bitmaps.
     pub fn blocks(&self) -> &Arc<RamBlocks> {
         &self.blocks
     }
@@ -247,9 +247,9 @@ impl PrecopySaver {
         keepalive::tick(&mut self.keepalive, Instant::now(), ch.main(), &self.stats)
     }
 
-    /// Starts the dirty log, marks every page dirty, syncs once and writes
-    /// the `RamSetup` record on the main channel (flushed). Fails if a
-    /// block is not inside one region of the memory.
+    /// Starts the dirty log, marks every page dirty (and none sent), syncs
+    /// once and writes the `RamSetup` record on the main channel (flushed).
+    /// Fails if a block is not inside one region of the memory.
     pub fn setup<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
         self.expect_state("setup", State::Created)?;
         self.check_cancel()?;
@@ -263,6 +263,7 @@ impl PrecopySaver {
         self.state = State::Active;
         for b in self.blocks.iter() {
             b.dirty().set_all();
+            b.sent().clear_all();
         }
         self.sync()?;
         self.stats.set_total(self.blocks.total_bytes());
@@ -471,8 +472,9 @@ impl PrecopySaver {
     /// Sends one batch and flushes its channel: the pages are read in
     /// groups that fit the chunk buffer, each group admitted whole by the
     /// rate limiter in a precopy pass (one clock read and one parameter
-    /// read per group), then written. The page counters are updated only
-    /// once the flush succeeded. Returns the bytes written.
+    /// read per group), then written. The pages are recorded as sent before
+    /// they are read; the page counters are updated only once the flush
+    /// succeeded. Returns the bytes written.
     fn send_batch<C: ChannelSet>(
         &mut self,
         ch: &mut C,
@@ -497,6 +499,8 @@ impl PrecopySaver {
         })?;
         let taken = &batch.pages;
         self.dirty_log.clear(batch.block, taken)?;
+        // The destination may get any of them from here on.
+        block.mark_sent(taken);
         let page_size = u64::from(block.page_size());
         let ps = block.page_size() as usize;
         let group = (self.buf.len() / ps).clamp(1, TAKE_MAX_PAGES as usize);
