@@ -152,6 +152,7 @@ pub struct RamStats {
     postcopy_requests: AtomicU64,
     dirty_pages_rate: AtomicU64,
     iterations: AtomicU64,
+    postcopy_requests_ignored: AtomicU64,
 }
 
 /// A copy of [`RamStats`] at one instant, with QEMU's field meanings.
@@ -173,12 +174,17 @@ pub struct RamStatsSnapshot {
     pub mbps: f64,
     /// Dirty-log syncs so far.
     pub dirty_sync_count: u64,
-    /// Pages requested by a postcopy destination.
+    /// Page requests of a postcopy destination that were served: the page
+    /// was still to send and went ahead of the background scan.
     pub postcopy_requests: u64,
     /// Pages newly dirtied per second, measured between the last two syncs.
     pub dirty_pages_rate: u64,
     /// Completed precopy passes.
     pub iterations: u64,
+    /// Page requests of a postcopy destination for pages already sent
+    /// (not sent again): a fault that raced with the page in flight, a
+    /// page asked twice, or a request after the last page went.
+    pub postcopy_requests_ignored: u64,
 }
 
 impl RamStats {
@@ -202,6 +208,7 @@ impl RamStats {
             postcopy_requests: r(&self.postcopy_requests),
             dirty_pages_rate: r(&self.dirty_pages_rate),
             iterations: r(&self.iterations),
+            postcopy_requests_ignored: r(&self.postcopy_requests_ignored),
         }
     }
 
@@ -211,9 +218,15 @@ impl RamStats {
         self.transferred.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Counts `n` page requests of a postcopy destination.
+    /// Counts `n` page requests of a postcopy destination that were served.
     pub fn add_postcopy_requests(&self, n: u64) {
         self.postcopy_requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` page requests for pages already sent.
+    pub fn add_postcopy_requests_ignored(&self, n: u64) {
+        self.postcopy_requests_ignored
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn set_remaining(&self, bytes: u64) {
@@ -310,6 +323,7 @@ mod tests {
         s.set_bandwidth(125_000_000.0);
         s.add_sync(77);
         s.add_postcopy_requests(3);
+        s.add_postcopy_requests_ignored(2);
         s.add_iteration();
         assert_eq!(
             s.snapshot(),
@@ -325,6 +339,7 @@ mod tests {
                 postcopy_requests: 3,
                 dirty_pages_rate: 77,
                 iterations: 1,
+                postcopy_requests_ignored: 2,
             }
         );
     }
