@@ -123,6 +123,7 @@ pub use keepalive::{Keepalive, PeerLiveness};
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
 pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
+pub use precopy::PostcopySwitch;
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};

@@ -73,7 +73,7 @@ mod loader;
 mod saver;
 
 pub use loader::PrecopyLoader;
-pub use saver::{IterationOutcome, PrecopySaver};
+pub use saver::{IterationOutcome, PostcopySwitch, PrecopySaver};
 
 /// Largest chunk of pages taken from a dirty bitmap at once, in bytes.
 pub(crate) const CHUNK_BYTES: u64 = 1 << 20;

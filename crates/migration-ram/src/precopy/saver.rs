@@ -1,10 +1,13 @@
-//! The precopy source: see the [module docs](super).
+//! The precopy source, and the postcopy switch: see the
+//! [module docs](super).
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use migration_stream::BlockId;
+use migration_stream::limits::MAX_DISCARD_RANGES;
+use migration_stream::{BlockId, Command, DiscardRange, StreamWriter};
 use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{is_zero, CHUNK_BYTES};
@@ -45,10 +48,28 @@ pub struct IterationOutcome {
     pub interrupted: bool,
 }
 
+/// What the postcopy switch ([`PrecopySaver::start_postcopy`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostcopySwitch {
+    /// Pages the destination was told to drop: sent before, dirty again.
+    pub discarded_pages: u64,
+    /// Ranges of consecutive such pages.
+    pub discarded_ranges: u64,
+    /// `Discard` commands that carried them.
+    pub discard_commands: u64,
+    /// Pages left to send in postcopy (dirty now, whether sent before or
+    /// not).
+    pub remaining_pages: u64,
+    /// Their bytes.
+    pub remaining_bytes: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Created,
     Active,
+    Postcopy,
     Completed,
     Aborted,
 }
@@ -58,6 +79,7 @@ impl State {
         match self {
             State::Created => "created",
             State::Active => "active",
+            State::Postcopy => "postcopy",
             State::Completed => "completed",
             State::Aborted => "aborted",
         }
@@ -82,11 +104,13 @@ struct Meter {
     bytes: u64,
 }
 
-/// The source side of precopy.
+/// The source side of precopy, and the switch to postcopy.
 pub struct PrecopySaver {
     mem: Arc<GuestMemoryMmap>,
     blocks: Arc<RamBlocks>,
     dirty_log: Arc<dyn DirtyLog>,
+    /// Whether the dirty log was started and not stopped yet.
+    log_running: bool,
     params: SharedParams,
     stats: Arc<RamStats>,
     cancel: Arc<AtomicBool>,
@@ -139,6 +163,7 @@ impl PrecopySaver {
             mem,
             blocks: blocks.into(),
             dirty_log,
+            log_running: false,
             params,
             stats,
             cancel,
@@ -260,6 +285,7 @@ impl PrecopySaver {
         self.zero = vec![false; TAKE_MAX_PAGES as usize];
         self.dirty_log.start()?;
         // From here on, abort() must stop the log.
+        self.log_running = true;
         self.state = State::Active;
         for b in self.blocks.iter() {
             b.dirty().set_all();
@@ -350,15 +376,65 @@ impl PrecopySaver {
         self.remaining = self.blocks.dirty_bytes();
         self.stats.set_remaining(self.remaining);
         self.state = State::Completed;
-        self.dirty_log.stop()
+        self.stop_log()
     }
 
-    /// Ends the migration after a failure or cancel: stops the dirty log
-    /// (errors are logged). Every page not known to be handed to the
-    /// channel is still dirty. Idempotent.
+    /// The postcopy switch, with the vCPUs paused by the caller (QEMU's
+    /// `postcopy_start`): syncs the dirty log a last time and stops it (the
+    /// guest will not run here again), then tells the destination to drop
+    /// every page it has that is stale, that is both sent before and dirty
+    /// now: `Discard` commands on the main channel, one block each,
+    /// consecutive pages merged into ranges, at most
+    /// [`MAX_DISCARD_RANGES`] ranges per command (a block with nothing to
+    /// discard gets no command), flushed. Pages never sent need no discard:
+    /// the destination has nothing of them yet.
+    ///
+    /// The caller then writes the device state packaged with `Listen` and
+    /// `Run`, and sends the rest of RAM in postcopy. A failure after the
+    /// dirty log was stopped aborts the saver: the destination never ran
+    /// the guest, so it may run here again.
+    pub fn start_postcopy<C: ChannelSet>(&mut self, ch: &mut C) -> Result<PostcopySwitch> {
+        self.expect_state("start_postcopy", State::Active)?;
+        self.check_cancel()?;
+        self.sync()?;
+        self.stop_log()?;
+        let result = self.write_discards(ch);
+        let d = match result {
+            Ok(d) => d,
+            Err(e) => {
+                self.abort();
+                return Err(e);
+            }
+        };
+        self.state = State::Postcopy;
+        self.limiter = RateLimiter::new();
+        let switch = PostcopySwitch {
+            discarded_pages: d.pages,
+            discarded_ranges: d.ranges,
+            discard_commands: d.commands,
+            remaining_pages: self.blocks.dirty_pages(),
+            remaining_bytes: self.remaining,
+        };
+        log::debug!("postcopy switch: {switch:?}");
+        Ok(switch)
+    }
+
+    fn write_discards<C: ChannelSet>(&mut self, ch: &mut C) -> Result<Discarded> {
+        self.tick(ch)?;
+        let w = ch.main();
+        let before = w.bytes_written();
+        let result = write_discards(&self.blocks, w)
+            .and_then(|d| w.flush().map(|()| d).map_err(Error::from));
+        self.stats.add_transferred(w.bytes_written() - before);
+        result
+    }
+
+    /// Ends the migration after a failure or cancel: stops the dirty log if
+    /// it runs (errors are logged). Every page not known to be handed to
+    /// the channel is still dirty. Idempotent.
     pub fn abort(&mut self) {
-        if self.state == State::Active {
-            if let Err(e) = self.dirty_log.stop() {
+        if self.log_running {
+            if let Err(e) = self.stop_log() {
                 log::warn!("stopping the dirty log on abort: {e}");
             }
         }
@@ -367,6 +443,15 @@ impl PrecopySaver {
         }
         self.remaining = self.blocks.dirty_bytes();
         self.stats.set_remaining(self.remaining);
+    }
+
+    /// Stops the dirty log (once, even if that fails).
+    fn stop_log(&mut self) -> Result<()> {
+        if !self.log_running {
+            return Ok(());
+        }
+        self.log_running = false;
+        self.dirty_log.stop()
     }
 
     /// Syncs the dirty log into the blocks and updates the rate and
@@ -566,6 +651,85 @@ impl PrecopySaver {
     }
 }
 
+/// What [`write_discards`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Discarded {
+    pages: u64,
+    ranges: u64,
+    commands: u64,
+}
+
+/// Calls `f(first, count)` for each run of consecutive pages of `block`
+/// that are both sent and dirty, in order, each run as long as it goes
+/// (across bitmap words). One pass over the words, no allocation.
+fn stale_runs(block: &RamBlock, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    let mut run: Option<(u64, u64)> = None;
+    for w in 0..block.dirty().words() {
+        let mut bits = block.dirty().load_word(w) & block.sent().load_word(w);
+        let base = w as u64 * 64;
+        while bits != 0 {
+            let low = bits.trailing_zeros();
+            // Ones from `low` up: at most 64 - low.
+            let ones = (!(bits >> low)).trailing_zeros().min(64 - low);
+            let (start, end) = (base + u64::from(low), base + u64::from(low + ones));
+            run = match run {
+                Some((s, e)) if e == start => Some((s, end)),
+                Some((s, e)) => {
+                    f(s, e - s)?;
+                    Some((start, end))
+                }
+                None => Some((start, end)),
+            };
+            bits = if low + ones >= 64 {
+                0
+            } else {
+                bits & !(((1u64 << ones) - 1) << low)
+            };
+        }
+    }
+    match run {
+        Some((s, e)) => f(s, e - s),
+        None => Ok(()),
+    }
+}
+
+/// Writes the `Discard` commands for every block's stale pages (sent and
+/// dirty) to `w` (not flushed): one block per command, at most
+/// [`MAX_DISCARD_RANGES`] ranges each, none for a block with nothing stale.
+fn write_discards<W: Write>(blocks: &RamBlocks, w: &mut StreamWriter<W>) -> Result<Discarded> {
+    let mut out = Discarded::default();
+    let max = MAX_DISCARD_RANGES as usize;
+    for (index, block) in blocks.iter().enumerate() {
+        let id = BlockId(u32::try_from(index).map_err(|_| Error::BadBatch {
+            block: index,
+            blocks: blocks.len(),
+        })?);
+        let page = u64::from(block.page_size());
+        let mut ranges: Vec<DiscardRange> = Vec::new();
+        let mut send = |ranges: Vec<DiscardRange>, out: &mut Discarded| -> Result<()> {
+            w.write_command(&Command::Discard { block: id, ranges })?;
+            out.commands += 1;
+            Ok(())
+        };
+        stale_runs(block, |first, count| {
+            ranges.push(DiscardRange {
+                offset: first * page,
+                len: count * page,
+            });
+            out.pages += count;
+            out.ranges += 1;
+            if ranges.len() == max {
+                send(std::mem::take(&mut ranges), &mut out)?;
+            }
+            Ok(())
+        })?;
+        if !ranges.is_empty() {
+            send(ranges, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
 /// Reads page `page` of `block` (which lies in `region`) into `buf`.
 fn read_page(region: &GuestRegionMmap, block: &RamBlock, page: u64, buf: &mut [u8]) -> Result<()> {
     let offset = page * u64::from(block.page_size());
@@ -636,6 +800,132 @@ mod tests {
         ));
         s.abort();
         assert!(s.complete(&mut w).is_err());
+    }
+
+    /// Runs of pages both sent and dirty, from a model.
+    fn model_runs(sent: &[bool], dirty: &[bool]) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (p, (s, d)) in sent.iter().zip(dirty).enumerate() {
+            if *s && *d {
+                let p = p as u64;
+                match out.last_mut() {
+                    Some((first, n)) if *first + *n == p => *n += 1,
+                    _ => out.push((p, 1)),
+                }
+            }
+        }
+        out
+    }
+
+    fn block_with(pages: u64, page_size: u32) -> RamBlock {
+        RamBlock::new(
+            "b",
+            GuestAddress(0),
+            pages * u64::from(page_size),
+            page_size,
+        )
+        .unwrap()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stale_runs_match_a_vec_bool_model(
+            bits in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY), 1..400),
+        ) {
+            let b = block_with(bits.len() as u64, 4096);
+            let (sent, dirty): (Vec<bool>, Vec<bool>) = bits.iter().copied().unzip();
+            for (p, (s, d)) in bits.iter().enumerate() {
+                if *s { b.sent().set(p as u64); }
+                if *d { b.dirty().set(p as u64); }
+            }
+            let mut runs = Vec::new();
+            stale_runs(&b, |first, n| { runs.push((first, n)); Ok(()) }).unwrap();
+            proptest::prop_assert_eq!(runs, model_runs(&sent, &dirty));
+        }
+    }
+
+    #[test]
+    fn discards_merge_pages_split_at_the_cap_and_skip_clean_blocks() {
+        use migration_stream::{Record, StreamReader};
+
+        let max = u64::from(MAX_DISCARD_RANGES);
+        let runs = RamBlock::new("runs", GuestAddress(0), 1024 * 4096, 4096).unwrap();
+        // Runs inside a word, across a word boundary, across several words,
+        // at the end of the block; a page dirty but never sent and one sent
+        // but clean are no part of it.
+        for (first, n) in [(3, 2), (62, 68), (191, 65), (1000, 24)] {
+            runs.sent().set_range(first, n);
+            runs.dirty().set_range(first, n);
+        }
+        runs.dirty().set(500);
+        runs.sent().set(501);
+        let clean = RamBlock::new("clean", GuestAddress(0), 64 * 4096, 4096).unwrap();
+        clean.dirty().set_all();
+        // 2 * max + 1 lone pages: three commands.
+        let many = RamBlock::new("many", GuestAddress(0), (4 * max + 2) * 4096, 4096).unwrap();
+        many.sent().set_all();
+        for p in (0..4 * max + 2).step_by(2) {
+            many.dirty().set(p);
+        }
+        let huge = RamBlock::new("huge", GuestAddress(0), 4 << 21, 2 << 20).unwrap();
+        huge.sent().set_all();
+        huge.dirty().set_range(1, 2);
+        let blocks = RamBlocks::new(vec![runs, clean, many, huge]).unwrap();
+
+        let mut w = StreamWriter::new(Vec::new());
+        let d = write_discards(&blocks, &mut w).unwrap();
+        let stream = w.into_inner().unwrap();
+        assert_eq!(
+            d,
+            Discarded {
+                pages: 2 + 68 + 65 + 24 + (2 * max + 1) + 2,
+                ranges: 4 + (2 * max + 1) + 1,
+                commands: 1 + 3 + 1,
+            }
+        );
+        let mut r = StreamReader::new(&stream[..]);
+        let mut commands = Vec::new();
+        while let Ok(record) = r.read_record(&blocks) {
+            let Record::Command(Command::Discard { block, ranges }) = record else {
+                panic!("{record:?}");
+            };
+            commands.push((block.0, ranges));
+        }
+        assert_eq!(r.bytes_read(), stream.len() as u64, "every command decodes");
+        let ps = 4096;
+        assert_eq!(commands.len(), 5);
+        assert_eq!(commands[0].0, 0);
+        assert_eq!(
+            commands[0].1,
+            [(3, 2), (62, 68), (191, 65), (1000, 24)]
+                .map(|(first, n)| DiscardRange {
+                    offset: first * ps,
+                    len: n * ps
+                })
+                .to_vec()
+        );
+        let lens: Vec<(u32, usize)> = commands.iter().map(|(b, r)| (*b, r.len())).collect();
+        assert_eq!(
+            lens[1..4],
+            [(2, max as usize), (2, max as usize), (2, 1)],
+            "block 1 has nothing stale: no command"
+        );
+        assert_eq!(commands[2].1[0].offset, 2 * max * ps);
+        assert_eq!(commands[3].1[0].offset, 4 * max * ps);
+        assert!(commands[1..4]
+            .iter()
+            .flat_map(|(_, r)| r)
+            .all(|r| r.len == ps));
+        assert_eq!(
+            commands[4],
+            (
+                3,
+                vec![DiscardRange {
+                    offset: 2 << 20,
+                    len: 4 << 20
+                }]
+            )
+        );
     }
 
     #[test]
