@@ -60,7 +60,7 @@
 //!   [`Error::BadPageRequest`] to the saver by itself (and returns it), a
 //!   decode error the thread reports with [`PageRequester::fail`]. A
 //!   rejected request queues nothing and changes no bitmap.
-//! - The saver, sending in postcopy,
+//! - The saver ([`PrecopySaver::postcopy_send`](crate::PrecopySaver::postcopy_send))
 //!   checks for a reported failure at every chunk boundary and in every
 //!   slice of a rate-limiter wait, and returns that error, of the kind it
 //!   has ([`ErrorKind::Protocol`](crate::ErrorKind::Protocol) for a hostile
@@ -545,7 +545,7 @@ impl PageRequester {
 
     /// Reports a failure of the return-path thread (a message it could not
     /// decode, a hostile one, a read error): the saver's
-    /// postcopy send returns `error`
+    /// [`postcopy_send`](crate::PrecopySaver::postcopy_send) returns `error`
     /// at its next chunk boundary. Until the saver took it, later failures
     /// are dropped: the first one is the cause.
     pub fn fail(&self, error: Error) {

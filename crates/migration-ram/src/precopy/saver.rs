@@ -1,4 +1,4 @@
-//! The precopy source, and the postcopy switch: see the
+//! The precopy source, and the source of postcopy: see the
 //! [module docs](super).
 
 use std::io::Write;
@@ -17,9 +17,9 @@ use crate::channel::ChannelSet;
 use crate::dirty_log::DirtyLog;
 use crate::error::{Error, Result};
 use crate::keepalive::{self, Keepalive, KeepaliveState};
-use crate::rate::{Bandwidth, RateLimiter};
-use crate::schedule::{Batch, LinearScan, PageScheduler};
-use crate::stats::{RamStats, SharedParams};
+use crate::rate::{Bandwidth, RateLimiter, SLICE};
+use crate::schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
+use crate::stats::{Phase, RamStats, SharedParams};
 use crate::{GuestMemoryMmap, GuestRegionMmap};
 
 /// Bytes of a page record's head when its block is named (the most a head
@@ -65,6 +65,20 @@ pub struct PostcopySwitch {
     pub remaining_bytes: u64,
 }
 
+/// What [`PrecopySaver::postcopy_send`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostcopyOutcome {
+    /// Pages sent (normal and zero), requested or in the background.
+    pub pages_sent: u64,
+    /// Requested pages sent ahead of the background scan.
+    pub requests_served: u64,
+    /// Requests for pages already sent, seen while sending (not sent
+    /// again). Later ones are counted in
+    /// [`RamStatsSnapshot::postcopy_requests_ignored`](crate::RamStatsSnapshot::postcopy_requests_ignored).
+    pub requests_ignored: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Created,
@@ -86,14 +100,17 @@ impl State {
     }
 }
 
-/// What a pass is: it decides the bandwidth limit and whether the pass
-/// may be interrupted.
+/// What a pass is: it decides the bandwidth limit, whether the pass may
+/// be interrupted and whether the dirty log is re-armed per chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
     /// A precopy iteration: `max_bandwidth`, interruptible, log running.
     Precopy,
     /// The completion pass, guest paused: no limit, log running.
     Completion,
+    /// Postcopy: `max_postcopy_bandwidth`, charged by the caller after
+    /// each chunk; the log is stopped.
+    Postcopy,
 }
 
 /// Bandwidth measurement of the current pass: bytes flushed since the last
@@ -104,7 +121,7 @@ struct Meter {
     bytes: u64,
 }
 
-/// The source side of precopy, and the switch to postcopy.
+/// The source side of precopy, and of postcopy after it.
 pub struct PrecopySaver {
     mem: Arc<GuestMemoryMmap>,
     blocks: Arc<RamBlocks>,
@@ -116,6 +133,8 @@ pub struct PrecopySaver {
     cancel: Arc<AtomicBool>,
     interrupt: Arc<AtomicBool>,
     scheduler: Box<dyn PageScheduler>,
+    /// The postcopy scheduler, made by `page_requester` or `postcopy_send`.
+    postcopy: Option<RequestFirst>,
     keepalive: Option<KeepaliveState>,
     /// Pages of a chunk, read before the chunk is admitted and written.
     buf: Vec<u8>,
@@ -138,6 +157,7 @@ impl std::fmt::Debug for PrecopySaver {
             .field("iteration", &self.iteration)
             .field("remaining", &self.remaining)
             .field("keepalive", &self.keepalive.is_some())
+            .field("postcopy", &self.postcopy.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -169,6 +189,7 @@ impl PrecopySaver {
             cancel,
             interrupt: Arc::new(AtomicBool::new(false)),
             scheduler: Box::new(LinearScan::new()),
+            postcopy: None,
             keepalive: None,
             buf: Vec::new(),
             zero: Vec::new(),
@@ -192,15 +213,18 @@ impl PrecopySaver {
         self
     }
 
-    /// Sends through `scheduler` from the next pass on. Every pass calls
-    /// its [`new_pass`](PageScheduler::new_pass), then sends its batches
-    /// until it has none, each on the channel it names.
+    /// Sends through `scheduler` from the next precopy or completion pass
+    /// on. Every pass calls its [`new_pass`](PageScheduler::new_pass), then
+    /// sends its batches until it has none, each on the channel it names.
+    /// Postcopy sends through its own [`RequestFirst`] (see
+    /// [`page_requester`](PrecopySaver::page_requester)).
     pub fn set_scheduler(&mut self, scheduler: Box<dyn PageScheduler>) {
         self.scheduler = scheduler;
     }
 
     /// Passes a destination's request for page `page` (index) of block
-    /// `block` to the scheduler; see [`PageScheduler::request`].
+    /// `block` to the precopy scheduler; see [`PageScheduler::request`].
+    /// Postcopy requests go through [`page_requester`](PrecopySaver::page_requester).
     pub fn request_page(&mut self, block: BlockId, page: u64) -> Result<()> {
         self.scheduler.request(&self.blocks, block, page)
     }
@@ -222,6 +246,22 @@ impl PrecopySaver {
     /// postcopy ignore it.
     pub fn set_interrupt(&mut self, interrupt: Arc<AtomicBool>) {
         self.interrupt = interrupt;
+    }
+
+    /// The handle the return-path thread queues the destination's page
+    /// requests with (and reports its own failure through) during
+    /// [`postcopy_send`](PrecopySaver::postcopy_send). Take it before the
+    /// destination may run, that is before writing `Run`: requests queue
+    /// up until `postcopy_send` serves them, requested pages ahead of the
+    /// background scan. See
+    /// [who does what](crate::schedule#who-does-what-with-a-request).
+    ///
+    /// Every call makes a new queue: the handles of an earlier one then
+    /// fail with [`Error::SchedulerGone`] (a postcopy recovery takes a new
+    /// one for its new return path).
+    pub fn page_requester(&mut self) -> PageRequester {
+        let blocks = self.blocks.clone();
+        self.request_first().requester(blocks)
     }
 
     /// The blocks, with their dirty and sent bitmaps.
@@ -264,6 +304,12 @@ impl PrecopySaver {
         }
     }
 
+    fn request_first(&mut self) -> &mut RequestFirst {
+        let stats = &self.stats;
+        self.postcopy
+            .get_or_insert_with(|| RequestFirst::new(false).with_stats(stats.clone()))
+    }
+
     /// Runs the keepalive with a fresh clock read.
     fn tick<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
         if self.keepalive.is_none() {
@@ -283,6 +329,7 @@ impl PrecopySaver {
         let buf_len = CHUNK_BYTES.max(page);
         self.buf = vec![0; usize::try_from(buf_len).unwrap_or(usize::MAX)];
         self.zero = vec![false; TAKE_MAX_PAGES as usize];
+        self.stats.set_phase(Phase::Precopy);
         self.dirty_log.start()?;
         // From here on, abort() must stop the log.
         self.log_running = true;
@@ -363,6 +410,7 @@ impl PrecopySaver {
     pub fn complete<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
         self.expect_state("complete", State::Active)?;
         self.check_cancel()?;
+        self.stats.set_phase(Phase::Downtime);
         self.sync()?;
         self.tick(ch)?;
         self.send_pass(ch, Pass::Completion)?;
@@ -390,12 +438,13 @@ impl PrecopySaver {
     /// the destination has nothing of them yet.
     ///
     /// The caller then writes the device state packaged with `Listen` and
-    /// `Run`, and sends the rest of RAM in postcopy. A failure after the
-    /// dirty log was stopped aborts the saver: the destination never ran
-    /// the guest, so it may run here again.
+    /// `Run`, and calls [`postcopy_send`](PrecopySaver::postcopy_send). A
+    /// failure after the dirty log was stopped aborts the saver: the
+    /// destination never ran the guest, so it may run here again.
     pub fn start_postcopy<C: ChannelSet>(&mut self, ch: &mut C) -> Result<PostcopySwitch> {
         self.expect_state("start_postcopy", State::Active)?;
         self.check_cancel()?;
+        self.stats.set_phase(Phase::Downtime);
         self.sync()?;
         self.stop_log()?;
         let result = self.write_discards(ch);
@@ -429,15 +478,115 @@ impl PrecopySaver {
         result
     }
 
+    /// Postcopy: sends every page still dirty, the pages the destination
+    /// asks for (through the [`page_requester`](PrecopySaver::page_requester))
+    /// first, each alone and flushed at once, and the others in a
+    /// background scan that goes on just after the last requested page
+    /// (see [`RequestFirst`]). Then writes `EndOfSection` on the main
+    /// channel (flushed) and returns; the caller writes `Complete`. From
+    /// then on, requests are counted and ignored.
+    ///
+    /// The background stream is limited by `max_postcopy_bandwidth` (0:
+    /// unlimited; never by `max_bandwidth`); a requested page never waits
+    /// for the limiter, and a wait for it ends as soon as a request comes.
+    /// Pings go on as in precopy. Per chunk: two clock reads, one read of
+    /// the parameters, one atomic load for a failure of the requester and
+    /// one look at the request queue; nothing per page, no lock.
+    ///
+    /// A failure the requester reported (a hostile request, a return-path
+    /// error) ends it with that error at the next chunk boundary. On any
+    /// error every page not flushed is still dirty and the saver stays in
+    /// postcopy: a recovery may call it again on new channels.
+    pub fn postcopy_send<C: ChannelSet>(&mut self, ch: &mut C) -> Result<PostcopyOutcome> {
+        self.expect_state("postcopy_send", State::Postcopy)?;
+        self.check_cancel()?;
+        self.stats.set_phase(Phase::Postcopy);
+        let blocks = self.blocks.clone();
+        let mem = self.mem.clone();
+        let ignored_before = self.request_first().ignored();
+        self.request_first().new_pass();
+        self.tick(ch)?;
+        self.meter = Meter {
+            mark: Instant::now(),
+            bytes: 0,
+        };
+        let (mut pages_sent, mut requests_served) = (0, 0);
+        loop {
+            self.check_cancel()?;
+            if let Some(e) = self.request_first().take_failure() {
+                return Err(e);
+            }
+            self.postcopy_credit(ch)?;
+            let Some(batch) = self.request_first().next(&blocks) else {
+                // A round visits every page and, the log being stopped,
+                // nothing gets dirty again: check that in one walk, and go
+                // round again if something did.
+                if blocks.dirty_pages() == 0 {
+                    break;
+                }
+                self.request_first().new_pass();
+                continue;
+            };
+            let (pages, bytes) = self.send_one(ch, &mem, &blocks, &batch, Pass::Postcopy)?;
+            self.limiter
+                .charge(bytes, self.params.max_postcopy_bandwidth());
+            pages_sent += pages;
+            requests_served += u64::from(batch.requested && pages > 0);
+        }
+        let w = ch.main();
+        let tail = w.bytes_written();
+        let result = w.write_end_of_section().and_then(|()| w.flush());
+        let tail = w.bytes_written() - tail;
+        self.stats.add_transferred(tail);
+        result?;
+        self.measure(Instant::now(), tail);
+        let rf = self.request_first();
+        rf.finish();
+        let requests_ignored = rf.ignored() - ignored_before;
+        self.remaining = 0;
+        self.stats.set_remaining(0);
+        self.state = State::Completed;
+        let out = PostcopyOutcome {
+            pages_sent,
+            requests_served,
+            requests_ignored,
+        };
+        log::debug!("postcopy done: {out:?}");
+        Ok(out)
+    }
+
+    /// Waits while the postcopy bandwidth limit holds the next background
+    /// chunk back: in slices of at most 10 ms, each re-reading the limit,
+    /// running the keepalive and checking cancel and the requester; a
+    /// request (which never waits) ends the wait.
+    fn postcopy_credit<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
+        let mut now = Instant::now();
+        loop {
+            let wait = self.limiter.debt(now, self.params.max_postcopy_bandwidth());
+            if wait.is_zero() || self.request_first().has_request() {
+                return Ok(());
+            }
+            self.check_cancel()?;
+            if let Some(e) = self.request_first().take_failure() {
+                return Err(e);
+            }
+            std::thread::sleep(wait.min(SLICE));
+            now = Instant::now();
+            keepalive::tick(&mut self.keepalive, now, ch.main(), &self.stats)?;
+        }
+    }
+
     /// Ends the migration after a failure or cancel: stops the dirty log if
-    /// it runs (errors are logged). Every page not known to be handed to
-    /// the channel is still dirty. Idempotent.
+    /// it runs (errors are logged) and drops the postcopy requester's queue
+    /// (its handles then fail with [`Error::SchedulerGone`]). Every page not
+    /// known to be handed to the channel is still dirty. Idempotent.
     pub fn abort(&mut self) {
         if self.log_running {
             if let Err(e) = self.stop_log() {
                 log::warn!("stopping the dirty log on abort: {e}");
             }
         }
+        self.postcopy = None;
         if self.state != State::Completed {
             self.state = State::Aborted;
         }
@@ -551,6 +700,9 @@ impl PrecopySaver {
             .remaining
             .saturating_sub(count * u64::from(block.page_size()));
         self.stats.set_remaining(self.remaining);
+        if batch.requested {
+            self.stats.add_postcopy_requests(1);
+        }
         Ok((count, bytes))
     }
 
@@ -583,7 +735,9 @@ impl PrecopySaver {
             size: block.size(),
         })?;
         let taken = &batch.pages;
-        self.dirty_log.clear(batch.block, taken)?;
+        if pass != Pass::Postcopy {
+            self.dirty_log.clear(batch.block, taken)?;
+        }
         // The destination may get any of them from here on.
         block.mark_sent(taken);
         let page_size = u64::from(block.page_size());
@@ -800,6 +954,49 @@ mod tests {
         ));
         s.abort();
         assert!(s.complete(&mut w).is_err());
+    }
+
+    #[test]
+    fn postcopy_state_machine() {
+        let (_, mut s) = saver(PrecopyParams::default());
+        let mut w = StreamWriter::new(io::sink());
+        assert!(matches!(
+            s.start_postcopy(&mut w),
+            Err(Error::InvalidState {
+                op: "start_postcopy",
+                state: "created"
+            })
+        ));
+        s.setup(&mut w).unwrap();
+        assert!(matches!(
+            s.postcopy_send(&mut w),
+            Err(Error::InvalidState {
+                op: "postcopy_send",
+                state: "active"
+            })
+        ));
+        // Straight from setup: nothing was sent, nothing to discard.
+        let switch = s.start_postcopy(&mut w).unwrap();
+        assert_eq!((switch.discarded_pages, switch.discard_commands), (0, 0));
+        assert_eq!(switch.remaining_pages, 16 + 256);
+        assert!(matches!(
+            s.iterate(&mut w),
+            Err(Error::InvalidState {
+                state: "postcopy",
+                ..
+            })
+        ));
+        assert!(s.complete(&mut w).is_err());
+        assert!(s.start_postcopy(&mut w).is_err());
+        let out = s.postcopy_send(&mut w).unwrap();
+        assert_eq!(out.pages_sent, 16 + 256);
+        assert!(matches!(
+            s.postcopy_send(&mut w),
+            Err(Error::InvalidState {
+                state: "completed",
+                ..
+            })
+        ));
     }
 
     /// Runs of pages both sent and dirty, from a model.
