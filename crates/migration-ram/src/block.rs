@@ -2,8 +2,10 @@
 //! migration works on.
 //!
 //! A [`RamBlock`] is a range of guest physical memory with a name (`pc.ram`,
-//! `pc.ram.high`, ...), a page size, and two [`DirtyBitmap`]s: `dirty` (the
-//! source: pages still to send) and `received` (the destination: pages that
+//! `pc.ram.high`, ...), a page size, and three [`DirtyBitmap`]s: `dirty` and
+//! `sent` on the source (pages still to send; pages sent at least once,
+//! whose copy at the destination a postcopy switch must discard if they
+//! are dirty again) and `received` on the destination (pages that
 //! arrived). [`RamBlocks`] is the ordered list; a block's index in it is its
 //! [`BlockId`] on the wire.
 //!
@@ -16,7 +18,7 @@ use migration_stream::block::validate_blocks;
 use migration_stream::{BlockGeometry, BlockId, BlockInfo, BlockResolver};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{DirtyBitmap, TakenPages};
 use crate::error::{Error, Result};
 use crate::{GuestMemoryMmap, GuestRegionMmap};
 
@@ -32,6 +34,7 @@ pub struct RamBlock {
     size: u64,
     page_size: u32,
     dirty: DirtyBitmap,
+    sent: DirtyBitmap,
     received: DirtyBitmap,
 }
 
@@ -39,7 +42,7 @@ impl RamBlock {
     /// A block of `size` bytes at `guest_addr`. Name, size and page size
     /// must follow the wire format's rules (a 1..=256 byte name, a power of
     /// two page size of 4 KiB to 1 GiB, a non-zero size that is a multiple
-    /// of it). Both bitmaps start clear.
+    /// of it). Every bitmap starts clear.
     pub fn new(
         name: impl Into<String>,
         guest_addr: GuestAddress,
@@ -65,6 +68,7 @@ impl RamBlock {
             size,
             page_size,
             dirty: DirtyBitmap::new(pages),
+            sent: DirtyBitmap::new(pages),
             received: DirtyBitmap::new(pages),
         })
     }
@@ -99,9 +103,24 @@ impl RamBlock {
         &self.dirty
     }
 
+    /// Pages sent at least once (source): taken by the saver to be written
+    /// to a channel, whether or not the write then succeeded, so it holds
+    /// every page the destination may have. A postcopy switch discards the pages
+    /// both sent and dirty again; postcopy recovery will compare it with
+    /// the destination's received bitmap.
+    pub fn sent(&self) -> &DirtyBitmap {
+        &self.sent
+    }
+
     /// Pages that arrived (destination).
     pub fn received(&self) -> &DirtyBitmap {
         &self.received
+    }
+
+    /// Records the pages of `pages` as sent.
+    pub(crate) fn mark_sent(&self, pages: &TakenPages) {
+        // `restore` ORs exactly the taken bits in: here, into `sent`.
+        self.sent.restore(pages);
     }
 
     /// The block as announced in a `RamSetup` record.
@@ -270,6 +289,11 @@ impl RamBlocks {
             .iter()
             .map(|b| b.dirty.count() * u64::from(b.page_size))
             .sum()
+    }
+
+    /// Sum of the blocks' pages sent at least once.
+    pub fn sent_pages(&self) -> u64 {
+        self.0.iter().map(|b| b.sent.count()).sum()
     }
 
     /// Sum of the blocks' received pages.

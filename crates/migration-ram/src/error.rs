@@ -205,6 +205,26 @@ pub enum Error {
     /// or it gave out a newer requester).
     #[error("the page scheduler behind this requester is gone")]
     SchedulerGone,
+    /// A postcopy destination asked for bytes that are no whole pages of a
+    /// block of this side (an unknown block, a misaligned or empty range,
+    /// or one past the block's end).
+    #[error(
+        "page request for {len:#x} bytes at offset {offset:#x} of RAM block {block}{} refused",
+        name.as_deref().map(|n| format!(" ({n:?})")).unwrap_or_default()
+    )]
+    BadPageRequest {
+        /// The block id asked for.
+        block: BlockId,
+        /// Its name, if this side has such a block.
+        name: Option<String>,
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// What is wrong with it.
+        #[source]
+        source: migration_stream::Error,
+    },
     /// A page buffer whose length is not the block's page size.
     #[error("page buffer of {len:#x} bytes for RAM block {name:?} (page size {page_size:#x})")]
     PageBuffer {
@@ -257,7 +277,8 @@ impl Error {
     /// - [`ErrorKind::Protocol`]: the peer's stream disagrees with this side:
     ///   another block count, name, size or page size, a block or page this
     ///   side does not have (in a page record or a page request), a page
-    ///   before `RamSetup`, a second `RamSetup`, or a malformed stream.
+    ///   before `RamSetup`, a second `RamSetup`, a page request for bytes
+    ///   that are no pages of a block here, or a malformed stream.
     /// - [`ErrorKind::Local`]: guest memory (and userfaultfd placement), the
     ///   dirty log, this side's own block list, channels or scheduler, or a
     ///   method called in the wrong state.
@@ -278,6 +299,7 @@ impl Error {
             | Error::PageBeforeSetup { .. }
             | Error::PageOutOfRange { .. }
             | Error::SetupRepeated => ErrorKind::Protocol,
+            Error::BadPageRequest { .. } => ErrorKind::Protocol,
             Error::PeerSilent { .. } => ErrorKind::Link,
             Error::NameCount { .. }
             | Error::InvalidBlock { .. }
@@ -482,6 +504,21 @@ mod tests {
                 ErrorKind::Local,
             ),
             (Error::SchedulerGone, ErrorKind::Local),
+            (
+                Error::BadPageRequest {
+                    block: BlockId(1),
+                    name: Some(name()),
+                    offset: 0x10_0000,
+                    len: 0x1000,
+                    source: StreamError::OutOfRange {
+                        block: BlockId(1),
+                        offset: 0x10_0000,
+                        len: 0x1000,
+                        block_size: 0x10_0000,
+                    },
+                },
+                ErrorKind::Protocol,
+            ),
             (
                 Error::PageBuffer {
                     name: name(),

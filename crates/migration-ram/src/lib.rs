@@ -12,7 +12,7 @@
 //! | [`DirtyBitmap`]: atomic, one bit per page, taken in chunks | [`bitmap`] |
 //! | [`RamBlock`], [`RamBlocks`]: named blocks over guest memory; the destination's [`BlockResolver`](migration_stream::BlockResolver) | [`block`] |
 //! | [`DirtyLog`], [`VmmDirtyLog`], [`CompositeDirtyLog`] | [`dirty_log`] |
-//! | [`PrecopySaver`], [`PrecopyLoader`] | [`precopy`] |
+//! | [`PrecopySaver`] (also the postcopy source: [`PostcopySwitch`], [`PostcopyOutcome`]), [`PrecopyLoader`] | [`precopy`] |
 //! | [`PageScheduler`] (source: which pages next, on which channel): [`LinearScan`], [`RequestFirst`], [`PageRequester`] | [`schedule`] |
 //! | [`Channel`], [`ChannelSet`], [`Channels`]: the main and preempt channels a source writes | [`channel`] |
 //! | [`PagePlacer`] (destination: how a page lands): [`CopyPlacer`], [`UffdPlacer`] | [`placer`] |
@@ -124,6 +124,7 @@ pub use keepalive::{Keepalive, PeerLiveness};
 pub use migration_stream::ErrorKind;
 pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
+pub use precopy::{PostcopyOutcome, PostcopySwitch};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
 /// The vm-memory crate this crate is built on, for callers that want the

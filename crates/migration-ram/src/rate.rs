@@ -10,6 +10,14 @@
 //! the cancel flag and running the caller's keepalive each time, so a new
 //! limit or a cancel ends a wait within a slice.
 //!
+//! Postcopy uses the same bucket another way ([`RateLimiter::debt`] and
+//! [`RateLimiter::charge`]): a chunk is charged after it went, which may
+//! leave the bucket in debt, and the next background chunk waits until the
+//! debt is paid. A page the destination waits for is never held back: it
+//! goes at once and is charged like the others, so the background stream
+//! makes room for it. The bytes sent over any period then never exceed
+//! `max_postcopy_bandwidth` times the period plus one burst and one chunk.
+//!
 //! [`Bandwidth`] turns the bytes and time between chunk boundaries into an
 //! estimate, accumulating until they cover [`MIN_WINDOW`], so the estimate
 //! (and `mbps`) moves during a long pass, at most every 100 ms.
@@ -69,10 +77,7 @@ impl RateLimiter {
             }
             let rate = limit as f64;
             let need = bytes as f64;
-            let cap = (rate * BURST.as_secs_f64()).max(need);
-            let earned = rate * now.saturating_duration_since(self.last).as_secs_f64();
-            self.tokens = (self.tokens + earned).min(cap);
-            self.last = self.last.max(now);
+            self.refill(now, rate, (rate * BURST.as_secs_f64()).max(need));
             if self.tokens >= need {
                 self.tokens -= need;
                 return Ok(());
@@ -84,6 +89,42 @@ impl RateLimiter {
             std::thread::sleep(wait.min(SLICE));
             now = Instant::now();
             waiting(now)?;
+        }
+    }
+}
+
+impl RateLimiter {
+    /// Adds the credit earned at `rate` bytes per second since the last
+    /// refill, up to `cap` bytes.
+    fn refill(&mut self, now: Instant, rate: f64, cap: f64) {
+        let earned = rate * now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + earned).min(cap);
+        self.last = self.last.max(now);
+    }
+
+    /// Postcopy: how long from `now` until the bucket is out of debt under
+    /// `limit` bytes per second (zero: the next chunk may go). A `limit` of
+    /// 0 (unlimited) never waits and forgets any debt.
+    pub(crate) fn debt(&mut self, now: Instant, limit: u64) -> Duration {
+        if limit == 0 {
+            self.tokens = 0.0;
+            self.last = now;
+            return Duration::ZERO;
+        }
+        let rate = limit as f64;
+        self.refill(now, rate, rate * BURST.as_secs_f64());
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / rate)
+        }
+    }
+
+    /// Postcopy: takes `bytes` that went, possibly into debt; nothing
+    /// under an unlimited `limit` (0).
+    pub(crate) fn charge(&mut self, bytes: u64, limit: u64) {
+        if limit != 0 {
+            self.tokens -= bytes as f64;
         }
     }
 }
@@ -213,6 +254,29 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, Error::SchedulerGone));
+    }
+
+    #[test]
+    fn debt_is_paid_at_the_limit_and_forgotten_without_one() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut l = RateLimiter::new();
+        l.last = t0;
+        // An empty bucket lets a chunk go; 1000 bytes at 10 kB/s then take
+        // 100 ms to pay back.
+        assert_eq!(l.debt(ms(0), 10_000), Duration::ZERO);
+        l.charge(1000, 10_000);
+        assert_eq!(l.debt(ms(0), 10_000), Duration::from_millis(100));
+        assert_eq!(l.debt(ms(40), 10_000), Duration::from_millis(60));
+        assert_eq!(l.debt(ms(100), 10_000), Duration::ZERO);
+        // Credit never exceeds one burst (100 ms worth: 1000 bytes).
+        assert_eq!(l.debt(ms(10_000), 10_000), Duration::ZERO);
+        l.charge(3000, 10_000);
+        assert_eq!(l.debt(ms(10_000), 10_000), Duration::from_millis(200));
+        // Unlimited: no wait, and the debt is gone once a limit returns.
+        assert_eq!(l.debt(ms(10_000), 0), Duration::ZERO);
+        l.charge(1 << 30, 0);
+        assert_eq!(l.debt(ms(10_000), 10_000), Duration::ZERO);
     }
 
     #[test]

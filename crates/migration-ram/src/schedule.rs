@@ -35,10 +35,44 @@
 //! sent again. [`RequestFirst::requester`] gives another thread (the
 //! return-path reader) a handle that checks and queues requests while the
 //! saver runs.
+//!
+//! ## Who does what with a request
+//!
+//! ```text
+//!  return-path thread                       saver thread (postcopy_send)
+//!  ------------------                       ----------------------------
+//!  read_message(&saver_blocks)              at every chunk boundary:
+//!    PageRequest { block, offset, len }       requester failed? -> return its error
+//!      requester.request_range(..)            a request queued? -> send that page,
+//!        Ok: queued (dropped, counted,                             alone, flushed
+//!            once the saver finished)         else: the next background chunk,
+//!        Err: already reported to the               once the rate limiter allows
+//!            saver; stop reading                    (a request ends the wait)
+//!    a decode or read error
+//!      requester.fail(e.into()); stop       all sent: EndOfSection, finish()
+//! ```
+//!
+//! - The return-path thread decodes each message against the saver's
+//!   blocks ([`RamBlocks`] is a [`BlockResolver`](migration_stream::BlockResolver)),
+//!   which already refuses a request outside a block, and hands the
+//!   request to [`PageRequester::request_range`], which checks it again.
+//!   Either way a bad request fails the migration: `request_range` reports
+//!   [`Error::BadPageRequest`] to the saver by itself (and returns it), a
+//!   decode error the thread reports with [`PageRequester::fail`]. A
+//!   rejected request queues nothing and changes no bitmap.
+//! - The saver ([`PrecopySaver::postcopy_send`](crate::PrecopySaver::postcopy_send))
+//!   checks for a reported failure at every chunk boundary and in every
+//!   slice of a rate-limiter wait, and returns that error, of the kind it
+//!   has ([`ErrorKind::Protocol`](crate::ErrorKind::Protocol) for a hostile
+//!   request), with every page not yet flushed still dirty.
+//! - Once every page went, the saver calls [`RequestFirst::finish`]: later
+//!   requests (a fault that raced with its page) are accepted, counted in
+//!   [`RamStatsSnapshot::postcopy_requests_ignored`](crate::RamStatsSnapshot::postcopy_requests_ignored)
+//!   and dropped, and never block the return-path thread.
 
 use std::collections::VecDeque;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 
 use migration_stream::BlockId;
 
@@ -47,6 +81,7 @@ use crate::block::{RamBlock, RamBlocks};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::precopy::chunk_pages;
+use crate::stats::RamStats;
 
 /// Pages taken from one block's dirty bitmap, to be written on one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +92,9 @@ pub struct Batch {
     pub pages: TakenPages,
     /// Where to write them.
     pub channel: Channel,
+    /// Whether the batch answers a destination's page request (the
+    /// saver counts it as served once it is flushed).
+    pub requested: bool,
 }
 
 /// Decides which dirty pages go next and on which channel.
@@ -209,6 +247,7 @@ impl PageScheduler for LinearScan {
                     block: index,
                     pages: taken,
                     channel: Channel::Main,
+                    requested: false,
                 });
             }
         }
@@ -229,13 +268,58 @@ pub const REQUEST_QUEUE: usize = 4096;
 /// Each requested host page that is still dirty goes alone, in its own
 /// batch, on [`Channel::Preempt`] when preempt is enabled (else on
 /// [`Channel::Main`]); then the scan resumes just after it (see the
-/// [module docs](self)). Requests are served in the order they came.
+/// [module docs](self)). Requests are served in the order they came; a
+/// request for a page that is no longer dirty is skipped and counted
+/// ([`RequestFirst::ignored`], and in the statistics given to
+/// [`RequestFirst::with_stats`]).
 #[derive(Debug)]
 pub struct RequestFirst {
     scan: LinearScan,
     preempt: bool,
     queue: VecDeque<(usize, u64)>,
     incoming: Option<mpsc::Receiver<(usize, u64)>>,
+    /// Shared with the handles of the latest requester.
+    shared: Arc<RequestShared>,
+    stats: Option<Arc<RamStats>>,
+    ignored: u64,
+}
+
+/// What a [`RequestFirst`] and the handles of its latest requester share.
+#[derive(Debug, Default)]
+struct RequestShared {
+    /// Whether `failure` holds an error (one load per chunk, no lock).
+    failed: AtomicBool,
+    /// The first failure reported.
+    failure: Mutex<Option<Error>>,
+    /// The saver sent every page: requests are ignored from now on.
+    finished: AtomicBool,
+    stats: Option<Arc<RamStats>>,
+}
+
+impl RequestShared {
+    fn fail(&self, error: Error) {
+        let mut slot = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(error);
+            self.failed.store(true, Ordering::Release);
+        }
+    }
+
+    fn take_failure(&self) -> Option<Error> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn ignore(&self, n: u64) {
+        if let Some(stats) = &self.stats {
+            stats.add_postcopy_requests_ignored(n);
+        }
+    }
 }
 
 impl RequestFirst {
@@ -247,23 +331,93 @@ impl RequestFirst {
             preempt,
             queue: VecDeque::new(),
             incoming: None,
+            shared: Arc::default(),
+            stats: None,
+            ignored: 0,
         }
+    }
+
+    /// This scheduler, counting the requests it skips (page already sent)
+    /// in `stats` (`postcopy_requests_ignored`), as do its requesters once
+    /// it is [finished](RequestFirst::finish). Give it before
+    /// [`requester`](RequestFirst::requester).
+    pub fn with_stats(mut self, stats: Arc<RamStats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// A handle for another thread (the return-path reader) to queue
     /// requests while the saver runs; each one is checked against `blocks`
     /// (the saver's) before it is queued. Every call makes a new queue; the
-    /// handles of an earlier one then fail.
+    /// handles of an earlier one then fail with [`Error::SchedulerGone`],
+    /// and a failure they reported is forgotten.
     pub fn requester(&mut self, blocks: Arc<RamBlocks>) -> PageRequester {
         let (tx, rx) = mpsc::sync_channel(REQUEST_QUEUE);
         self.incoming = Some(rx);
-        PageRequester { blocks, tx }
+        self.shared = Arc::new(RequestShared {
+            stats: self.stats.clone(),
+            ..RequestShared::default()
+        });
+        PageRequester {
+            blocks,
+            tx,
+            shared: self.shared.clone(),
+        }
     }
 
     /// Requests waiting to be served (those of a requester are counted
     /// once the scheduler has seen them).
     pub fn pending(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Whether a request waits to be served (one of a requester is taken
+    /// into the queue). The saver asks before it waits for the rate
+    /// limiter: a request does not wait.
+    pub fn has_request(&mut self) -> bool {
+        if self.queue.is_empty() {
+            if let Some(r) = self.incoming.as_ref().and_then(|rx| rx.try_recv().ok()) {
+                self.queue.push_back(r);
+            }
+        }
+        !self.queue.is_empty()
+    }
+
+    /// The failure the latest requester reported (a bad request, or an
+    /// error of the return-path thread given to [`PageRequester::fail`]),
+    /// once: the caller ends the migration with it. One atomic load when
+    /// there is none.
+    pub fn take_failure(&mut self) -> Option<Error> {
+        self.shared.take_failure()
+    }
+
+    /// Requests skipped so far because their page was no longer dirty.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+
+    /// Ends serving requests, once every page was sent: the requests still
+    /// queued are skipped (counted as ignored), and from now on the
+    /// requester's handles accept requests without queuing them (counted
+    /// too) and never wait. Returns how many queued requests were skipped
+    /// (a request queued in the instant `finish` runs may be dropped
+    /// uncounted).
+    pub fn finish(&mut self) -> u64 {
+        self.shared.finished.store(true, Ordering::Release);
+        let mut skipped = self.queue.len() as u64;
+        self.queue.clear();
+        if let Some(rx) = self.incoming.take() {
+            skipped += rx.try_iter().count() as u64;
+        }
+        self.ignore(skipped);
+        skipped
+    }
+
+    fn ignore(&mut self, n: u64) {
+        self.ignored += n;
+        if let Some(stats) = &self.stats {
+            stats.add_postcopy_requests_ignored(n);
+        }
     }
 
     fn channel(&self) -> Channel {
@@ -294,11 +448,14 @@ impl PageScheduler for RequestFirst {
             };
             let taken = block.dirty().take_range(page, 1);
             self.scan.resume_after(blocks, index, page);
-            if !taken.is_empty() {
+            if taken.is_empty() {
+                self.ignore(1);
+            } else {
                 return Some(Batch {
                     block: index,
                     pages: taken,
                     channel: self.channel(),
+                    requested: true,
                 });
             }
         }
@@ -312,24 +469,108 @@ impl PageScheduler for RequestFirst {
     }
 }
 
-/// Queues page requests for a [`RequestFirst`] from another thread.
+/// Queues page requests for a [`RequestFirst`] from another thread (the
+/// return-path reader), and reports that thread's failure to the saver;
+/// see [who does what](self#who-does-what-with-a-request).
 #[derive(Debug, Clone)]
 pub struct PageRequester {
     blocks: Arc<RamBlocks>,
     tx: mpsc::SyncSender<(usize, u64)>,
+    shared: Arc<RequestShared>,
 }
 
 impl PageRequester {
     /// Checks a request against the saver's blocks and queues it; waits
     /// while [`REQUEST_QUEUE`] requests are queued. Fails, queuing nothing,
-    /// for an unknown block or a page past its end, and with
-    /// [`Error::SchedulerGone`] once the scheduler was dropped or gave out a
-    /// newer requester.
+    /// for an unknown block or a page past its end (and reports that
+    /// failure to the saver, as [`fail`](PageRequester::fail) does), and
+    /// with [`Error::SchedulerGone`] once the scheduler was dropped or gave
+    /// out a newer requester. Once the scheduler is
+    /// [finished](RequestFirst::finish) a good request is counted as
+    /// ignored and dropped.
     pub fn request(&self, block: BlockId, page: u64) -> Result<()> {
-        let (index, _) = check_request(&self.blocks, block, page)?;
-        self.tx
-            .send((index, page))
-            .map_err(|_| Error::SchedulerGone)
+        let index = match check_request(&self.blocks, block, page) {
+            Ok((index, _)) => index,
+            Err(e) => {
+                // The same error again for the saver (its fields are plain).
+                if let Err(again) = check_request(&self.blocks, block, page) {
+                    self.shared.fail(again);
+                }
+                return Err(e);
+            }
+        };
+        self.queue(index, page)
+    }
+
+    /// Checks a request as the return path carries it, `len` bytes at
+    /// `offset` of `block`, and queues each of its pages in order (it waits
+    /// while [`REQUEST_QUEUE`] requests are queued). A range that is not
+    /// whole pages inside a block of the saver fails with
+    /// [`Error::BadPageRequest`] (of kind
+    /// [`ErrorKind::Protocol`](crate::ErrorKind::Protocol), naming the
+    /// block and offset), queues nothing, and is reported to the saver,
+    /// which then fails the migration with the same error. Otherwise as
+    /// [`request`](PageRequester::request).
+    pub fn request_range(&self, block: BlockId, offset: u64, len: u64) -> Result<()> {
+        use migration_stream::BlockResolver;
+
+        let bad = |source| Error::BadPageRequest {
+            block,
+            name: self.blocks.get(block).map(|b| b.name().to_owned()),
+            offset,
+            len,
+            source,
+        };
+        let check = || self.blocks.check_range(block, offset, len);
+        let geometry = match check() {
+            Ok(g) => g,
+            Err(source) => {
+                // Checking is pure: it fails again, with an error for the
+                // saver.
+                if let Err(again) = check() {
+                    self.shared.fail(bad(again));
+                }
+                return Err(bad(source));
+            }
+        };
+        // The block exists, so its id is an index of the list.
+        let index = usize::try_from(block.0).map_err(|_| Error::UnknownBlock { block })?;
+        let page_size = u64::from(geometry.page_size);
+        // `check_range` proved `offset + len` fits in the block.
+        for page in offset / page_size..(offset + len) / page_size {
+            self.queue(index, page)?;
+        }
+        Ok(())
+    }
+
+    /// Reports a failure of the return-path thread (a message it could not
+    /// decode, a hostile one, a read error): the saver's
+    /// [`postcopy_send`](crate::PrecopySaver::postcopy_send) returns `error`
+    /// at its next chunk boundary. Until the saver took it, later failures
+    /// are dropped: the first one is the cause.
+    pub fn fail(&self, error: Error) {
+        self.shared.fail(error);
+    }
+
+    /// Whether the saver sent every page: requests are ignored from now on.
+    pub fn is_finished(&self) -> bool {
+        self.shared.finished.load(Ordering::Acquire)
+    }
+
+    fn queue(&self, index: usize, page: u64) -> Result<()> {
+        if self.is_finished() {
+            self.shared.ignore(1);
+            return Ok(());
+        }
+        match self.tx.send((index, page)) {
+            Ok(()) => Ok(()),
+            // The scheduler finished while this waited for room.
+            Err(_) if self.is_finished() => {
+                self.shared.ignore(1);
+                Ok(())
+            }
+            Err(_) => Err(Error::SchedulerGone),
+        }
     }
 }
 
@@ -543,6 +784,107 @@ mod tests {
             r.request(BlockId(0), 1),
             Err(Error::SchedulerGone)
         ));
+    }
+
+    #[test]
+    fn a_requester_takes_ranges_reports_bad_ones_and_ignores_requests_once_finished() {
+        let b = Arc::new(blocks(&[64, 8]));
+        for blk in b.iter() {
+            blk.dirty().set_all();
+        }
+        let stats = Arc::new(RamStats::new());
+        let mut s = RequestFirst::new(false).with_stats(stats.clone());
+        let r = s.requester(b.clone());
+        // Two pages in one request: each goes alone, in order.
+        r.request_range(BlockId(0), 4 * 4096, 2 * 4096).unwrap();
+        assert!(s.take_failure().is_none());
+        assert!(s.has_request());
+        for page in [4, 5] {
+            let batch = s.next(&b).unwrap();
+            assert!(batch.requested);
+            assert_eq!(batch.pages.iter().collect::<Vec<_>>(), vec![page]);
+        }
+        // Already sent: skipped and counted; the scan goes on.
+        r.request_range(BlockId(0), 4 * 4096, 4096).unwrap();
+        let next = s.next(&b).unwrap();
+        assert!(!next.requested);
+        assert_eq!(s.ignored(), 1);
+        assert_eq!(stats.snapshot().postcopy_requests_ignored, 1);
+
+        // Hostile requests: refused, nothing queued, the saver told.
+        let err = r.request_range(BlockId(1), 8 * 4096, 4096).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+        assert_eq!(
+            err.to_string(),
+            "page request for 0x1000 bytes at offset 0x8000 of RAM block #1 (\"b1\") refused"
+        );
+        let why = std::error::Error::source(&err).unwrap().to_string();
+        assert_eq!(
+            why,
+            "range 0x8000+0x1000 is outside RAM block #1 of size 0x8000"
+        );
+        assert!(!s.has_request());
+        let seen = s.take_failure().unwrap();
+        assert_eq!(seen.to_string(), err.to_string());
+        assert!(s.take_failure().is_none(), "reported once");
+        for (block, offset, len) in [(9, 0, 4096), (0, 100, 4096), (0, 0, 0), (0, 0, 4095)] {
+            let err = r.request_range(BlockId(block), offset, len).unwrap_err();
+            assert!(matches!(err, Error::BadPageRequest { .. }), "{err:?}");
+            assert_eq!(err.kind(), ErrorKind::Protocol);
+            assert_eq!(s.take_failure().unwrap().to_string(), err.to_string());
+        }
+        let err = r.request_range(BlockId(9), 0x5000, 4096).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "page request for 0x1000 bytes at offset 0x5000 of RAM block #9 refused"
+        );
+        assert!(s.take_failure().is_some());
+        // The page-index form reports its failure too.
+        assert!(r.request(BlockId(0), 64).is_err());
+        assert!(matches!(
+            s.take_failure(),
+            Some(Error::PageOutOfRange { page: 64, .. })
+        ));
+        // A failure from the return-path thread itself.
+        r.fail(Error::Stream(migration_stream::Error::Closed));
+        r.fail(Error::SchedulerGone);
+        assert!(
+            matches!(s.take_failure(), Some(Error::Stream(_))),
+            "the first one"
+        );
+        assert_eq!(
+            b.iter().next().unwrap().dirty().count(),
+            64 - 2 - next.pages.count()
+        );
+
+        // Finished: queued requests and later ones are counted and dropped.
+        r.request_range(BlockId(1), 0, 4096).unwrap();
+        assert_eq!(s.finish(), 1);
+        assert!(r.is_finished());
+        r.request_range(BlockId(1), 4096, 4096).unwrap();
+        r.request(BlockId(1), 2).unwrap();
+        assert!(!s.has_request());
+        assert!(s.next(&b).is_some_and(|batch| !batch.requested));
+        assert_eq!(stats.snapshot().postcopy_requests_ignored, 4);
+    }
+
+    #[test]
+    fn finish_releases_a_requester_that_waits_for_room() {
+        let b = Arc::new(blocks(&[64]));
+        let mut s = RequestFirst::new(false);
+        let r = s.requester(b.clone());
+        let t = std::thread::spawn(move || {
+            for _ in 0..REQUEST_QUEUE + 10 {
+                r.request(BlockId(0), 1).unwrap();
+            }
+            r.is_finished()
+        });
+        // Whether it is blocked on a full queue yet or not, finishing lets
+        // every request return.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s.finish();
+        assert!(t.join().unwrap());
+        assert!(!s.has_request());
     }
 
     /// A round over a model: every page dirty at the start of the pass is

@@ -7,8 +7,15 @@
 //! the saver reads it once per chunk of pages, so a
 //! `migrate-set-parameters` takes effect during a pass, and neither side
 //! ever takes a lock.
+//!
+//! `transferred` is also split by when the bytes went, as QEMU's
+//! `precopy-bytes`, `downtime-bytes` and `postcopy-bytes`: the saver says
+//! which phase it is in (precopy while the guest runs at the source,
+//! downtime while it is paused for completion or the postcopy switch,
+//! postcopy once it runs at the destination) and every byte counted goes
+//! to that phase too.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,6 +159,24 @@ pub struct RamStats {
     postcopy_requests: AtomicU64,
     dirty_pages_rate: AtomicU64,
     iterations: AtomicU64,
+    postcopy_requests_ignored: AtomicU64,
+    /// The `Phase` that `add_transferred` counts bytes in.
+    phase: AtomicU8,
+    precopy_bytes: AtomicU64,
+    downtime_bytes: AtomicU64,
+    postcopy_bytes: AtomicU64,
+}
+
+/// When bytes go, for the split of `transferred`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    /// The guest runs at the source (setup and precopy passes).
+    Precopy = 0,
+    /// The guest is paused (completion, postcopy switch, device state).
+    Downtime = 1,
+    /// The guest runs at the destination.
+    Postcopy = 2,
 }
 
 /// A copy of [`RamStats`] at one instant, with QEMU's field meanings.
@@ -173,12 +198,26 @@ pub struct RamStatsSnapshot {
     pub mbps: f64,
     /// Dirty-log syncs so far.
     pub dirty_sync_count: u64,
-    /// Pages requested by a postcopy destination.
+    /// Page requests of a postcopy destination that were served: the page
+    /// was still to send and went ahead of the background scan.
     pub postcopy_requests: u64,
     /// Pages newly dirtied per second, measured between the last two syncs.
     pub dirty_pages_rate: u64,
     /// Completed precopy passes.
     pub iterations: u64,
+    /// Page requests of a postcopy destination for pages already sent
+    /// (not sent again): a fault that raced with the page in flight, a
+    /// page asked twice, or a request after the last page went.
+    pub postcopy_requests_ignored: u64,
+    /// Bytes written while the guest ran at the source (QEMU's
+    /// `precopy-bytes`).
+    pub precopy_bytes: u64,
+    /// Bytes written while the guest was paused: completion, the postcopy
+    /// switch and the device state around it (QEMU's `downtime-bytes`).
+    pub downtime_bytes: u64,
+    /// Bytes written while the guest ran at the destination (QEMU's
+    /// `postcopy-bytes`).
+    pub postcopy_bytes: u64,
 }
 
 impl RamStats {
@@ -202,18 +241,41 @@ impl RamStats {
             postcopy_requests: r(&self.postcopy_requests),
             dirty_pages_rate: r(&self.dirty_pages_rate),
             iterations: r(&self.iterations),
+            postcopy_requests_ignored: r(&self.postcopy_requests_ignored),
+            precopy_bytes: r(&self.precopy_bytes),
+            downtime_bytes: r(&self.downtime_bytes),
+            postcopy_bytes: r(&self.postcopy_bytes),
         }
     }
 
     /// Adds `bytes` to `transferred` (for example device state the
-    /// controller writes on the same stream).
+    /// controller writes on the same stream), and to the bytes of the
+    /// current phase (`precopy_bytes`, `downtime_bytes` or
+    /// `postcopy_bytes`, as the saver last set it).
     pub fn add_transferred(&self, bytes: u64) {
         self.transferred.fetch_add(bytes, Ordering::Relaxed);
+        let phase = match self.phase.load(Ordering::Relaxed) {
+            0 => &self.precopy_bytes,
+            1 => &self.downtime_bytes,
+            _ => &self.postcopy_bytes,
+        };
+        phase.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Counts `n` page requests of a postcopy destination.
+    /// Counts `n` page requests of a postcopy destination that were served.
     pub fn add_postcopy_requests(&self, n: u64) {
         self.postcopy_requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` page requests for pages already sent.
+    pub fn add_postcopy_requests_ignored(&self, n: u64) {
+        self.postcopy_requests_ignored
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts the bytes written from now on in `phase`.
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
     pub(crate) fn set_remaining(&self, bytes: u64) {
@@ -310,11 +372,16 @@ mod tests {
         s.set_bandwidth(125_000_000.0);
         s.add_sync(77);
         s.add_postcopy_requests(3);
+        s.add_postcopy_requests_ignored(2);
         s.add_iteration();
+        s.set_phase(Phase::Downtime);
+        s.add_transferred(5);
+        s.set_phase(Phase::Postcopy);
+        s.add_transferred(7);
         assert_eq!(
             s.snapshot(),
             RamStatsSnapshot {
-                transferred: 10,
+                transferred: 22,
                 remaining: 20,
                 total: 30,
                 duplicate: 1,
@@ -325,6 +392,10 @@ mod tests {
                 postcopy_requests: 3,
                 dirty_pages_rate: 77,
                 iterations: 1,
+                postcopy_requests_ignored: 2,
+                precopy_bytes: 10,
+                downtime_bytes: 5,
+                postcopy_bytes: 7,
             }
         );
     }

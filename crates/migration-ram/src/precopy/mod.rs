@@ -1,12 +1,15 @@
 //! Precopy: send all of RAM while the guest runs, then what it dirtied,
-//! pass after pass, until the rest fits in the downtime limit.
+//! pass after pass, until the rest fits in the downtime limit; or switch
+//! to postcopy and send the rest while the guest runs at the destination.
 //!
 //! # Source ([`PrecopySaver`])
 //!
 //! ```text
-//!  new ──> setup ──> iterate* ──> complete        (caller pauses vCPUs before
-//!            │          │            │             complete, writes device
-//!            └──────────┴────────────┴──> abort    state and Complete after)
+//!  new ──> setup ──> iterate* ─┬──> complete              (caller pauses vCPUs
+//!            │          │      │       │                   before complete or
+//!            │          │      └──> start_postcopy ──> postcopy_send+
+//!            │          │              │                      │
+//!            └──────────┴──────────────┴──────────────────────┴──> abort
 //! ```
 //!
 //! - `setup` starts the dirty log, marks every page dirty, syncs once and
@@ -27,6 +30,39 @@
 //!   once its records were flushed to the channel; if anything fails in
 //!   between (read, write, flush, cancel, a missing channel, a silent
 //!   peer), the whole batch is marked dirty again.
+//!
+//! - `set_interrupt` gives a flag that ends an `iterate` at the next chunk
+//!   boundary (QEMU's `migrate-start-postcopy` during a pass): the chunk
+//!   being sent completes, the pages not reached stay dirty.
+//!
+//! ## Postcopy, the source side
+//!
+//! QEMU's hybrid postcopy: precopy passes first, then the switch.
+//!
+//! - Every page handed to a channel is recorded in its block's `sent`
+//!   bitmap ([`RamBlock::sent`](crate::RamBlock::sent)).
+//! - `start_postcopy` (vCPUs paused) syncs the dirty log a last time and
+//!   stops it; each page both sent and dirty is stale at the destination,
+//!   which is told to drop it: `Discard` commands, per block, consecutive
+//!   pages merged into ranges, at most `MAX_DISCARD_RANGES` per command.
+//!   The caller then writes the device state packaged with `Listen` and
+//!   `Run`.
+//! - `postcopy_send` sends every page still dirty through a
+//!   [`RequestFirst`](crate::RequestFirst) scheduler: pages the destination
+//!   faulted on (queued by the return-path thread through the
+//!   [`PageRequester`](crate::PageRequester) of `page_requester`) go first,
+//!   each alone, and the background scan goes on just after them, under
+//!   `max_postcopy_bandwidth`. It writes `EndOfSection` once every page
+//!   went; the caller writes `Complete`. A failure keeps every page not
+//!   flushed dirty, for a retry.
+//!
+//! ```text
+//!  main channel:  ... Ram* EndOfSection [Sync]   precopy passes
+//!                 Discard*                       start_postcopy
+//!                 Packaged[DeviceState* Listen Run]        (caller)
+//!                 ( Ram | Ping )* EndOfSection   postcopy_send
+//!                 Complete                                 (caller)
+//! ```
 //!
 //! The channels are a [`ChannelSet`](crate::ChannelSet): a single
 //! `StreamWriter` for precopy (main only), [`Channels`](crate::Channels)
@@ -69,7 +105,7 @@ mod loader;
 mod saver;
 
 pub use loader::PrecopyLoader;
-pub use saver::{IterationOutcome, PrecopySaver};
+pub use saver::{IterationOutcome, PostcopyOutcome, PostcopySwitch, PrecopySaver};
 
 /// Largest chunk of pages taken from a dirty bitmap at once, in bytes.
 pub(crate) const CHUNK_BYTES: u64 = 1 << 20;
