@@ -16,6 +16,7 @@
 //! | [`PageScheduler`] (source: which pages next, on which channel): [`LinearScan`], [`RequestFirst`], [`PageRequester`] | [`schedule`] |
 //! | [`Channel`], [`ChannelSet`], [`Channels`]: the main and preempt channels a source writes | [`channel`] |
 //! | [`PagePlacer`] (destination: how a page lands): [`CopyPlacer`], [`UffdPlacer`] | [`placer`] |
+//! | [`BalloonInhibitor`]: no balloon discards while postcopy runs | [`balloon`] |
 //! | [`Keepalive`], [`PeerLiveness`]: pings, and noticing a silent peer | [`keepalive`] |
 //! | [`PrecopyParams`], [`Params`] (lock-free, shared), [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
 //! | [`Error`], its [`ErrorKind`] (link, protocol, local) | [`error`] |
@@ -101,6 +102,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+pub mod balloon;
 pub mod bitmap;
 pub mod block;
 pub mod channel;
@@ -113,6 +115,7 @@ mod rate;
 pub mod schedule;
 pub mod stats;
 
+pub use balloon::{BalloonInhibitor, InhibitGuard};
 pub use bitmap::{DirtyBitmap, TakenPages};
 pub use block::{RamBlock, RamBlocks, DEFAULT_PAGE_SIZE};
 pub use channel::{Channel, ChannelSet, Channels};
