@@ -16,6 +16,7 @@
 //! | [`PageScheduler`] (source: which pages next, on which channel): [`LinearScan`], [`RequestFirst`], [`PageRequester`] | [`schedule`] |
 //! | [`Channel`], [`ChannelSet`], [`Channels`]: the main and preempt channels a source writes | [`channel`] |
 //! | [`PagePlacer`] (destination: how a page lands): [`CopyPlacer`], [`UffdPlacer`] | [`placer`] |
+//! | the postcopy destination: [`check_support`], [`Discarder`] | [`postcopy`] |
 //! | [`BalloonInhibitor`]: no balloon discards while postcopy runs | [`balloon`] |
 //! | [`Keepalive`], [`PeerLiveness`]: pings, and noticing a silent peer | [`keepalive`] |
 //! | [`PrecopyParams`], [`Params`] (lock-free, shared), [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
@@ -110,6 +111,7 @@ pub mod dirty_log;
 pub mod error;
 pub mod keepalive;
 pub mod placer;
+pub mod postcopy;
 pub mod precopy;
 mod rate;
 pub mod schedule;
@@ -126,6 +128,7 @@ pub use keepalive::{Keepalive, PeerLiveness};
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
 pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
+pub use postcopy::{check_support, Discarder, PostcopyError};
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
