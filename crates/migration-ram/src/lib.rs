@@ -16,7 +16,7 @@
 //! | [`PageScheduler`] (source: which pages next, on which channel): [`LinearScan`], [`RequestFirst`], [`PageRequester`] | [`schedule`] |
 //! | [`Channel`], [`ChannelSet`], [`Channels`]: the main and preempt channels a source writes | [`channel`] |
 //! | [`PagePlacer`] (destination: how a page lands): [`CopyPlacer`], [`UffdPlacer`] | [`placer`] |
-//! | the postcopy destination: [`check_support`], [`Discarder`] | [`postcopy`] |
+//! | the postcopy destination: [`check_support`], [`Discarder`], [`FaultHandler`], blocktime, [`PostcopyIncoming`] | [`postcopy`] |
 //! | [`BalloonInhibitor`]: no balloon discards while postcopy runs | [`balloon`] |
 //! | [`Keepalive`], [`PeerLiveness`]: pings, and noticing a silent peer | [`keepalive`] |
 //! | [`PrecopyParams`], [`Params`] (lock-free, shared), [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
@@ -128,7 +128,10 @@ pub use keepalive::{Keepalive, PeerLiveness};
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
 pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
-pub use postcopy::{check_support, Discarder, PostcopyError};
+pub use postcopy::{
+    check_support, Discarder, FaultHandler, FaultStats, PageRequestSink, PostcopyError,
+    PostcopyIncoming,
+};
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};

@@ -1,6 +1,7 @@
-//! The postcopy destination's host check on the real kernel: what
-//! `check_support` refuses and how it says so, and that it leaves nothing
-//! registered.
+//! The postcopy destination's host check and its session-level steps, on the
+//! real kernel: what `check_support` refuses and how it says so, that it
+//! leaves nothing registered, and `PostcopyIncoming` undoing what it did
+//! (memory locking, huge page advice, balloon inhibition) at the end.
 //!
 //! Without userfaultfd the tests print SKIPPED (REQUIRE_UFFD=1 makes them
 //! fail); without free huge pages the hugetlbfs parts do (REQUIRE_HUGETLB=1).
@@ -9,14 +10,28 @@
 mod postcopy_dest_common;
 
 use std::fs::File;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use migration_ram::postcopy::{check_blocks, check_support, PostcopyError};
+use migration_ram::postcopy::{
+    check_blocks, check_support, MlockMode, PageRequestSink, PostcopyError, PostcopyIncoming,
+};
 use migration_ram::vm_memory::bitmap::AtomicBitmap;
 use migration_ram::vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
-use migration_ram::vm_memory::{FileOffset, GuestAddress};
-use migration_ram::{Error, ErrorKind, GuestMemoryMmap, GuestRegionMmap, RamBlock, RamBlocks};
+use migration_ram::vm_memory::{Bytes, FileOffset, GuestAddress};
+use migration_ram::{
+    BalloonInhibitor, Error, ErrorKind, GuestMemoryMmap, GuestRegionMmap, RamBlock, RamBlocks,
+    Result,
+};
+use migration_stream::{BlockId, DiscardRange};
 use postcopy_dest_common::*;
 use uffd_sys::{Features, Ioctls, MemoryKind, RegisterMode, Uffd};
+
+const TESTS: &[&str] = &[
+    "check_support_accepts_every_kind_and_leaves_nothing_registered",
+    "check_support_refuses_clearly_what_it_cannot_serve",
+    "postcopy_incoming_unlocks_inhibits_and_undoes_it_all",
+];
 
 fn one_block(mem: &GuestMemoryMmap, name: &str, page_size: u32) -> RamBlocks {
     use migration_ram::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -261,4 +276,118 @@ fn check_support_refuses_clearly_what_it_cannot_serve() {
     .unwrap();
     let e = check_support(&mem, &blocks).unwrap_err();
     assert!(matches!(e, Error::NotInMemory { .. }), "{e:?}");
+}
+
+/// A sink that answers nothing (the test places pages itself).
+struct Requests(std::sync::Mutex<Vec<(u32, u64)>>);
+
+impl PageRequestSink for Requests {
+    fn request(&self, block: BlockId, offset: u64, _len: u64) -> Result<()> {
+        self.0.lock().unwrap().push((block.0, offset));
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn postcopy_incoming_unlocks_inhibits_and_undoes_it_all() {
+    let test = "postcopy_incoming_unlocks_inhibits_and_undoes_it_all";
+    let _serial = serial();
+    if !have_uffd(test) {
+        return;
+    }
+    let before = threads();
+    let mem =
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (4 * MIB) as usize)]).unwrap());
+    let blocks = Arc::new(one_block(&mem, "pc.ram", 4096));
+    let b = blocks.get(BlockId(0)).unwrap();
+    let host = b.host_addr(&mem).unwrap();
+    // Precopy placed every page.
+    mem.write_slice(&vec![0x11; (4 * MIB) as usize], GuestAddress(0))
+        .unwrap();
+    b.received().set_all();
+    // The VMM locks its guest memory.
+    uffd_sys::mlock_guest(
+        &mem,
+        GuestAddress(0),
+        (4 * MIB) as usize,
+        MlockMode::OnFault,
+    )
+    .unwrap();
+    assert!(vma_flags(host).iter().any(|f| f == "lo"));
+
+    let mut incoming = PostcopyIncoming::new(mem.clone(), blocks.clone()).unwrap();
+    let page3 = [DiscardRange {
+        offset: 3 * PAGE,
+        len: PAGE,
+    }];
+    // Locked memory refuses the discard.
+    let e = incoming.discard(BlockId(0), &page3).unwrap_err();
+    eprintln!("{test}: discard of locked memory: {}", chain(&e));
+    assert!(
+        matches!(&e, Error::Postcopy(PostcopyError::Memory { source, .. }) if source.errno() == Some(libc::EINVAL)),
+        "{e:?}"
+    );
+    assert!(
+        b.received().test(3),
+        "nothing is forgotten when a discard fails"
+    );
+    incoming.unlock_memory(MlockMode::OnFault).unwrap();
+    assert!(!vma_flags(host).iter().any(|f| f == "lo"));
+    assert_eq!(incoming.discard(BlockId(0), &page3).unwrap(), 1);
+    assert!(!b.received().test(3));
+    assert_eq!(incoming.missing_pages(), 1);
+
+    let balloon = Arc::new(BalloonInhibitor::new());
+    let sink = Arc::new(Requests(std::sync::Mutex::new(Vec::new())));
+    let placer = incoming
+        .listen(sink.clone(), vec![gettid()], Some(&balloon))
+        .unwrap();
+    assert!(balloon.is_inhibited());
+    assert!(balloon.try_discard().is_none());
+    let e = incoming.discard(BlockId(0), &page3).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidState { op: "discard", .. }),
+        "{e:?}"
+    );
+    assert!(incoming.listen(sink.clone(), vec![], None).is_err());
+
+    // A thread reads the discarded page: it is requested, then placed.
+    let m = mem.clone();
+    let reader = named("pc-reader", move || {
+        m.read_obj::<u8>(GuestAddress(3 * PAGE + 7)).unwrap()
+    });
+    let start = Instant::now();
+    while sink.0.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < HANG_GUARD, "no request");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(*sink.0.lock().unwrap(), vec![(0, 3 * PAGE)]);
+    placer.place(b, 3, &[0x22; PAGE as usize]).unwrap();
+    assert_eq!(reader.join().unwrap(), 0x22);
+    let stats = incoming.stats().unwrap();
+    assert_eq!((stats.requests, stats.missing_pages), (1, 0));
+    assert_eq!(stats.blocktime.other_faults, 1, "the reader is no vCPU");
+
+    let stats = incoming.finish().unwrap();
+    assert_eq!(stats.requests, 1);
+    assert!(!balloon.is_inhibited(), "the balloon may discard again");
+    let flags = vma_flags(host);
+    assert!(flags.iter().any(|f| f == "lo"), "locked again: {flags:?}");
+    if matches!(
+        uffd_sys::thp_mode(),
+        Some(uffd_sys::ThpMode::Madvise | uffd_sys::ThpMode::Always)
+    ) {
+        assert!(
+            flags.iter().any(|f| f == "hg"),
+            "huge pages on again: {flags:?}"
+        );
+    }
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(3 * PAGE)).unwrap(), 0x22);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(4 * PAGE)).unwrap(), 0x11);
+    assert_eq!(threads_started_since(&before, TESTS), Vec::<String>::new());
+    uffd_sys::munlock_guest(&mem, GuestAddress(0), (4 * MIB) as usize).unwrap();
 }
