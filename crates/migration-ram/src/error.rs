@@ -256,6 +256,13 @@ pub enum Error {
         /// The state.
         state: &'static str,
     },
+    /// The postcopy destination failed (see [`crate::postcopy`]).
+    #[error("postcopy destination")]
+    Postcopy(
+        /// The postcopy error, which has its own kind.
+        #[from]
+        crate::postcopy::PostcopyError,
+    ),
 }
 
 impl Error {
@@ -282,6 +289,8 @@ impl Error {
     /// - [`ErrorKind::Local`]: guest memory (and userfaultfd placement), the
     ///   dirty log, this side's own block list, channels or scheduler, or a
     ///   method called in the wrong state.
+    /// - [`Error::Postcopy`]: the postcopy error's own
+    ///   [`kind`](crate::postcopy::PostcopyError::kind).
     ///
     /// [`Error::Cancelled`] is [`ErrorKind::Local`] too, but it is nobody's
     /// fault: the operator asked for it. Callers test for it first (a
@@ -290,6 +299,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Stream(e) => e.kind(),
+            Error::Postcopy(e) => e.kind(),
             Error::BlockCountMismatch { .. }
             | Error::BlockNameMismatch { .. }
             | Error::BlockSizeMismatch { .. }
@@ -535,6 +545,18 @@ mod tests {
                     source: uffd_sys::Error::ShortRead(1),
                 },
                 ErrorKind::Local,
+            ),
+            (
+                Error::Postcopy(crate::postcopy::PostcopyError::ForeignBlock { name: name() }),
+                ErrorKind::Local,
+            ),
+            (
+                Error::Postcopy(crate::postcopy::PostcopyError::Incomplete {
+                    missing: 1,
+                    name: name(),
+                    page: 0,
+                }),
+                ErrorKind::Protocol,
             ),
         ];
         for (e, kind) in cases {

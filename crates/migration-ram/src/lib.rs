@@ -16,6 +16,8 @@
 //! | [`PageScheduler`] (source: which pages next, on which channel): [`LinearScan`], [`RequestFirst`], [`PageRequester`] | [`schedule`] |
 //! | [`Channel`], [`ChannelSet`], [`Channels`]: the main and preempt channels a source writes | [`channel`] |
 //! | [`PagePlacer`] (destination: how a page lands): [`CopyPlacer`], [`UffdPlacer`] | [`placer`] |
+//! | the postcopy destination: [`check_support`], [`Discarder`], [`FaultHandler`], blocktime, [`PostcopyIncoming`] | [`postcopy`] |
+//! | [`BalloonInhibitor`]: no balloon discards while postcopy runs | [`balloon`] |
 //! | [`Keepalive`], [`PeerLiveness`]: pings, and noticing a silent peer | [`keepalive`] |
 //! | [`PrecopyParams`], [`Params`] (lock-free, shared), [`RamStats`] (QEMU's `query-migrate` fields) | [`stats`] |
 //! | [`Error`], its [`ErrorKind`] (link, protocol, local) | [`error`] |
@@ -101,6 +103,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+pub mod balloon;
 pub mod bitmap;
 pub mod block;
 pub mod channel;
@@ -108,11 +111,13 @@ pub mod dirty_log;
 pub mod error;
 pub mod keepalive;
 pub mod placer;
+pub mod postcopy;
 pub mod precopy;
 mod rate;
 pub mod schedule;
 pub mod stats;
 
+pub use balloon::{BalloonInhibitor, InhibitGuard};
 pub use bitmap::{DirtyBitmap, TakenPages};
 pub use block::{RamBlock, RamBlocks, DEFAULT_PAGE_SIZE};
 pub use channel::{Channel, ChannelSet, Channels};
@@ -123,6 +128,10 @@ pub use keepalive::{Keepalive, PeerLiveness};
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
 pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
+pub use postcopy::{
+    check_support, Discarder, FaultHandler, FaultStats, PageRequestSink, PostcopyError,
+    PostcopyIncoming,
+};
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use precopy::{PostcopyOutcome, PostcopySwitch};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};

@@ -43,6 +43,50 @@ impl fmt::Display for Op {
     }
 }
 
+/// A system call on guest memory other than a userfaultfd ioctl, named in
+/// [`Error::Memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MemoryOp {
+    /// `madvise(MADV_DONTNEED)`: drops private pages.
+    DontNeed,
+    /// `madvise(MADV_REMOVE)`: frees the backing of shared anonymous memory.
+    Remove,
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE)`: drops pages of a memfd or hugetlbfs file.
+    PunchHole,
+    /// `madvise(MADV_HUGEPAGE)`.
+    HugePage,
+    /// `madvise(MADV_NOHUGEPAGE)`.
+    NoHugePage,
+    /// `mlock2(0)`: lock and populate.
+    Mlock,
+    /// `mlock2(MLOCK_ONFAULT)`: lock pages as they are faulted in.
+    MlockOnFault,
+    /// `munlock`.
+    Munlock,
+    /// `fstatfs` of a region's backing file.
+    Fstatfs,
+    /// `mmap` of a scratch mapping.
+    Mmap,
+}
+
+impl fmt::Display for MemoryOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemoryOp::DontNeed => "madvise(MADV_DONTNEED)",
+            MemoryOp::Remove => "madvise(MADV_REMOVE)",
+            MemoryOp::PunchHole => "fallocate(PUNCH_HOLE)",
+            MemoryOp::HugePage => "madvise(MADV_HUGEPAGE)",
+            MemoryOp::NoHugePage => "madvise(MADV_NOHUGEPAGE)",
+            MemoryOp::Mlock => "mlock",
+            MemoryOp::MlockOnFault => "mlock2(MLOCK_ONFAULT)",
+            MemoryOp::Munlock => "munlock",
+            MemoryOp::Fstatfs => "fstatfs",
+            MemoryOp::Mmap => "mmap",
+        })
+    }
+}
+
 /// Errors of userfaultfd operations. Every variant keeps the kernel's errno unchanged in
 /// its `io::Error` source; [`Error::errno`] returns it.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +163,31 @@ pub enum Error {
     /// Waiting for the descriptor to become readable failed.
     #[error("polling the userfaultfd failed")]
     Poll(#[source] io::Error),
+    /// A system call on guest memory (discard, huge page advice, locking, or
+    /// telling the backing) failed.
+    #[error("{op} of host range [{start:#x}, +{len:#x}) failed")]
+    Memory {
+        /// The call.
+        op: MemoryOp,
+        /// Start of the host range (or, for a file offset, the file offset).
+        start: u64,
+        /// Length of the range.
+        len: u64,
+        /// The kernel's error, errno unchanged.
+        #[source]
+        source: io::Error,
+    },
+    /// Guest memory whose backing userfaultfd cannot serve missing faults for
+    /// (a private mapping of a file, a file on a disk filesystem).
+    #[error("guest memory at {addr:#x} (+{len:#x}): {reason}")]
+    UnsupportedMemory {
+        /// Guest physical address of the region.
+        addr: u64,
+        /// Length of the region.
+        len: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -127,10 +196,12 @@ impl Error {
         match self {
             Error::Api { source, .. } | Error::Range { source, .. } => source.raw_os_error(),
             Error::Read(e) | Error::Poll(e) => e.raw_os_error(),
+            Error::Memory { source, .. } => source.raw_os_error(),
             Error::Open { .. }
             | Error::MissingFeatures { .. }
             | Error::OutOfBounds { .. }
             | Error::GuestRange { .. }
+            | Error::UnsupportedMemory { .. }
             | Error::ShortRead(_) => None,
         }
     }

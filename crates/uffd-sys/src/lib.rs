@@ -19,6 +19,10 @@
 //! - `guest` (feature `vm-memory`): safe whole-page `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`
 //!   into a vm-memory `GuestMemoryMmap`, range-checked (`Uffd::copy_to_guest`,
 //!   `Uffd::zero_guest`, `guest_host_range`).
+//! - `host_memory` (feature `vm-memory`): what a postcopy destination does to guest
+//!   memory besides placing pages, safely over a checked range: tell a region's
+//!   backing (memory kind, page size), discard pages so they fault again, transparent
+//!   huge page advice, mlock and munlock.
 //!
 //! Calls that can change bytes other code may read (`copy`, `move_pages`, `poison`) are
 //! `unsafe fn` with a `# Safety` section; the rest are safe.
@@ -63,18 +67,25 @@ mod event;
 mod flags;
 #[cfg(feature = "vm-memory")]
 pub mod guest;
+#[cfg(feature = "vm-memory")]
+pub mod host_memory;
 pub mod mapping;
 mod probe;
 mod uffd;
 
-pub use error::{Error, Op, Result};
+pub use error::{Error, MemoryOp, Op, Result};
 pub use event::{Event, EventBuf, FaultKind, PageFault};
 pub use flags::{Features, Ioctls, RegisterMode};
 #[cfg(feature = "vm-memory")]
 pub use guest::guest_host_range;
+#[cfg(feature = "vm-memory")]
+pub use host_memory::{
+    advise_guest_thp, discard_guest, guest_backing, mlock_guest, munlock_guest, region_backing,
+    Backing, DiscardMethod, MlockMode, ThpAdvice,
+};
 pub use mapping::{Mapping, MemoryKind};
-pub use probe::{probe, MemorySupport, ModeSupport, Probe};
+pub use probe::{probe, thp_mode, MemorySupport, ModeSupport, Probe, ThpMode};
 pub use uffd::{
-    open_raw, query_features, CopyMode, OpenPath, OpenPreference, Uffd, UffdBuilder, Wake,
-    DEV_USERFAULTFD,
+    open_raw, query_features, CopyMode, OpenPath, OpenPreference, Readiness, Uffd, UffdBuilder,
+    Wake, DEV_USERFAULTFD,
 };

@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::mapping::{default_huge_page_size, Mapping, MemoryKind};
 use crate::uffd::{open_raw, query_features, OpenPath, OpenPreference, DEV_USERFAULTFD};
-use crate::{Features, Ioctls, RegisterMode, Uffd};
+use crate::{Error, Features, Ioctls, RegisterMode, Uffd};
 
 /// Whether one registration mode works on one memory kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +71,113 @@ impl Probe {
     /// The support entry of one memory kind.
     pub fn memory(&self, kind: MemoryKind) -> Option<&MemorySupport> {
         self.memory.iter().find(|m| m.kind == kind)
+    }
+}
+
+/// The host's transparent huge page mode, from
+/// `/sys/kernel/mm/transparent_hugepage/enabled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ThpMode {
+    /// `always`: every anonymous mapping may get huge pages.
+    Always,
+    /// `madvise`: only ranges advised with `MADV_HUGEPAGE`.
+    Madvise,
+    /// `never`.
+    Never,
+}
+
+/// The host's transparent huge page mode; `None` when the kernel has no THP or the
+/// file cannot be read.
+pub fn thp_mode() -> Option<ThpMode> {
+    let s = read_trimmed("/sys/kernel/mm/transparent_hugepage/enabled")?;
+    let start = s.find('[')?;
+    let end = s[start..].find(']')? + start;
+    match &s[start + 1..end] {
+        "always" => Some(ThpMode::Always),
+        "madvise" => Some(ThpMode::Madvise),
+        "never" => Some(ThpMode::Never),
+        _ => None,
+    }
+}
+
+impl Uffd {
+    /// Whether faults the kernel itself takes on this process's memory reach this
+    /// handle, as KVM's do when it touches guest memory for a vCPU.
+    ///
+    /// Tries it: maps a page, registers it for MISSING faults, and has a thread
+    /// `read(2)` from a socket into it, so the kernel's copy to user memory faults in
+    /// kernel mode. Delivered, the fault arrives here and is resolved with a zero
+    /// page; not delivered (a handle that only sees user-mode faults), the read fails
+    /// with `EFAULT` and no fault arrives. The page is unregistered and the thread
+    /// joined before returning. The handle must have no other registered range with
+    /// faults pending, since this reads its events.
+    pub fn check_kernel_mode_faults(&self) -> crate::Result<bool> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+
+        use crate::{Event, EventBuf, Wake};
+
+        let page = Mapping::new(MemoryKind::Anonymous, 1).map_err(|source| Error::Memory {
+            op: crate::MemoryOp::Mmap,
+            start: 0,
+            len: 0,
+            source,
+        })?;
+        let (start, len) = (page.addr(), page.len() as u64);
+        self.register(start, len, RegisterMode::MISSING)?;
+        let io_err = |source| Error::Read(source);
+        let result = (|| {
+            let (mut tx, rx) = UnixStream::pair().map_err(io_err)?;
+            tx.write_all(&[0x5a; 8]).map_err(io_err)?;
+            let reader = std::thread::Builder::new()
+                .name("uffd-kprobe".into())
+                .spawn(move || {
+                    // SAFETY: `start` is the first byte of `page`, a live mapping of at
+                    // least 8 bytes that outlives this thread (it is joined below before
+                    // `page` drops) and is only ever accessed by raw copies, never
+                    // through references; `rx` is an open socket owned by this thread.
+                    let n = unsafe { libc::read(rx.as_raw_fd(), start as *mut libc::c_void, 8) };
+                    n == 8
+                })
+                .map_err(io_err)?;
+            let mut events = EventBuf::new(4);
+            let mut faulted = false;
+            let outcome = loop {
+                if faulted || reader.is_finished() {
+                    break Ok(());
+                }
+                match self.wait_readable(Some(std::time::Duration::from_millis(10))) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => break Err(e),
+                }
+                match self.read_events(&mut events) {
+                    Ok(evs) => {
+                        if evs.iter().any(|e| matches!(e, Event::PageFault(_))) {
+                            faulted = true;
+                            // The reader is blocked in the kernel on the page: give it
+                            // one so the read completes. EEXIST cannot happen.
+                            if let Err(e) = self.zeropage(start, len, Wake::Yes) {
+                                break Err(e);
+                            }
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            if outcome.is_err() && !faulted {
+                // Never leave the reader blocked: unregistering wakes it.
+                let _ = self.unregister(start, len);
+            }
+            let read_ok = reader.join().unwrap_or(false);
+            outcome.map(|()| faulted && read_ok)
+        })();
+        let unregistered = self.unregister(start, len);
+        let delivered = result?;
+        unregistered?;
+        Ok(delivered)
     }
 }
 

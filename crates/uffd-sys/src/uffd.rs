@@ -517,40 +517,76 @@ impl Uffd {
     /// Waits until events are pending or `timeout` (forever if `None`) passes. Returns
     /// whether events are pending. Interrupted waits are resumed.
     pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool> {
-        poll_readable(self.fd.as_fd(), timeout).map_err(Error::Poll)
+        poll_readable([self.fd.as_raw_fd()], timeout)
+            .map(|r| r[0])
+            .map_err(Error::Poll)
+    }
+
+    /// Waits until events are pending on this handle or `other` (an eventfd that
+    /// asks a fault thread to stop, say) is readable, or `timeout` (forever if
+    /// `None`) passes. Interrupted waits are resumed. `other` being closed or
+    /// broken is an error, as for the handle. (`other` is borrowed for the call,
+    /// so its descriptor stays open; `AsRawFd` rather than `AsFd` because
+    /// rust-vmm's `EventFd` offers only that.)
+    pub fn wait_readable_or(
+        &self,
+        other: &impl AsRawFd,
+        timeout: Option<Duration>,
+    ) -> Result<Readiness> {
+        let [uffd, other] = poll_readable([self.fd.as_raw_fd(), other.as_raw_fd()], timeout)
+            .map_err(Error::Poll)?;
+        Ok(Readiness { uffd, other })
     }
 }
 
-/// Polls one descriptor for readability.
-fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+/// What [`Uffd::wait_readable_or`] found readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Readiness {
+    /// Events are pending on the userfaultfd.
+    pub uffd: bool,
+    /// The other descriptor is readable.
+    pub other: bool,
+}
+
+/// Polls descriptors for readability; returns which are readable (none after a
+/// timeout). The caller keeps the descriptors open for the call; a closed one is
+/// reported as `EBADF`, never acted on.
+fn poll_readable<const N: usize>(
+    fds: [RawFd; N],
+    timeout: Option<Duration>,
+) -> io::Result<[bool; N]> {
     let ms = match timeout {
         None => -1,
         Some(t) => i32::try_from(t.as_millis()).unwrap_or(i32::MAX),
     };
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
         events: libc::POLLIN,
         revents: 0,
-    };
+    });
+    // N is 1 or 2 here; the cast cannot truncate.
+    let count = N as libc::nfds_t;
     loop {
-        // SAFETY: `pfd` is one valid, exclusively borrowed pollfd, and we pass count 1.
-        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pfds` is an exclusively borrowed array of exactly `count` valid
+        // pollfds. poll(2) only reads and writes that array; a descriptor that is
+        // not open is reported in `revents` (POLLNVAL), never used.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
         if ret == 0 {
-            return Ok(false);
+            return Ok([false; N]);
         }
         if ret > 0 {
-            // POLLNVAL: the descriptor is not open; POLLERR: it is broken. Neither is
-            // "events pending".
-            if pfd.revents & libc::POLLNVAL != 0 {
+            // POLLNVAL: a descriptor is not open; POLLERR: it is broken. Neither is
+            // "readable".
+            if pfds.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
                 return Err(io::Error::from_raw_os_error(libc::EBADF));
             }
-            if pfd.revents & libc::POLLERR != 0 {
+            if pfds.iter().any(|p| p.revents & libc::POLLERR != 0) {
                 return Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
-                    "POLLERR on userfaultfd",
+                    "POLLERR on a polled descriptor",
                 ));
             }
-            return Ok(true);
+            return Ok(pfds.map(|p| p.revents != 0));
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {
