@@ -193,7 +193,9 @@ impl UffdPlacer {
         let base_page = uffd_sys::mapping::host_page_size() as u64;
         let largest = u64::from(blocks.max_page_size());
         let zeros = if largest > base_page {
-            vec![0; usize::try_from(largest).unwrap_or(0)]
+            // Mapped for good, or a hugetlbfs copy from it can fail with
+            // ENOMEM on a host with no spare huge page.
+            crate::postcopy::fault::resident_zeros(usize::try_from(largest).unwrap_or(0))
         } else {
             Vec::new()
         };

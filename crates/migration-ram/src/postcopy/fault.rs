@@ -229,7 +229,7 @@ impl Shared {
 /// maps nothing), the kernel falls back to copying through a temporary huge
 /// page, which a host with no spare huge page refuses (`ENOMEM`), leaving the
 /// faulting thread waiting. Writing every page once maps them for good.
-fn resident_zeros(len: usize) -> Vec<u8> {
+pub(crate) fn resident_zeros(len: usize) -> Vec<u8> {
     let mut v = vec![1u8; len];
     // The writes above must happen (an allocation that is only ever zeroed
     // could become a fresh zeroed one, with nothing mapped).

@@ -56,7 +56,7 @@
 mod blocktime;
 mod discard;
 mod error;
-mod fault;
+pub(crate) mod fault;
 mod incoming;
 mod mlock;
 mod support;
