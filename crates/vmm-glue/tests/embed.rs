@@ -35,8 +35,8 @@ fn run(accel: Option<&str>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     for what in [
-        "ok: source completed",
-        "ok: destination completed",
+        "ok: source: completed",
+        "ok: destination: completed",
         "ok: RAM equal on both sides",
         "ok: the doorbell's state arrived",
         "ok: the guest goes on at the destination",
