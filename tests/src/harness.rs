@@ -285,12 +285,13 @@ impl DemoVm {
         }
     }
 
-    /// Waits for one of the final states and returns the reply.
+    /// Waits for one of the final states (or postcopy-paused, where a
+    /// migration stays until recovery) and returns the reply.
     pub fn wait_finished(&mut self) -> Result<Value, String> {
         self.wait_migration("the migration to finish", |q| {
             matches!(
                 q.get("status").and_then(Value::as_str),
-                Some("completed" | "failed" | "cancelled")
+                Some("completed" | "failed" | "cancelled" | "postcopy-paused")
             )
         })
     }

@@ -15,6 +15,8 @@
 pub mod control;
 pub mod harness;
 pub mod migration;
+pub mod postcopy;
+pub mod proxy;
 pub mod uffd;
 
 use std::time::Duration;
@@ -93,6 +95,14 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("qmp-stuck-client", control::qmp_stuck_client),
     ("qmp-concurrent", control::qmp_concurrent),
     ("guest-stops", control::guest_stops),
+    ("postcopy-live-ab", postcopy::live_ab),
+    ("postcopy-live-ab-1vcpu", postcopy::live_ab_1vcpu),
+    ("postcopy-live-sector-ab", postcopy::live_sector_ab),
+    ("postcopy-live-ab-soft", postcopy::live_ab_soft),
+    ("postcopy-stopped", postcopy::stopped),
+    ("postcopy-random", postcopy::random),
+    ("postcopy-hostile-request", postcopy::hostile_request),
+    ("postcopy-link-cut", postcopy::link_cut),
     ("uffd-postcopy", uffd::postcopy),
     ("uffd-snapshot", uffd::snapshot),
 ];

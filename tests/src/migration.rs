@@ -83,6 +83,16 @@ impl Guest {
         self
     }
 
+    /// A short name for notes (`builtin:ab`, `ab.bin`).
+    pub fn name(&self) -> &str {
+        self.arg.rsplit('/').next().unwrap_or(&self.arg)
+    }
+
+    /// Whether its RAM has an a-b check.
+    pub fn has_ab_check(&self) -> bool {
+        self.ab.is_some()
+    }
+
     /// Starts a VM running this guest.
     pub fn start(&self, name: &str, incoming: Option<&str>) -> Result<DemoVm, String> {
         DemoVm::start(
@@ -108,7 +118,7 @@ impl Guest {
     }
 
     /// The a-b check of `vm`'s RAM (paused), if this guest has one.
-    fn ab_check(&self, vm: &mut DemoVm, when: &str) -> Result<(), String> {
+    pub fn ab_check(&self, vm: &mut DemoVm, when: &str) -> Result<(), String> {
         match self.ab {
             Some((start, end, slices)) => ab_check(&vm.page_bytes_in(start, end)?, slices)
                 .map_err(|e| format!("{} {when}: {e}", vm.name)),
@@ -118,7 +128,7 @@ impl Guest {
 
     /// Waits until the guest shows it runs: new COM1 output for `ab`, RAM that
     /// changes for the others.
-    fn wait_runs(&self, vm: &mut DemoVm) -> Result<(), String> {
+    pub fn wait_runs(&self, vm: &mut DemoVm) -> Result<(), String> {
         if self.ab.is_some() {
             let before = vm.serial_len();
             vm.wait_serial_beyond(before + 1).map(drop)

@@ -63,6 +63,12 @@ impl PostcopyIncoming {
         }
     }
 
+    /// The blocks postcopy works over (the loader must use the same ones:
+    /// their received bitmaps are the record of what landed).
+    pub fn blocks(&self) -> &Arc<RamBlocks> {
+        &self.blocks
+    }
+
     /// The userfaultfd postcopy uses.
     pub fn uffd(&self) -> &Arc<Uffd> {
         &self.uffd

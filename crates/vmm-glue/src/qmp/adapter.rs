@@ -9,6 +9,7 @@
 //! | `migrate-set-capabilities`, `query-migrate-capabilities` | [`Session::set_capabilities`], [`Session::capabilities`] |
 //! | `migrate-set-parameters`, `query-migrate-parameters` | [`Session::update_parameters`], [`Session::parameters`] |
 //! | `migrate`, `migrate-incoming`, `migrate_cancel` | [`Session::migrate`], [`Session::incoming`], [`Session::cancel`] |
+//! | `migrate-start-postcopy` | [`Session::start_postcopy`] |
 //! | `query-migrate` | [`Session::info`] |
 //! | `x-ram-digest`, `x-ram-sample` | [`verify::digest`], [`verify::sample`] |
 //! | `quit` | the VMM's quit callback, after the reply |
@@ -25,7 +26,7 @@ use serde_json::{json, Map, Value};
 use crate::qmp::server::{EventSink, Handler, QmpError};
 use crate::session::{
     Capability, Event, GuestExit, MigrationInfo, MigrationStatus, Parameters, RunState, Session,
-    SessionError, UsageError,
+    SessionError,
 };
 use crate::verify;
 
@@ -277,6 +278,37 @@ pub fn query_migrate_reply(info: &MigrationInfo) -> Value {
         };
         f.insert("socket-address".into(), json!([addr]));
     }
+    if let Some(s) = &info.ram {
+        if let Some(Value::Object(ram)) = f.get_mut("ram") {
+            ram.insert("precopy-bytes".into(), json!(s.precopy_bytes));
+            ram.insert("downtime-bytes".into(), json!(s.downtime_bytes));
+            ram.insert("postcopy-bytes".into(), json!(s.postcopy_bytes));
+        }
+    }
+    if let Some(pc) = &info.postcopy {
+        let b = &pc.blocktime;
+        f.insert(
+            "postcopy-blocktime".into(),
+            json!(b.postcopy_blocktime_ms()),
+        );
+        f.insert(
+            "postcopy-vcpu-blocktime".into(),
+            json!(b.postcopy_vcpu_blocktime_ms()),
+        );
+        f.insert("postcopy-latency".into(), json!(b.postcopy_latency_ns()));
+        // Power-of-two microsecond buckets: `bucket-us` is the lower bound.
+        let dist: Vec<Value> = b
+            .postcopy_latency_dist()
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| json!({"bucket-us": 1u64 << i, "count": c}))
+            .collect();
+        f.insert("x-postcopy-latency-us".into(), Value::Array(dist));
+        f.insert("x-postcopy-faults".into(), json!(pc.faults));
+        f.insert("x-postcopy-requests".into(), json!(pc.requests));
+        f.insert("x-postcopy-missing-pages".into(), json!(pc.missing_pages));
+    }
     if info.rejected_connections > 0 {
         f.insert(
             "x-rejected-connections".into(),
@@ -337,7 +369,10 @@ impl Handler for QmpAdapter {
                 s.cancel();
                 Ok(json!({}))
             }
-            "migrate-start-postcopy" => Err(err(UsageError::Unavailable(Capability::PostcopyRam))),
+            "migrate-start-postcopy" => {
+                only(args, &[])?;
+                s.start_postcopy().map(none).map_err(session_err)
+            }
             "migrate-pause" => Err(err(
                 "migrate-pause is currently only supported during postcopy-active or postcopy-recover state",
             )),

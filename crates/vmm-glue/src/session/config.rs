@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use migration_ram::postcopy::FaultStats;
 use migration_ram::RamStatsSnapshot;
 use migration_stream::MigrationUri;
 
@@ -168,8 +169,11 @@ impl Capability {
 
     /// Whether this build implements it.
     pub fn available(self) -> bool {
-        // Measuring blocktime is harmless without postcopy; the rest is planned.
-        matches!(self, Capability::PostcopyBlocktime)
+        // Preempt and background snapshots are planned.
+        matches!(
+            self,
+            Capability::PostcopyRam | Capability::PostcopyBlocktime
+        )
     }
 
     fn bit(self) -> u8 {
@@ -314,6 +318,9 @@ pub struct MigrationInfo {
     pub error: Option<Failure>,
     /// Connections the destination dropped before one said a valid hello.
     pub rejected_connections: u64,
+    /// A postcopy destination's fault handling: faults, requests, blocktime
+    /// (total, per vCPU, latency histogram).
+    pub postcopy: Option<FaultStats>,
 }
 
 /// Something the operator may want to know, delivered to subscribers

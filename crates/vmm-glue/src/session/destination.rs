@@ -14,11 +14,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use migration_ram::PrecopyLoader;
+use migration_ram::postcopy::{PageRequestSink, PostcopyIncoming};
+use migration_ram::{PrecopyLoader, RamBlocks};
 use migration_stream::{
-    read_preamble, Command, Connection, Hello, Record, ReturnMessage, ReturnPathWriter, Role,
-    StreamReader,
+    read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ErrorKind, Hello,
+    Record, ReturnMessage, ReturnPathWriter, Role, StreamReader,
 };
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::error::SessionError;
 use super::wire::Received;
@@ -61,7 +63,41 @@ fn accept(sh: &Shared, origin: Origin) -> Result<(Connection, Hello), SessionErr
     }
 }
 
-fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<bool, SessionError> {
+/// How an incoming migration ended well.
+struct Loaded {
+    /// Whether the guest ran on the source.
+    source_running: bool,
+    /// Whether it went through postcopy (the guest was started at `Run`).
+    postcopy: bool,
+}
+
+/// The return path, shared by the loader (pongs, the verdict) and, in
+/// postcopy, the fault thread (page requests).
+type SharedReturnPath = Arc<Mutex<ReturnPathWriter<BoxedWriter>>>;
+
+/// Page requests of the fault thread, on the return path.
+struct RequestSink(SharedReturnPath);
+
+impl PageRequestSink for RequestSink {
+    fn request(&self, block: BlockId, offset: u64, len: u64) -> migration_ram::Result<()> {
+        self.0
+            .lock()
+            .write_message(&ReturnMessage::PageRequest { block, offset, len })?;
+        Ok(())
+    }
+
+    fn flush(&self) -> migration_ram::Result<()> {
+        self.0.lock().flush()?;
+        Ok(())
+    }
+}
+
+fn send(rp: &SharedReturnPath, msg: &ReturnMessage) -> Result<(), SessionError> {
+    rp.lock().send(msg)?;
+    Ok(())
+}
+
+fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, SessionError> {
     let (conn, hello) = accept(sh, origin)?;
     sh.register_conn(&conn.handle);
     if conn.handle.has_return_path() {
@@ -76,34 +112,65 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<bool, Session
         return Err(SessionError::Cancelled);
     }
     sh.set_status(MigrationStatus::Active);
-    let mut rp = ReturnPathWriter::new(conn.writer);
+    let mut writer = ReturnPathWriter::new(conn.writer);
     // A file has no return path: its writer discards, which is harmless.
-    rp.write_preamble(&Hello::new(Role::ReturnPath, hello.migration_id))?;
-    rp.flush()?;
+    writer.write_preamble(&Hello::new(Role::ReturnPath, hello.migration_id))?;
+    writer.flush()?;
+    let rp: SharedReturnPath = Arc::new(Mutex::new(writer));
 
     let machine = &sh.machine;
+    let mem = Arc::clone(machine.ram().memory());
+    // The blocks postcopy was set up over, if it was: their received bitmaps
+    // are the single record of what landed, for the loader and the faults.
+    let blocks = match sh.postcopy_in.lock().as_ref() {
+        Some(pc) => Arc::clone(pc.blocks()),
+        None => Arc::new(machine.ram().blocks()?),
+    };
     // The loader's copy placer writes every page that arrives, and a zero page
     // only where memory does not read as zero already: whatever an earlier
     // attempt or the VMM left in RAM is overwritten, and untouched memory
     // stays unallocated.
     let mut loader = PrecopyLoader::new(
-        Arc::clone(machine.ram().memory()),
-        machine.ram().blocks()?,
+        Arc::clone(&mem),
+        Arc::clone(&blocks),
         Arc::clone(&run.stats),
     );
     let mut reader = StreamReader::new(conn.reader);
-    let result = (|| -> Result<bool, SessionError> {
-        let mut received = Received::default();
+    let result = (|| -> Result<Loaded, SessionError> {
+        let mut received = Some(Received::default());
+        let mut source_running = None;
         loop {
             match loader.load(&mut reader)? {
                 Record::Complete => break,
                 Record::Command(Command::Ping { value }) => {
-                    rp.send(&ReturnMessage::Pong { value })?;
+                    send(&rp, &ReturnMessage::Pong { value })?;
                 }
-                Record::Command(Command::DeviceState(d)) => received.accept(machine, d)?,
+                Record::Command(Command::DeviceState(d)) => received
+                    .as_mut()
+                    .ok_or_else(|| SessionError::Protocol("device state after Run".into()))?
+                    .accept(machine, d)?,
+                Record::Command(Command::Advise(flags)) => {
+                    if flags.contains(AdviseFlags::POSTCOPY_RAM) && sh.postcopy_in.lock().is_none()
+                    {
+                        return Err(SessionError::Protocol(
+                            "the source may switch to postcopy, but postcopy-ram is off here: \
+                             turn it on at both ends"
+                                .into(),
+                        ));
+                    }
+                }
+                Record::Command(Command::Discard { block, ranges }) => {
+                    postcopy(sh)?.discard(block, &ranges)?;
+                }
+                Record::Command(Command::Packaged(bytes)) => {
+                    let state = received
+                        .take()
+                        .ok_or_else(|| SessionError::Protocol("a second package".into()))?;
+                    source_running = Some(unpack(sh, &blocks, &rp, &mut loader, state, &bytes)?);
+                }
                 Record::Command(c) => {
                     return Err(SessionError::Protocol(format!(
-                        "command {:?} is not part of a precopy stream",
+                        "command {:?} is not part of this stream",
                         c.tag()
                     )))
                 }
@@ -114,44 +181,157 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<bool, Session
                 }
             }
         }
-        received.apply(machine)
+        match (source_running, received) {
+            (Some(source_running), _) => {
+                // Postcopy: every page is here; fault handling ends.
+                let pc = sh.postcopy_in.lock().take();
+                if let Some(pc) = pc {
+                    let stats = pc.finish()?;
+                    sh.state.lock().postcopy_stats = Some(stats);
+                }
+                Ok(Loaded {
+                    source_running,
+                    postcopy: true,
+                })
+            }
+            (None, Some(state)) => Ok(Loaded {
+                source_running: state.apply(machine)?,
+                postcopy: false,
+            }),
+            (None, None) => Err(SessionError::Protocol("no state arrived".into())),
+        }
     })();
     match &result {
-        Ok(_) => rp.send(&ReturnMessage::Shut { status: 0 })?,
+        Ok(_) => send(&rp, &ReturnMessage::Shut { status: 0 })?,
         Err(_) => {
             // Best effort: the source learns the guest will not run here.
-            let _ = rp.send(&ReturnMessage::Shut { status: 1 });
+            let _ = send(&rp, &ReturnMessage::Shut { status: 1 });
         }
     }
     result
 }
 
-fn finish(sh: &Shared, result: Result<bool, SessionError>, run: &Run) {
+/// The postcopy state of this incoming migration (made when it was set up,
+/// if postcopy-ram is on here), with guest memory unlocked if the VMM locked
+/// it: locked memory and discarded pages do not mix.
+fn postcopy(sh: &Shared) -> Result<MappedMutexGuard<'_, PostcopyIncoming>, SessionError> {
+    let guard = sh.postcopy_in.lock();
+    let mut pc = MutexGuard::try_map(guard, Option::as_mut).map_err(|_| {
+        SessionError::Protocol("a postcopy command, but postcopy-ram is off here".into())
+    })?;
+    if let Some(mode) = sh.machine.ram().locked() {
+        pc.unlock_memory(mode)?;
+    }
+    Ok(pc)
+}
+
+/// The postcopy package: the machine's state, `Listen` (fault handling on,
+/// the loader places atomically from now on) and `Run` (the state loads and
+/// the guest starts, if it ran on the source). Returns whether it did.
+fn unpack(
+    sh: &Arc<Shared>,
+    blocks: &Arc<RamBlocks>,
+    rp: &SharedReturnPath,
+    loader: &mut PrecopyLoader,
+    mut state: Received,
+    bytes: &[u8],
+) -> Result<bool, SessionError> {
+    let machine = &sh.machine;
+    let mut r = StreamReader::for_package(bytes);
+    let mut listening = false;
+    loop {
+        let record = match r.read_record(&**blocks) {
+            Ok(rec) => rec,
+            // The package ends cleanly between two frames.
+            Err(migration_stream::Error::Closed) => {
+                return Err(SessionError::Protocol(
+                    "the postcopy package ended without Run".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match record {
+            Record::Command(Command::DeviceState(d)) => state.accept(machine, d)?,
+            Record::Command(Command::Listen) => {
+                let sink: Arc<dyn PageRequestSink> = Arc::new(RequestSink(Arc::clone(rp)));
+                let placer = postcopy(sh)?.listen(
+                    sink,
+                    machine.vcpus().thread_ids(),
+                    Some(machine.balloon_inhibitor()),
+                )?;
+                loader.set_placer(placer);
+                listening = true;
+            }
+            Record::Command(Command::Run) => {
+                if !listening {
+                    return Err(SessionError::Protocol("Run before Listen".into()));
+                }
+                let source_running = state.apply(machine)?;
+                sh.set_status(MigrationStatus::PostcopyActive);
+                start_if_wanted(sh, source_running);
+                return Ok(source_running);
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected record {other:?} in the postcopy package"
+                )))
+            }
+        }
+    }
+}
+
+/// Starts the migrated guest if it ran on the source and nobody said `stop`
+/// here meanwhile; otherwise it stays paused.
+fn start_if_wanted(sh: &Shared, source_running: bool) {
+    let _rc = sh.run_ctl.lock();
+    let start = {
+        let mut st = sh.state.lock();
+        // A guest stopped on the source stays stopped here (QEMU's global
+        // state), and so does one the operator stopped.
+        let start = st.autostart && source_running;
+        if !start {
+            st.runstate = RunState::Paused;
+        }
+        start
+    };
+    if start {
+        if let Err(e) = sh.resume_guest() {
+            log::error!("cannot start the migrated guest: {}", e.describe());
+            sh.state.lock().runstate = RunState::Paused;
+        }
+    }
+}
+
+fn finish(sh: &Shared, result: Result<Loaded, SessionError>, run: &Run) {
     match result {
-        Ok(source_running) => {
-            let _rc = sh.run_ctl.lock();
-            let autostart = {
-                let mut st = sh.state.lock();
-                // A guest stopped on the source stays stopped here (QEMU's
-                // global state), and so does one the operator stopped.
-                let start = st.autostart && source_running;
-                if !start {
-                    st.runstate = RunState::Paused;
-                }
-                start
-            };
+        Ok(loaded) => {
             sh.finish(MigrationStatus::Completed, None);
-            if autostart {
-                if let Err(e) = sh.resume_guest() {
-                    log::error!("cannot start the migrated guest: {}", e.describe());
-                    sh.state.lock().runstate = RunState::Paused;
-                }
+            if !loaded.postcopy {
+                start_if_wanted(sh, loaded.source_running);
             }
         }
         Err(e) if run.cancel.load(Ordering::Acquire) => {
             log::info!("incoming migration cancelled ({})", e.describe());
             sh.finish(MigrationStatus::Cancelled, None);
         }
-        Err(e) => sh.finish(MigrationStatus::Failed, Some(e)),
+        // The guest runs here and waits for pages still at the source: a
+        // broken link pauses postcopy, and fault handling stays on for
+        // recovery (planned).
+        Err(e)
+            if sh.state.lock().status == MigrationStatus::PostcopyActive
+                && e.kind() == ErrorKind::Link =>
+        {
+            sh.finish(MigrationStatus::PostcopyPaused, Some(e))
+        }
+        Err(e) => {
+            // Fault handling ends: a guest that was running here on missing
+            // pages cannot go on.
+            if let Some(pc) = sh.postcopy_in.lock().take() {
+                if let Err(f) = pc.finish() {
+                    log::error!("ending postcopy fault handling: {f}");
+                }
+            }
+            sh.finish(MigrationStatus::Failed, Some(e))
+        }
     }
 }

@@ -50,6 +50,18 @@ pub enum UsageError {
         /// The value given.
         value: u64,
     },
+    /// Postcopy was asked for, but the capability is off.
+    #[error(
+        "postcopy is not enabled: turn the postcopy-ram capability on before the migration starts"
+    )]
+    PostcopyNotEnabled,
+    /// Postcopy was asked for when no outgoing migration runs.
+    #[error("postcopy can start only while an outgoing migration is active")]
+    NoActiveMigration,
+    /// Postcopy needs a return path for the destination's page requests (a
+    /// `file:` migration has none).
+    #[error("postcopy needs a return path for page requests; file: migrations have none")]
+    PostcopyNeedsReturnPath,
     /// The migration URI does not parse.
     #[error(transparent)]
     Uri(#[from] UriError),

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use migration_ram::balloon::BalloonInhibitor;
+use migration_ram::postcopy::MlockMode;
 use migration_ram::{DirtyLog, GuestMemoryMmap, RamBlock, RamBlocks};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -43,6 +45,7 @@ impl RamRegion {
 pub struct GuestRam {
     mem: Arc<GuestMemoryMmap>,
     regions: Vec<RamRegion>,
+    locked: Option<MlockMode>,
 }
 
 impl GuestRam {
@@ -53,9 +56,26 @@ impl GuestRam {
         mem: Arc<GuestMemoryMmap>,
         regions: Vec<RamRegion>,
     ) -> Result<GuestRam, migration_ram::Error> {
-        let ram = GuestRam { mem, regions };
+        let ram = GuestRam {
+            mem,
+            regions,
+            locked: None,
+        };
         ram.blocks()?;
         Ok(ram)
+    }
+
+    /// Says the VMM locked guest memory in RAM (`mlock`) with `mode`: a
+    /// postcopy destination unlocks it while postcopy runs (locked memory and
+    /// missing pages do not mix) and locks it again at the end.
+    pub fn with_locked(mut self, mode: MlockMode) -> GuestRam {
+        self.locked = Some(mode);
+        self
+    }
+
+    /// How the VMM locked guest memory, if it did.
+    pub fn locked(&self) -> Option<MlockMode> {
+        self.locked
     }
 
     /// The guest memory.
@@ -93,6 +113,7 @@ pub struct Machine {
     dirty_log: Arc<dyn DirtyLog>,
     vcpus: Arc<dyn Vcpus>,
     devices: Vec<Arc<dyn DeviceState>>,
+    balloon: Arc<BalloonInhibitor>,
 }
 
 /// Why a machine could not be assembled.
@@ -119,7 +140,21 @@ impl Machine {
             dirty_log,
             vcpus,
             devices: Vec::new(),
+            balloon: Arc::default(),
         }
+    }
+
+    /// Shares `inhibitor` with the VMM's balloon device: the session holds it
+    /// while postcopy runs (a page given back then would look missing), and
+    /// the balloon asks it before giving pages back.
+    pub fn with_balloon_inhibitor(mut self, inhibitor: Arc<BalloonInhibitor>) -> Machine {
+        self.balloon = inhibitor;
+        self
+    }
+
+    /// The balloon inhibitor (a fresh one unless the VMM gave its own).
+    pub fn balloon_inhibitor(&self) -> &Arc<BalloonInhibitor> {
+        &self.balloon
     }
 
     /// Registers a device's state section.

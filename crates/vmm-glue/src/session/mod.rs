@@ -66,6 +66,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use migration_ram::postcopy::{FaultStats, PostcopyIncoming};
 use migration_ram::{RamStats, SharedParams};
 use migration_stream::{Connection, ConnectionHandle, Listener, ListenerCanceller, MigrationUri};
 use parking_lot::Mutex;
@@ -87,6 +88,8 @@ use events::EventHub;
 struct Run {
     stats: Arc<RamStats>,
     cancel: Arc<AtomicBool>,
+    /// `migrate-start-postcopy` was asked for (outgoing).
+    postcopy: Arc<AtomicBool>,
 }
 
 struct State {
@@ -112,6 +115,10 @@ struct State {
     autostart: bool,
     /// The run state the switchover paused the guest from.
     before_switchover: Option<RunState>,
+    /// Whether the current (or last) migration is outgoing.
+    outgoing: bool,
+    /// A postcopy destination's figures once fault handling ended.
+    postcopy_stats: Option<FaultStats>,
 }
 
 pub(crate) struct Shared {
@@ -122,6 +129,9 @@ pub(crate) struct Shared {
     ram_params: SharedParams,
     events: EventHub,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// A postcopy destination's state: set up with the incoming migration
+    /// when postcopy-ram is on, kept while postcopy is paused.
+    postcopy_in: Mutex<Option<PostcopyIncoming>>,
 }
 
 /// The migration session of one VM. See the [module docs](self).
@@ -171,11 +181,14 @@ impl Session {
                 guest_started: false,
                 autostart: true,
                 before_switchover: None,
+                outgoing: false,
+                postcopy_stats: None,
             }),
             run_ctl: Mutex::new(()),
             ram_params,
             events: EventHub::default(),
             workers: Mutex::new(Vec::new()),
+            postcopy_in: Mutex::new(None),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
         shared
@@ -336,16 +349,43 @@ impl Session {
     /// Listens on `uri` for an incoming migration, on a thread of its own. The
     /// listening address (with the real port when 0 was asked for) is in
     /// [`MigrationInfo::socket_address`] once this returns.
+    ///
+    /// With the `postcopy-ram` capability on, this host's support for it is
+    /// checked first (userfaultfd with kernel faults, registration of every
+    /// RAM region's memory kind): without it, this refuses, before anything
+    /// is received.
     pub fn incoming(&self, uri: &str) -> Result<(), SessionError> {
         let uri = MigrationUri::parse(uri).map_err(UsageError::from)?;
         self.shared.state.lock().check_incoming()?;
+        self.prepare_postcopy()?;
         let listener = Listener::bind(&uri)?;
         self.start_incoming(Origin::Listener(listener))
     }
 
-    /// Loads an incoming migration from a connection the VMM accepted itself.
+    /// Loads an incoming migration from a connection the VMM accepted itself
+    /// (postcopy support is checked first, as for [`Session::incoming`]).
     pub fn incoming_from(&self, conn: Connection) -> Result<(), SessionError> {
+        self.shared.state.lock().check_incoming()?;
+        self.prepare_postcopy()?;
         self.start_incoming(Origin::Connection(conn))
+    }
+
+    /// Sets a postcopy destination up, if postcopy-ram is on: checks the
+    /// host, and keeps the blocks the loader and the fault handler share.
+    fn prepare_postcopy(&self) -> Result<(), SessionError> {
+        let sh = &self.shared;
+        let wanted = sh.state.lock().caps.get(Capability::PostcopyRam);
+        let pc = if wanted {
+            let ram = sh.machine.ram();
+            Some(PostcopyIncoming::new(
+                Arc::clone(ram.memory()),
+                Arc::new(ram.blocks()?),
+            )?)
+        } else {
+            None
+        };
+        *sh.postcopy_in.lock() = pc;
+        Ok(())
     }
 
     /// Cancels the running migration (QMP `migrate_cancel`): the source's guest
@@ -375,11 +415,37 @@ impl Session {
         }
     }
 
+    /// Switches the running outgoing migration to postcopy (QMP
+    /// `migrate-start-postcopy`) at the next chunk boundary, even before the
+    /// first pass ends: the guest stops here, runs at the destination at
+    /// once, and the pages it lacks come on demand while the rest follows.
+    /// Needs the `postcopy-ram` capability, set before the migration started.
+    pub fn start_postcopy(&self) -> Result<(), SessionError> {
+        let st = self.shared.state.lock();
+        if !st.caps.get(Capability::PostcopyRam) {
+            return Err(UsageError::PostcopyNotEnabled.into());
+        }
+        match (&st.run, st.status, st.outgoing) {
+            (Some(run), MigrationStatus::Setup | MigrationStatus::Active, true) => {
+                run.postcopy.store(true, Ordering::Release);
+                Ok(())
+            }
+            _ => Err(UsageError::NoActiveMigration.into()),
+        }
+    }
+
     /// The current (or last) migration: QEMU's `query-migrate`.
     pub fn info(&self) -> MigrationInfo {
+        let live = self
+            .shared
+            .postcopy_in
+            .lock()
+            .as_ref()
+            .and_then(PostcopyIncoming::stats);
         let st = self.shared.state.lock();
         let total_time = st.total_time.or_else(|| st.started.map(|s| s.elapsed()));
         MigrationInfo {
+            postcopy: live.or_else(|| st.postcopy_stats.clone()),
             status: st.status,
             total_time,
             setup_time: st.setup_time,
@@ -425,6 +491,7 @@ impl Session {
                 return Err(UsageError::Unavailable(c).into());
             }
             let run = st.new_run();
+            st.outgoing = true;
             sh.set_status_locked(&mut st, MigrationStatus::Setup);
             run
         };
@@ -442,6 +509,7 @@ impl Session {
             let mut st = sh.state.lock();
             st.check_incoming()?;
             let run = st.new_run();
+            st.outgoing = false;
             st.runstate = RunState::InMigrate;
             if let Origin::Listener(l) = &origin {
                 st.listener = Some(l.canceller());
@@ -488,6 +556,7 @@ impl State {
         let run = Run {
             stats: Arc::new(RamStats::new()),
             cancel: Arc::new(AtomicBool::new(false)),
+            postcopy: Arc::new(AtomicBool::new(false)),
         };
         self.run = Some(run.clone());
         self.error = None;
@@ -500,6 +569,7 @@ impl State {
         self.listener = None;
         self.listen_uri = None;
         self.rejected = 0;
+        self.postcopy_stats = None;
         run
     }
 }

@@ -19,14 +19,17 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migration_ram::{Keepalive, PeerLiveness, PrecopySaver};
+use migration_ram::{Keepalive, PageRequester, PeerLiveness, PrecopySaver, RamBlocks};
 use migration_stream::ErrorKind;
 use migration_stream::{
-    connect, read_preamble, BoxedWriter, ConnectionHandle, Hello, MigrationId, ReturnMessage,
-    ReturnPathReader, Role, StreamWriter,
+    connect, read_preamble, AdviseFlags, BoxedWriter, Command, ConnectionHandle, Hello,
+    MigrationId, ReturnMessage, ReturnPathReader, Role, StreamWriter,
 };
 
-use super::error::SessionError;
+use parking_lot::Mutex;
+
+use super::error::{SessionError, UsageError};
+use super::Capability;
 use super::{wire, MigrationStatus, Run, RunState, Shared, Target};
 
 /// What the return-path thread reports: the destination's status in `Shut`,
@@ -76,12 +79,22 @@ fn outgoing(
     }
     let id = MigrationId::generate();
     let liveness = Arc::new(PeerLiveness::new());
+    let requests: Arc<Mutex<Option<PageRequester>>> = Arc::default();
+    let blocks = Arc::new(sh.machine.ram().blocks()?);
     let (verdict_tx, verdict_rx) = mpsc::channel();
     let rp_thread = if has_rp {
-        let (reader, liveness, rp_handle) = (conn.reader, Arc::clone(&liveness), handle.clone());
+        let rp = ReturnPath {
+            id,
+            blocks: Arc::clone(&blocks),
+            liveness: Arc::clone(&liveness),
+            requests: Arc::clone(&requests),
+            verdict: verdict_tx,
+            handle: handle.clone(),
+        };
+        let reader = conn.reader;
         let spawned = std::thread::Builder::new()
             .name("migration-rp".into())
-            .spawn(move || return_path(reader, id, &liveness, &verdict_tx, &rp_handle))
+            .spawn(move || rp.run(reader))
             .map_err(|source| SessionError::Host {
                 what: "starting the return-path thread",
                 source,
@@ -97,6 +110,8 @@ fn outgoing(
         conn.writer,
         Channel {
             id,
+            blocks: Arc::clone(&blocks),
+            requests: Arc::clone(&requests),
             handle: handle.clone(),
             has_rp,
             keepalive,
@@ -121,6 +136,11 @@ fn outgoing(
 /// The main channel's settings for one migration.
 struct Channel<'a> {
     id: MigrationId,
+    /// The RAM blocks, which the return path decodes page requests against.
+    blocks: Arc<RamBlocks>,
+    /// Where the return-path thread finds the saver's page requester once
+    /// postcopy starts.
+    requests: Arc<Mutex<Option<PageRequester>>>,
     handle: ConnectionHandle,
     has_rp: bool,
     keepalive: Option<Keepalive>,
@@ -131,7 +151,7 @@ struct Channel<'a> {
 fn precopy(
     sh: &Arc<Shared>,
     writer: BoxedWriter,
-    ch: Channel<'_>,
+    mut ch: Channel<'_>,
     run: &Run,
     started: Instant,
     resume_ok: &mut bool,
@@ -141,14 +161,21 @@ fn precopy(
     w.write_preamble(&Hello::new(Role::Main, ch.id))?;
     let mut saver = PrecopySaver::new(
         Arc::clone(machine.ram().memory()),
-        machine.ram().blocks()?,
+        Arc::clone(&ch.blocks),
         Arc::clone(machine.dirty_log()),
         Arc::clone(&sh.ram_params),
         Arc::clone(&run.stats),
         Arc::clone(&run.cancel),
     );
-    saver.set_keepalive(ch.keepalive);
+    saver.set_keepalive(ch.keepalive.take());
+    let postcopy = sh.state.lock().caps.get(Capability::PostcopyRam);
+    if postcopy {
+        saver.set_interrupt(Arc::clone(&run.postcopy));
+    }
     let result = (|| -> Result<(), SessionError> {
+        if postcopy {
+            w.write_command(&Command::Advise(AdviseFlags::POSTCOPY_RAM))?;
+        }
         saver.setup(&mut w)?;
         sh.state.lock().setup_time = Some(started.elapsed());
         sh.set_status(MigrationStatus::Active);
@@ -161,27 +188,30 @@ fn precopy(
                 Ok(v) => return Err(early_verdict(v)),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
             }
+            if run.postcopy.load(Ordering::Acquire) {
+                if !ch.has_rp {
+                    return Err(UsageError::PostcopyNeedsReturnPath.into());
+                }
+                return switch_to_postcopy(sh, &mut saver, &mut w, &mut ch, resume_ok);
+            }
             let out = saver.iterate(&mut w)?;
             log::debug!(
-                "precopy pass: {} pages, {} bytes remain, {:.0} B/s",
+                "precopy pass: {} pages, {} bytes remain, {:.0} B/s{}",
                 out.pages_sent,
                 out.remaining_bytes,
-                out.bandwidth
+                out.bandwidth,
+                if out.interrupted {
+                    ", interrupted for postcopy"
+                } else {
+                    ""
+                }
             );
-            if out.switchover {
+            if out.switchover && !run.postcopy.load(Ordering::Acquire) {
                 break;
             }
         }
         // Switchover: the guest stops here and goes on at the destination.
-        let (was_running, down) = {
-            let _rc = sh.run_ctl.lock();
-            let prior = sh.state.lock().runstate;
-            let was_running = machine.vcpus().running();
-            sh.state.lock().before_switchover = Some(prior);
-            let down = Instant::now();
-            sh.pause_guest(RunState::FinishMigrate)?;
-            (was_running, down)
-        };
+        let (was_running, down) = pause_for_switchover(sh)?;
         saver.complete(&mut w)?;
         wire::write_state(&mut w, machine, was_running)?;
         w.write_complete()?;
@@ -190,29 +220,7 @@ fn precopy(
             // From here the destination may run the guest: never resume it here
             // unless the destination says it will not.
             *resume_ok = false;
-            match ch.verdicts.recv_timeout(ch.link_timeout) {
-                Ok(Ok(0)) => {}
-                Ok(Ok(status)) => {
-                    *resume_ok = true;
-                    return Err(SessionError::Refused {
-                        status,
-                        guest: if was_running {
-                            "the guest runs here again"
-                        } else {
-                            "the guest stays here, paused as it was"
-                        },
-                    });
-                }
-                Ok(Err(e)) => return Err(SessionError::Unconfirmed(Box::new(e))),
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(SessionError::Unconfirmed(Box::new(SessionError::Timeout(
-                        ch.link_timeout.as_secs_f64(),
-                    ))))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SessionError::Unconfirmed(Box::new(SessionError::PeerGone)))
-                }
-            }
+            await_verdict(&ch, was_running, resume_ok)?;
         } else {
             // No destination runs this guest: it is complete once the file is
             // durable.
@@ -232,14 +240,105 @@ fn precopy(
     }
     match result {
         // A write that failed because the return-path watchdog shut the link
-        // down: the watchdog's reason is the real one.
-        Err(e) if e.kind() == ErrorKind::Link && *resume_ok => match ch.verdicts.try_recv() {
-            Ok(Err(why)) if why.kind() == ErrorKind::Link => Err(why),
-            Ok(v) => Err(early_verdict(v)),
-            Err(_) => Err(e),
+        // down: the watchdog's reason is the real one (a silent peer, a
+        // refusal, a hostile page request).
+        Err(e) if e.kind() == ErrorKind::Link => match ch.verdicts.try_recv() {
+            Ok(Err(why)) => Err(why),
+            Ok(v) if *resume_ok => Err(early_verdict(v)),
+            _ => Err(e),
         },
         r => r,
     }
+}
+
+/// Pauses the guest for the switchover (`finish-migrate`), remembering the
+/// run state it had; returns whether it ran and when it stopped.
+fn pause_for_switchover(sh: &Shared) -> Result<(bool, Instant), SessionError> {
+    let _rc = sh.run_ctl.lock();
+    let prior = sh.state.lock().runstate;
+    let was_running = sh.machine.vcpus().running();
+    sh.state.lock().before_switchover = Some(prior);
+    let down = Instant::now();
+    sh.pause_guest(RunState::FinishMigrate)?;
+    Ok((was_running, down))
+}
+
+/// Waits for the destination's `Shut` after the last state went out. A
+/// refusal (`Shut` with an error) proves the destination does not run the
+/// guest (`resume_ok` is set again); anything else leaves that unknown.
+fn await_verdict(
+    ch: &Channel<'_>,
+    was_running: bool,
+    resume_ok: &mut bool,
+) -> Result<(), SessionError> {
+    match ch.verdicts.recv_timeout(ch.link_timeout) {
+        Ok(Ok(0)) => Ok(()),
+        Ok(Ok(status)) => {
+            *resume_ok = true;
+            Err(SessionError::Refused {
+                status,
+                guest: if was_running {
+                    "the guest runs here again"
+                } else {
+                    "the guest stays here, paused as it was"
+                },
+            })
+        }
+        Ok(Err(e)) => Err(SessionError::Unconfirmed(Box::new(e))),
+        Err(RecvTimeoutError::Timeout) => Err(SessionError::Unconfirmed(Box::new(
+            SessionError::Timeout(ch.link_timeout.as_secs_f64()),
+        ))),
+        Err(RecvTimeoutError::Disconnected) => {
+            Err(SessionError::Unconfirmed(Box::new(SessionError::PeerGone)))
+        }
+    }
+}
+
+/// The postcopy switch and what follows: the guest stops here; pages sent and
+/// dirtied again are discarded at the destination; the machine's state goes
+/// packaged with `Listen` and `Run`, so the destination cannot start the
+/// vCPUs on half a state; then every page still missing goes, the ones the
+/// destination asks for first.
+fn switch_to_postcopy<W: std::io::Write>(
+    sh: &Shared,
+    saver: &mut PrecopySaver,
+    w: &mut StreamWriter<W>,
+    ch: &mut Channel<'_>,
+    resume_ok: &mut bool,
+) -> Result<(), SessionError> {
+    let machine = &sh.machine;
+    let (was_running, down) = pause_for_switchover(sh)?;
+    // A balloon that gave pages back now would look like missing pages.
+    let _no_balloon = machine.balloon_inhibitor().inhibit();
+    let switch = saver.start_postcopy(w)?;
+    log::info!(
+        "postcopy: {} pages discarded at the destination in {} ranges, {} pages to send",
+        switch.discarded_pages,
+        switch.discarded_ranges,
+        switch.remaining_pages
+    );
+    // Requests may come as soon as the destination runs.
+    *ch.requests.lock() = Some(saver.page_requester());
+    let mut package = StreamWriter::new(Vec::new());
+    wire::write_state(&mut package, machine, was_running)?;
+    package.write_command(&Command::Listen)?;
+    package.write_command(&Command::Run)?;
+    w.write_command(&Command::Packaged(package.into_inner()?))?;
+    w.flush()?;
+    // The destination may run the guest from here: never here again.
+    *resume_ok = false;
+    sh.state.lock().downtime = Some(down.elapsed());
+    sh.set_status(MigrationStatus::PostcopyActive);
+    let out = saver.postcopy_send(w)?;
+    log::info!(
+        "postcopy: {} pages sent, {} requests served, {} ignored",
+        out.pages_sent,
+        out.requests_served,
+        out.requests_ignored
+    );
+    w.write_complete()?;
+    w.flush()?;
+    await_verdict(ch, was_running, resume_ok)
 }
 
 /// The error for a verdict that came before the switchover.
@@ -253,44 +352,67 @@ fn early_verdict(v: Verdict) -> SessionError {
     }
 }
 
-/// Reads the return path: pongs refresh the peer's liveness; `Shut` (or the
-/// reason there is none) is the verdict.
+/// The return-path thread: pongs refresh the peer's liveness, page requests go
+/// to the saver's requester (postcopy), and `Shut` (or the reason there is
+/// none) is the verdict.
 ///
 /// It is also the link's watchdog: when the return path fails (the
-/// destination said nothing for the link timeout, went away, or refused), it
-/// reports why first and then shuts the connection down, so a write blocked
-/// on a destination that no longer reads fails at once rather than after its
-/// own timeout.
-fn return_path(
-    mut reader: Box<dyn Read + Send>,
+/// destination said nothing for the link timeout, went away, refused, or
+/// asked for a page that does not exist), it reports why first and then
+/// shuts the connection down, so a write blocked on a destination that no
+/// longer reads fails at once rather than after its own timeout.
+struct ReturnPath {
     id: MigrationId,
-    liveness: &PeerLiveness,
-    verdict: &Sender<Verdict>,
-    handle: &ConnectionHandle,
-) {
-    let r = (|| -> Verdict {
-        let hello = read_preamble(&mut reader)?;
-        hello.expect(Role::ReturnPath, id)?;
-        liveness.heard();
-        let mut rp = ReturnPathReader::new(reader);
-        loop {
-            match rp.read_message(&())? {
-                ReturnMessage::Shut { status } => return Ok(status),
-                ReturnMessage::Pong { .. } => liveness.heard(),
-                other => {
-                    return Err(SessionError::Protocol(format!(
-                        "unexpected return-path message {other:?} during precopy"
-                    )))
+    blocks: Arc<RamBlocks>,
+    liveness: Arc<PeerLiveness>,
+    requests: Arc<Mutex<Option<PageRequester>>>,
+    verdict: Sender<Verdict>,
+    handle: ConnectionHandle,
+}
+
+impl ReturnPath {
+    fn run(self, mut reader: Box<dyn Read + Send>) {
+        let r = (|| -> Verdict {
+            let hello = read_preamble(&mut reader)?;
+            hello.expect(Role::ReturnPath, self.id)?;
+            self.liveness.heard();
+            let mut rp = ReturnPathReader::new(reader);
+            loop {
+                // On an error, the watchdog's shutdown below also ends a
+                // saver that waits for requests: its next write fails.
+                let msg = rp.read_message(&*self.blocks)?;
+                self.liveness.heard();
+                match msg {
+                    ReturnMessage::Shut { status } => return Ok(status),
+                    ReturnMessage::Pong { .. } => {}
+                    ReturnMessage::PageRequest { block, offset, len } => {
+                        let guard = self.requests.lock();
+                        let req = guard.as_ref().ok_or_else(|| {
+                            SessionError::Protocol(format!(
+                                "a page request (block {block}, offset {offset:#x}) before postcopy"
+                            ))
+                        })?;
+                        // A refused request also fails the saver's sending.
+                        req.request_range(block, offset, len)?;
+                    }
+                    other => {
+                        return Err(SessionError::Protocol(format!(
+                            "unexpected return-path message {other:?}"
+                        )))
+                    }
                 }
             }
+        })();
+        let confirmed = matches!(r, Ok(0));
+        if let Err(e) = &r {
+            log::warn!("return path: {}", e.describe());
         }
-    })();
-    let confirmed = matches!(r, Ok(0));
-    // The migration thread may be gone already: nothing to tell then.
-    let _ = verdict.send(r);
-    if !confirmed {
-        if let Err(e) = handle.shutdown() {
-            log::debug!("shutting the migration connection down: {e}");
+        // The migration thread may be gone already: nothing to tell then.
+        let _ = self.verdict.send(r);
+        if !confirmed {
+            if let Err(e) = self.handle.shutdown() {
+                log::debug!("shutting the migration connection down: {e}");
+            }
         }
     }
 }
@@ -329,8 +451,15 @@ fn finish(sh: &Shared, result: Result<(), SessionError>, resume_ok: bool) {
             sh.state.lock().runstate = RunState::PostMigrate;
         }
     }
+    let postcopy = sh.state.lock().status == MigrationStatus::PostcopyActive;
     match error {
         SessionError::Cancelled => sh.finish(MigrationStatus::Cancelled, None),
+        // The guest runs at the destination, which waits for the pages
+        // still here: a broken link pauses both sides, keeping what recovery
+        // needs (planned); the guest never runs here again.
+        e if postcopy && e.kind() == ErrorKind::Link => {
+            sh.finish(MigrationStatus::PostcopyPaused, Some(e))
+        }
         e => sh.finish(MigrationStatus::Failed, Some(e)),
     }
 }

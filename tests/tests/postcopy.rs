@@ -1,0 +1,41 @@
+//! Postcopy between two `demovm` processes, driven over QMP: the destination
+//! runs the guest before all of its memory arrived.
+
+use std::io::Write;
+
+use e2e::{Failure, Outcome};
+
+fn run(name: &str, scenario: fn() -> Result<Outcome, Failure>) {
+    match scenario() {
+        Ok(o) => {
+            let accel = o.accel.as_deref().unwrap_or("-");
+            let _ = writeln!(std::io::stderr(), "{name} [{accel}]: {}", o.note);
+        }
+        Err(Failure::Skipped(why)) => {
+            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {name}: {why} ***\n");
+        }
+        Err(f) => panic!("{name}: {f}"),
+    }
+}
+
+macro_rules! scenarios {
+    ($($test:ident => $name:literal, $f:path;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                run($name, $f);
+            }
+        )*
+    };
+}
+
+scenarios! {
+    postcopy_ab_on_two_vcpus => "postcopy-live-ab", e2e::postcopy::live_ab;
+    postcopy_ab_on_one_vcpu => "postcopy-live-ab-1vcpu", e2e::postcopy::live_ab_1vcpu;
+    postcopy_ab_boot_sector => "postcopy-live-sector-ab", e2e::postcopy::live_sector_ab;
+    postcopy_ab_on_soft_vcpus => "postcopy-live-ab-soft", e2e::postcopy::live_ab_soft;
+    postcopy_of_a_stopped_guest => "postcopy-stopped", e2e::postcopy::stopped;
+    postcopy_of_a_guest_precopy_cannot_converge => "postcopy-random", e2e::postcopy::random;
+    a_hostile_page_request_fails_the_source => "postcopy-hostile-request", e2e::postcopy::hostile_request;
+    a_link_cut_after_the_switch_pauses_both_sides => "postcopy-link-cut", e2e::postcopy::link_cut;
+}
