@@ -1,7 +1,7 @@
 //! The VM of `demovm`, built only from the public API of `vmm-glue`, as any
 //! VMM would build its own: guest memory like a small PC on the backend asked
-//! for ([`crate::memory`]), vCPUs on KVM (or the soft stand-in), COM1, and a
-//! migration session over all of it.
+//! for ([`crate::memory`]), vCPUs on KVM (or the soft stand-in), COM1, the
+//! balloon ([`crate::balloon`]), and a migration session over all of it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use vmm_glue::qmp::server::QmpError;
 use vmm_glue::session::{DeviceState, GuestRam, Machine, Session, Vcpus};
 use vmm_glue::soft::SoftVcpus;
 
+use crate::balloon::{Balloon, InhibitSwitch};
 use crate::memory::{self, MemBackend, RegionInfo, HIGH_RAM_START};
 use crate::serial::Com1;
 
@@ -81,9 +82,10 @@ pub struct Config {
     pub incoming: bool,
 }
 
-/// COM1 and nothing else, on the port bus.
+/// COM1 and the balloon, on the port bus.
 struct Bus {
     com1: Arc<Com1>,
+    balloon: Arc<Balloon>,
 }
 
 impl IoHandler for Bus {
@@ -99,7 +101,7 @@ impl IoHandler for Bus {
     fn pio_write(&self, port: u16, data: &[u8]) -> bool {
         match data {
             [b] => self.com1.port_write(port, *b),
-            _ => false,
+            _ => self.balloon.port_write(port, data),
         }
     }
     fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
@@ -133,6 +135,9 @@ pub struct GuestInfo {
     /// The RAM regions.
     pub ram: Vec<RegionInfo>,
     com1: Arc<Com1>,
+    balloon: Arc<Balloon>,
+    /// The operator's balloon inhibitor (`x-balloon-inhibit`).
+    inhibit: Arc<InhibitSwitch>,
     kvm: Option<Arc<KvmVcpus>>,
     /// Which dirty log a migration reads.
     pub dirty_log: &'static str,
@@ -163,6 +168,7 @@ impl GuestInfo {
                 })
             })
             .collect();
+        let b = self.balloon.counters();
         json!({
             "accel": self.accel,
             "accel-note": self.accel_note,
@@ -173,7 +179,31 @@ impl GuestInfo {
             "dirty-log": self.dirty_log,
             "serial-bytes": self.com1.tx_count(),
             "unhandled-io": unhandled,
+            "balloon": {
+                "requests": b.requests,
+                "honoured": b.honoured,
+                "dropped": b.dropped,
+                "refused": b.refused,
+                "pages-given-back": b.pages_given_back,
+                "inhibited": self.balloon.inhibited(),
+            },
         })
+    }
+
+    /// `x-balloon-inhibit {"inhibit": bool}`: drop balloon requests as while a
+    /// postcopy migration runs, or stop dropping them.
+    fn balloon_inhibit(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if let Some(k) = args.keys().find(|k| *k != "inhibit") {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        }
+        let on = match args.get("inhibit") {
+            None => return Err(QmpError::generic("Parameter 'inhibit' is missing")),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                QmpError::generic("Invalid parameter type for 'inhibit', expected: boolean")
+            })?,
+        };
+        self.inhibit.set(on);
+        Ok(json!({}))
     }
 }
 
@@ -184,6 +214,7 @@ impl QmpExtension for GuestInfo {
                 Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
                 None => Ok(self.guest_info()),
             }),
+            "x-balloon-inhibit" => Some(self.balloon_inhibit(args)),
             _ => None,
         }
     }
@@ -240,8 +271,17 @@ pub fn build(c: &Config) -> Result<Demo, String> {
         Com1::new(c.serial.as_deref())
             .map_err(|e| format!("cannot open the serial output file: {e}"))?,
     );
+    // Until the session's postcopy inhibitor lands, the operator's switch is the
+    // only reason to drop balloon requests.
+    let inhibit = Arc::new(InhibitSwitch::default());
+    let balloon = Arc::new(Balloon::new(
+        Arc::clone(&mem),
+        c.vcpus,
+        Arc::clone(&inhibit) as _,
+    ));
     let bus: Arc<dyn IoHandler> = Arc::new(Bus {
         com1: Arc::clone(&com1),
+        balloon: Arc::clone(&balloon),
     });
     let sector = match &c.guest {
         GuestSpec::BootSector(p) if !c.incoming => Some(read_boot_sector(p)?),
@@ -317,7 +357,9 @@ pub fn build(c: &Config) -> Result<Demo, String> {
             "vm-memory-bitmap",
         )
     };
+    balloon.attach(vcpus.thread_ids());
     devices.push(Arc::clone(&com1) as Arc<dyn DeviceState>);
+    devices.push(Arc::clone(&balloon) as Arc<dyn DeviceState>);
     let mut machine = Machine::new(ram, dirty_log, vcpus);
     for d in devices {
         machine = machine
@@ -334,6 +376,8 @@ pub fn build(c: &Config) -> Result<Demo, String> {
             mem_backend: ram_built.backend,
             ram: ram_built.regions,
             com1,
+            balloon,
+            inhibit,
             kvm: kvm_vcpus,
             dirty_log: dirty_name,
         }),

@@ -2,10 +2,11 @@
 //!
 //! It is the library's first user and uses only its public API, as a
 //! third-party VMM would: it builds guest memory ([`memory`]: anonymous, memfd
-//! or hugetlbfs), COM1 and vCPUs ([`machine`]), hands them to a
-//! `vmm_glue::session::Session`, and serves QMP through
+//! or hugetlbfs), COM1, a balloon ([`balloon`]) and vCPUs ([`machine`]), hands
+//! them to a `vmm_glue::session::Session`, and serves QMP through
 //! `vmm_glue::qmp::adapter` over `vmm_glue::qmp::server`.
 
+mod balloon;
 mod machine;
 mod memory;
 mod serial;
@@ -69,7 +70,9 @@ A failed incoming migration leaves the guest unstarted and waiting: QMP migrate-
 may start another one.
 RAM: anon and memfd lay out pc.ram.low [0, 640K) and pc.ram [1M, top) in 4 KiB pages;
 hugetlbfs lays out pc.ram.low, pc.ram.mid [1M, 2M) and pc.ram [2M, top) in 2 MiB pages,
-so source and destination of a migration must use the same --mem-backend.";
+so source and destination of a migration must use the same --mem-backend.
+Balloon: ports 0x600 (page frame) and 0x604 (page count) give guest pages back;
+QMP x-guest-info shows its counters, x-balloon-inhibit drops requests.";
 
 fn main() -> ExitCode {
     Logger::install_from_env("DEMOVM_LOG");
