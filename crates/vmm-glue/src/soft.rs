@@ -3,7 +3,8 @@
 //!
 //! Each soft vCPU executes the same workload the built-in KVM guests run (see
 //! [`Workload`] and [`crate::guest::builtin`]: the same slices, the same
-//! generator and address formula), one page step at a time, writing guest memory through vm-memory's
+//! generator and address formula, the same balloon halves, markers and port
+//! writes), one page step at a time, writing guest memory through vm-memory's
 //! `Bytes` API. vm-memory's dirty bitmap therefore records every write, as KVM's dirty
 //! log does for a real guest. On a postcopy destination the threads fault on missing
 //! pages exactly as vCPUs do, because they touch the same host mappings. The vCPU
@@ -20,6 +21,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::guest::balloon::{self, COUNT_PORT, PFN_PORT};
 use crate::guest::COM1;
 use crate::io::IoHandler;
 use crate::session::{ExitHandler, Section, StateError, Vcpus};
@@ -33,6 +35,7 @@ fn code(w: Workload) -> u8 {
         Workload::Ab => 1,
         Workload::Random => 2,
         Workload::Idle => 3,
+        Workload::Balloon => 4,
     }
 }
 
@@ -140,7 +143,8 @@ impl SoftVcpus {
         }
     }
 
-    /// Completed passes of each vCPU (`ab`), or writes (`random`): the guest's progress.
+    /// Completed passes of each vCPU (`ab`, `balloon`), or writes (`random`): the
+    /// guest's progress.
     pub fn passes(&self) -> Vec<u64> {
         self.shared
             .passes
@@ -157,24 +161,61 @@ fn xorshift(s: &mut u64) -> u64 {
     *s
 }
 
+/// Increments the byte at `a`; false if it is not guest memory.
+fn increment(sh: &Shared, a: u64) -> bool {
+    let a = GuestAddress(a);
+    match sh.mem.read_obj::<u8>(a) {
+        Ok(b) => sh.mem.write_obj(b.wrapping_add(1), a).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Ends a pass: back to the slice start, one more pass, `B` on COM1.
+fn end_pass(sh: &Shared, i: usize, st: &mut State) {
+    st.cursor = st.start;
+    st.passes += 1;
+    sh.passes[i].store(st.passes, Ordering::Relaxed);
+    sh.io.pio_write(COM1, b"B");
+}
+
 /// One step of the workload. Guest memory errors cannot happen for in-range addresses;
 /// were one to, the vCPU stops stepping rather than panic.
 fn step(sh: &Shared, i: usize, st: &mut State) -> bool {
     match sh.workload {
         Workload::Ab => {
-            let a = GuestAddress(st.cursor);
-            let Ok(b) = sh.mem.read_obj::<u8>(a) else {
-                return false;
-            };
-            if sh.mem.write_obj(b.wrapping_add(1), a).is_err() {
+            if !increment(sh, st.cursor) {
                 return false;
             }
             st.cursor += PAGE;
             if st.cursor >= st.end {
-                st.cursor = st.start;
-                st.passes += 1;
-                sh.passes[i].store(st.passes, Ordering::Relaxed);
-                sh.io.pio_write(COM1, b"B");
+                end_pass(sh, i, st);
+            }
+            true
+        }
+        Workload::Balloon => {
+            // A slice of fewer than two pages halts, as the KVM code does.
+            let Some((_, (area, end))) = balloon::halves((st.start, st.end)) else {
+                return false;
+            };
+            let wrote = if st.cursor < area {
+                increment(sh, st.cursor)
+            } else {
+                // The marker of this pass: its number (from 0) + 1.
+                sh.mem
+                    .write_obj(st.passes + 1, GuestAddress(st.cursor))
+                    .is_ok()
+            };
+            if !wrote {
+                return false;
+            }
+            st.cursor += PAGE;
+            if st.cursor >= end {
+                // Guest RAM ends below 16 TiB, so page numbers fit the 32-bit ports.
+                let pfn = u32::try_from(area / PAGE).unwrap_or(u32::MAX);
+                let count = u32::try_from((end - area) / PAGE).unwrap_or(u32::MAX);
+                sh.io.pio_write(PFN_PORT, &pfn.to_le_bytes());
+                sh.io.pio_write(COUNT_PORT, &count.to_le_bytes());
+                end_pass(sh, i, st);
             }
             true
         }

@@ -29,24 +29,32 @@
 //!
 //!   [`super::slices`] computes the RDI and RSI of each vCPU. Slices must not overlap
 //!   each other, the code page, or anything the VMM keeps in guest memory. An empty
-//!   slice (RSI ≤ RDI) makes the vCPU halt for good.
-//! - **Ports** (`ab` only): reads of COM1's line status register (0x3fd) until bit 5
-//!   (transmitter empty) is set, then one write of `B` to 0x3f8 per pass. `random`
-//!   and `idle` do no I/O.
+//!   slice (RSI ≤ RDI) makes the vCPU halt for good, and so does a slice of fewer
+//!   than two pages for `balloon`.
+//! - **Ports** (`ab` and `balloon`): reads of COM1's line status register (0x3fd)
+//!   until bit 5 (transmitter empty) is set, then one write of `B` to 0x3f8 per pass.
+//!   `balloon` also makes one balloon request per pass, before the `B`: a 4-byte write
+//!   (`out dx, eax`) of its balloon area's first page frame number to port 0x600, then
+//!   one of its page count to port 0x604 (the protocol of [`super::balloon`]); the
+//!   VMM answers nothing. `random` and `idle` do no I/O.
 //!
 //! # Memory and state
 //!
 //! Every data access lies in `[RDI, RSI)`: `ab` increments the first byte of each page
 //! (`inc byte [rcx]`, one instruction, so the a-b pattern holds at every instant),
-//! `random` writes 8-byte-aligned quadwords (`mov [rdi + rdx], rbx`). Nothing is kept
-//! in memory: the whole state of a vCPU is in its general-purpose registers, RIP and
-//! RFLAGS, which migrate with the vCPU:
+//! `random` writes 8-byte-aligned quadwords (`mov [rdi + rdx], rbx`), `balloon` does
+//! what `ab` does on the first half of the slice and writes its marker (`mov [rcx],
+//! rbx`, 8 bytes) at the start of each page of the second. Nothing is kept in memory:
+//! the whole state of a vCPU is in its general-purpose registers, RIP and RFLAGS,
+//! which migrate with the vCPU (the VMM keeps the PFN register of a request in
+//! flight, see [`super::balloon`]):
 //!
 //! | workload | state |
 //! |----------|-------|
 //! | `ab` | RDI slice start, RSI slice end, RCX cursor (the next page to increment); RAX and RDX scratch while writing `B` |
 //! | `random` | RDI slice start, RSI slice end, RCX pages in the slice, RBX generator; RAX and RDX scratch |
 //! | `idle` | none: `cli; hlt` in a loop |
+//! | `balloon` | RDI slice start, RSI slice end, R8 balloon area start (the middle page), R9 its page frame number, R10 its page count, RCX cursor, RBX marker (the pass number + 1); RAX and RDX scratch |
 //!
 //! # The `random` generator
 //!
@@ -70,11 +78,12 @@
 //! ```
 
 use iced_x86::code_asm::{
-    al, byte_ptr, dx, eax, edx, ptr, qword_ptr, rax, rbx, rcx, rdi, rdx, rsi, CodeAssembler,
-    CodeLabel,
+    al, byte_ptr, dx, eax, ebx, edx, ptr, qword_ptr, r10, r10d, r8, r9, r9d, rax, rbx, rcx, rdi,
+    rdx, rsi, CodeAssembler, CodeLabel,
 };
 use iced_x86::IcedError;
 
+use super::balloon::{COUNT_PORT, PFN_PORT};
 use super::{wait_com1_ready, Workload, PAGE_SIZE};
 
 /// Guest-physical address every built-in program is loaded at (and its first byte
@@ -121,6 +130,7 @@ fn assemble(workload: Workload) -> Result<Vec<u8>, IcedError> {
     match workload {
         Workload::Ab => ab(&mut a, halt)?,
         Workload::Random => random(&mut a, halt)?,
+        Workload::Balloon => balloon(&mut a, halt)?,
         Workload::Idle => {}
     }
     // `idle`, and every vCPU handed an empty slice, ends here for good.
@@ -150,6 +160,58 @@ fn ab(a: &mut CodeAssembler, halt: CodeLabel) -> Result<(), IcedError> {
     a.mov(al, u32::from(b'B'))?;
     a.out(dx, al)?;
     a.jmp(next)
+}
+
+/// `balloon`: RDI start, RSI end, R8 balloon area, R9 its page frame number, R10 its
+/// page count, RCX cursor, RBX marker. Jumps to `halt` on a slice of fewer than two
+/// pages.
+fn balloon(a: &mut CodeAssembler, halt: CodeLabel) -> Result<(), IcedError> {
+    let mut pass = a.create_label();
+    let mut ab_page = a.create_label();
+    let mut mark_page = a.create_label();
+    a.cli()?;
+    // RCX = the ab half's bytes: (pages / 2) * 4096.
+    a.mov(rcx, rsi)?;
+    a.sub(rcx, rdi)?;
+    a.jbe(halt)?;
+    a.shr(rcx, 13)?;
+    a.jz(halt)?;
+    a.shl(rcx, 12)?;
+    a.lea(r8, ptr(rdi + rcx))?;
+    a.mov(r9, r8)?;
+    a.shr(r9, 12)?;
+    a.mov(r10, rsi)?;
+    a.sub(r10, r8)?;
+    a.shr(r10, 12)?;
+    // The marker of pass 0.
+    a.mov(ebx, 1u32)?;
+
+    a.set_label(&mut pass)?;
+    a.mov(rcx, rdi)?;
+    a.set_label(&mut ab_page)?;
+    a.inc(byte_ptr(rcx))?;
+    a.add(rcx, PAGE_SIZE as i32)?;
+    a.cmp(rcx, r8)?;
+    a.jb(ab_page)?;
+    // RCX = R8: the balloon area.
+    a.set_label(&mut mark_page)?;
+    a.mov(qword_ptr(rcx), rbx)?;
+    a.add(rcx, PAGE_SIZE as i32)?;
+    a.cmp(rcx, rsi)?;
+    a.jb(mark_page)?;
+    // Give the area back: its first page frame, then its page count.
+    a.mov(dx, u32::from(PFN_PORT))?;
+    a.mov(eax, r9d)?;
+    a.out(dx, eax)?;
+    a.mov(dx, u32::from(COUNT_PORT))?;
+    a.mov(eax, r10d)?;
+    a.out(dx, eax)?;
+    // A pass is complete: say so on COM1, and start the next with the next marker.
+    wait_com1_ready(a)?;
+    a.mov(al, u32::from(b'B'))?;
+    a.out(dx, al)?;
+    a.inc(rbx)?;
+    a.jmp(pass)
 }
 
 /// `random`: RDI start, RSI end, RCX pages, RBX generator. Jumps to `halt` on an
@@ -337,6 +399,50 @@ mod tests {
         assert!(ins.iter().any(|i| i.mnemonic() == Mnemonic::Mov
             && i.op0_register() == Register::RAX
             && i.immediate(1) == RANDOM_SEED));
+    }
+
+    #[test]
+    fn balloon_marks_pages_and_writes_both_ports_with_eax() {
+        let ins = decode(&program(Workload::Balloon));
+        let writes = memory_writes(&ins);
+        assert_eq!(writes.len(), 2, "the ab increment and the marker");
+        assert_eq!(writes[0].mnemonic(), Mnemonic::Inc);
+        assert_eq!(writes[0].memory_size(), iced_x86::MemorySize::UInt8);
+        assert_eq!(writes[0].memory_base(), Register::RCX);
+        let mark = writes[1];
+        assert_eq!(mark.mnemonic(), Mnemonic::Mov);
+        assert_eq!(mark.memory_base(), Register::RCX);
+        assert_eq!(mark.memory_index(), Register::None);
+        assert_eq!(mark.memory_displacement64(), 0, "at the start of the page");
+        assert_eq!(mark.memory_size(), iced_x86::MemorySize::UInt64);
+        assert_eq!(mark.op1_register(), Register::RBX, "the marker");
+        // Two 32-bit writes (PFN, then count) and the byte to COM1, in that order.
+        let outs: Vec<Register> = ins
+            .iter()
+            .filter(|i| i.mnemonic() == Mnemonic::Out)
+            .map(|i| i.op1_register())
+            .collect();
+        assert_eq!(outs, [Register::EAX, Register::EAX, Register::AL]);
+        let ports: Vec<u64> = ins
+            .iter()
+            .filter(|i| {
+                i.mnemonic() == Mnemonic::Mov
+                    && i.op0_register() == Register::DX
+                    && i.op1_kind() != OpKind::Register
+            })
+            .map(|i| i.immediate(1))
+            .collect();
+        assert_eq!(
+            ports,
+            [u64::from(PFN_PORT), u64::from(COUNT_PORT), 0x3fd, 0x3f8]
+        );
+        // The marker starts at 1 and grows by one per pass.
+        assert!(ins.iter().any(|i| i.mnemonic() == Mnemonic::Mov
+            && i.op0_register() == Register::EBX
+            && i.immediate(1) == 1));
+        assert!(ins
+            .iter()
+            .any(|i| i.mnemonic() == Mnemonic::Inc && i.op0_register() == Register::RBX));
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! Every guest here is generated in Rust with iced-x86's `CodeAssembler`: no external
 //! assembler runs at build time and no binary is trusted without its generator.
 //!
-//! - [`Workload`]: what a built-in guest does (`ab`, `random`, `idle`), whoever runs
-//!   it: the soft vCPUs of [`crate::soft`] or real vCPUs.
+//! - [`Workload`]: what a built-in guest does (`ab`, `random`, `idle`, `balloon`),
+//!   whoever runs it: the soft vCPUs of [`crate::soft`] or real vCPUs.
 //! - [`builtin`]: the built-in workloads as 64-bit long-mode code for KVM vCPUs, with
 //!   their register contract ([`builtin::program`]).
 //! - [`boot_sector`]: self-contained 512-byte boot sectors (`ab`, `random`) that a PC
 //!   BIOS, QEMU, or a VMM without any BIOS starts at 0000:7c00 in real mode; the
 //!   committed images live in `guests/` at the root of the repository.
+//! - [`balloon`]: the `balloon` guest's port protocol (a minimal paravirtual balloon)
+//!   and [`balloon_check`], which verifies what a `balloon` guest left in RAM.
 //! - [`slices`] splits workload memory among vCPUs, and [`ab_check`] verifies what an
 //!   `ab` guest left in it.
 //!
@@ -38,8 +40,11 @@
 //! assert!(ab_check(&[7, 6, 5, 2, 2, 2, 9, 9, 8, 8], 3).is_err());
 //! ```
 
+pub mod balloon;
 pub mod boot_sector;
 pub mod builtin;
+
+pub use balloon::{balloon_check, BalloonSummary};
 
 use iced_x86::code_asm::{al, dx, CodeAssembler};
 use iced_x86::IcedError;
@@ -66,23 +71,34 @@ pub enum Workload {
     Random,
     /// Does nothing (a halted guest).
     Idle,
+    /// Splits the vCPU's slice in two: runs `ab` on the first half, and on the second
+    /// (its balloon area) writes a marker in every page, then asks the VMM to take the
+    /// area back, pass after pass ([`balloon`]).
+    Balloon,
 }
 
 impl Workload {
     /// Every workload, in the order their names are usually listed.
-    pub const ALL: [Workload; 3] = [Workload::Ab, Workload::Random, Workload::Idle];
+    pub const ALL: [Workload; 4] = [
+        Workload::Ab,
+        Workload::Random,
+        Workload::Idle,
+        Workload::Balloon,
+    ];
 
-    /// Parses `ab`, `random` or `idle` (exactly, as [`Workload::name`] spells them).
+    /// Parses `ab`, `random`, `idle` or `balloon` (exactly, as [`Workload::name`]
+    /// spells them).
     pub fn parse(s: &str) -> Option<Workload> {
         Workload::ALL.into_iter().find(|w| w.name() == s)
     }
 
-    /// The name [`Workload::parse`] accepts: `ab`, `random` or `idle`.
+    /// The name [`Workload::parse`] accepts: `ab`, `random`, `idle` or `balloon`.
     pub fn name(self) -> &'static str {
         match self {
             Workload::Ab => "ab",
             Workload::Random => "random",
             Workload::Idle => "idle",
+            Workload::Balloon => "balloon",
         }
     }
 }
@@ -177,23 +193,29 @@ pub fn ab_check(pages: &[u8], vcpus: usize) -> Result<(), String> {
         } else {
             (v + 1) * per
         };
-        let slice = &pages[v * per..end];
-        let mut stepped = false;
-        for (i, w) in slice.windows(2).enumerate() {
-            if w[1] == w[0] {
-                continue;
-            }
-            if w[1] == w[0].wrapping_sub(1) && !stepped {
-                stepped = true;
-                continue;
-            }
-            return Err(format!(
-                "vCPU {v}: page {} holds {}, the page before it {}",
-                v * per + i + 1,
-                w[1],
-                w[0]
-            ));
+        ab_slice_check(&pages[v * per..end], v, v * per)?;
+    }
+    Ok(())
+}
+
+/// The a-b rule on the first bytes of vCPU `v`'s pages, the first of which is page
+/// `first` of the workload memory (for the error).
+fn ab_slice_check(slice: &[u8], v: usize, first: usize) -> Result<(), String> {
+    let mut stepped = false;
+    for (i, w) in slice.windows(2).enumerate() {
+        if w[1] == w[0] {
+            continue;
         }
+        if w[1] == w[0].wrapping_sub(1) && !stepped {
+            stepped = true;
+            continue;
+        }
+        return Err(format!(
+            "vCPU {v}: page {} holds {}, the page before it {}",
+            first + i + 1,
+            w[1],
+            w[0]
+        ));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The VM of `demovm`, built only from the public API of `vmm-glue`, as any
-//! VMM would build its own: guest memory like a small PC, vCPUs on KVM (or the
-//! soft stand-in), COM1, and a migration session over all of it.
+//! VMM would build its own: guest memory like a small PC on the backend asked
+//! for ([`crate::memory`]), vCPUs on KVM (or the soft stand-in), COM1, the
+//! balloon ([`crate::balloon`]), and a migration session over all of it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,19 +14,12 @@ use vmm_glue::io::IoHandler;
 use vmm_glue::kvm::{self, KvmVcpus, KvmVm, KvmVmConfig, LongModeEntry};
 use vmm_glue::qmp::adapter::QmpExtension;
 use vmm_glue::qmp::server::QmpError;
-use vmm_glue::session::{DeviceState, GuestRam, Machine, RamRegion, Session, Vcpus};
+use vmm_glue::session::{DeviceState, GuestRam, Machine, Session, Vcpus};
 use vmm_glue::soft::SoftVcpus;
-use vmm_glue::GuestMemoryMmap;
 
+use crate::balloon::{Balloon, InhibitSwitch};
+use crate::memory::{self, MemBackend, RegionInfo, HIGH_RAM_START};
 use crate::serial::Com1;
-
-/// Where RAM stops below 1 MiB (the VGA and BIOS hole starts).
-pub const LOW_RAM_END: u64 = 0xa_0000;
-/// Where RAM starts again above the hole; the built-in guests work from here to
-/// the top.
-pub const HIGH_RAM_START: u64 = 0x10_0000;
-/// The RAM regions' names, in address order.
-pub const REGIONS: [&str; 2] = ["pc.ram.low", "pc.ram"];
 
 /// What the guest runs.
 #[derive(Debug, Clone)]
@@ -37,12 +31,12 @@ pub enum GuestSpec {
 }
 
 impl GuestSpec {
-    /// Parses `builtin:ab|random|idle` or a file path.
+    /// Parses `builtin:ab|random|idle|balloon` or a file path.
     pub fn parse(s: &str) -> Result<GuestSpec, String> {
         match s.strip_prefix("builtin:") {
             Some(w) => Workload::parse(w)
                 .map(GuestSpec::Builtin)
-                .ok_or_else(|| format!("unknown built-in guest {w:?} (ab, random, idle)")),
+                .ok_or_else(|| format!("unknown built-in guest {w:?} (ab, random, idle, balloon)")),
             None => Ok(GuestSpec::BootSector(PathBuf::from(s))),
         }
     }
@@ -72,6 +66,8 @@ pub enum Accel {
 pub struct Config {
     /// Top of guest-physical memory in bytes (RAM minus the hole).
     pub mem: u64,
+    /// What backs guest RAM.
+    pub mem_backend: MemBackend,
     /// vCPUs.
     pub vcpus: usize,
     /// The guest.
@@ -86,9 +82,10 @@ pub struct Config {
     pub incoming: bool,
 }
 
-/// COM1 and nothing else, on the port bus.
+/// COM1 and the balloon, on the port bus.
 struct Bus {
     com1: Arc<Com1>,
+    balloon: Arc<Balloon>,
 }
 
 impl IoHandler for Bus {
@@ -104,7 +101,7 @@ impl IoHandler for Bus {
     fn pio_write(&self, port: u16, data: &[u8]) -> bool {
         match data {
             [b] => self.com1.port_write(port, *b),
-            _ => false,
+            _ => self.balloon.port_write(port, data),
         }
     }
     fn mmio_read(&self, _: u64, _: &mut [u8]) -> bool {
@@ -133,22 +130,22 @@ pub struct GuestInfo {
     pub vcpus: usize,
     /// The guest, as given.
     pub guest: String,
+    /// What backs guest RAM.
+    pub mem_backend: MemBackend,
+    /// The RAM regions.
+    pub ram: Vec<RegionInfo>,
     com1: Arc<Com1>,
+    balloon: Arc<Balloon>,
+    /// The operator's balloon inhibitor (`x-balloon-inhibit`).
+    inhibit: Arc<InhibitSwitch>,
     kvm: Option<Arc<KvmVcpus>>,
     /// Which dirty log a migration reads.
     pub dirty_log: &'static str,
 }
 
-impl QmpExtension for GuestInfo {
-    fn execute(&self, command: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
-        if command != "x-guest-info" {
-            return None;
-        }
-        if let Some(k) = args.keys().next() {
-            return Some(Err(QmpError::generic(format!(
-                "Parameter '{k}' is unexpected"
-            ))));
-        }
+impl GuestInfo {
+    /// `x-guest-info`.
+    fn guest_info(&self) -> Value {
         let unhandled = self.kvm.as_ref().map(|v| {
             let u = v.unhandled_io();
             json!({
@@ -158,15 +155,68 @@ impl QmpExtension for GuestInfo {
                 "mmio-writes": u.mmio_writes,
             })
         });
-        Some(Ok(json!({
+        let ram: Vec<Value> = self
+            .ram
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "start": r.start,
+                    "size": r.size,
+                    "page-size": r.page_size,
+                    "backing": r.backing,
+                })
+            })
+            .collect();
+        let b = self.balloon.counters();
+        json!({
             "accel": self.accel,
             "accel-note": self.accel_note,
             "vcpus": self.vcpus,
             "guest": self.guest,
+            "mem-backend": self.mem_backend.name(),
+            "ram": ram,
             "dirty-log": self.dirty_log,
             "serial-bytes": self.com1.tx_count(),
             "unhandled-io": unhandled,
-        })))
+            "balloon": {
+                "requests": b.requests,
+                "honoured": b.honoured,
+                "dropped": b.dropped,
+                "refused": b.refused,
+                "pages-given-back": b.pages_given_back,
+                "inhibited": self.balloon.inhibited(),
+            },
+        })
+    }
+
+    /// `x-balloon-inhibit {"inhibit": bool}`: drop balloon requests as while a
+    /// postcopy migration runs, or stop dropping them.
+    fn balloon_inhibit(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if let Some(k) = args.keys().find(|k| *k != "inhibit") {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        }
+        let on = match args.get("inhibit") {
+            None => return Err(QmpError::generic("Parameter 'inhibit' is missing")),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                QmpError::generic("Invalid parameter type for 'inhibit', expected: boolean")
+            })?,
+        };
+        self.inhibit.set(on);
+        Ok(json!({}))
+    }
+}
+
+impl QmpExtension for GuestInfo {
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+        match command {
+            "x-guest-info" => Some(match args.keys().next() {
+                Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+                None => Ok(self.guest_info()),
+            }),
+            "x-balloon-inhibit" => Some(self.balloon_inhibit(args)),
+            _ => None,
+        }
     }
 }
 
@@ -213,31 +263,25 @@ fn read_boot_sector(path: &PathBuf) -> Result<Vec<u8>, String> {
 /// Builds the VM: memory, devices, vCPUs with the guest loaded (unless it comes
 /// from a migration), and a session over them.
 pub fn build(c: &Config) -> Result<Demo, String> {
-    if c.mem < 2 * HIGH_RAM_START || c.mem % 4096 != 0 {
-        return Err(format!(
-            "--mem must be a multiple of 4 KiB and at least 2 MiB, not {:#x}",
-            c.mem
-        ));
-    }
-    let high = usize::try_from(c.mem - HIGH_RAM_START).map_err(|_| "--mem is too large")?;
-    let mem = Arc::new(
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), LOW_RAM_END as usize),
-            (GuestAddress(HIGH_RAM_START), high),
-        ])
-        .map_err(|e| format!("cannot map {} MiB of guest memory: {e}", c.mem >> 20))?,
-    );
-    let ram = GuestRam::new(
-        Arc::clone(&mem),
-        REGIONS.iter().map(|n| RamRegion::new(*n)).collect(),
-    )
-    .map_err(|e| vmm_glue::error_chain(&e))?;
+    let ram_built = memory::build(c.mem, c.mem_backend).map_err(|e| vmm_glue::error_chain(&e))?;
+    let mem = Arc::clone(&ram_built.mem);
+    let ram = GuestRam::new(Arc::clone(&mem), ram_built.ram_regions())
+        .map_err(|e| vmm_glue::error_chain(&e))?;
     let com1 = Arc::new(
         Com1::new(c.serial.as_deref())
             .map_err(|e| format!("cannot open the serial output file: {e}"))?,
     );
+    // Until the session's postcopy inhibitor lands, the operator's switch is the
+    // only reason to drop balloon requests.
+    let inhibit = Arc::new(InhibitSwitch::default());
+    let balloon = Arc::new(Balloon::new(
+        Arc::clone(&mem),
+        c.vcpus,
+        Arc::clone(&inhibit) as _,
+    ));
     let bus: Arc<dyn IoHandler> = Arc::new(Bus {
         com1: Arc::clone(&com1),
+        balloon: Arc::clone(&balloon),
     });
     let sector = match &c.guest {
         GuestSpec::BootSector(p) if !c.incoming => Some(read_boot_sector(p)?),
@@ -313,7 +357,9 @@ pub fn build(c: &Config) -> Result<Demo, String> {
             "vm-memory-bitmap",
         )
     };
+    balloon.attach(vcpus.thread_ids());
     devices.push(Arc::clone(&com1) as Arc<dyn DeviceState>);
+    devices.push(Arc::clone(&balloon) as Arc<dyn DeviceState>);
     let mut machine = Machine::new(ram, dirty_log, vcpus);
     for d in devices {
         machine = machine
@@ -327,7 +373,11 @@ pub fn build(c: &Config) -> Result<Demo, String> {
             accel_note,
             vcpus: c.vcpus,
             guest: c.guest.to_string(),
+            mem_backend: ram_built.backend,
+            ram: ram_built.regions,
             com1,
+            balloon,
+            inhibit,
             kvm: kvm_vcpus,
             dirty_log: dirty_name,
         }),

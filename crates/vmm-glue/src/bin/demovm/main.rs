@@ -1,11 +1,14 @@
 //! `demovm`: a minimal KVM VMM that runs a guest and migrates it, driven over QMP.
 //!
 //! It is the library's first user and uses only its public API, as a
-//! third-party VMM would: it builds guest memory, COM1 and vCPUs
-//! ([`machine`]), hands them to a `vmm_glue::session::Session`, and serves QMP
-//! through `vmm_glue::qmp::adapter` over `vmm_glue::qmp::server`.
+//! third-party VMM would: it builds guest memory ([`memory`]: anonymous, memfd
+//! or hugetlbfs), COM1, a balloon ([`balloon`]) and vCPUs ([`machine`]), hands
+//! them to a `vmm_glue::session::Session`, and serves QMP through
+//! `vmm_glue::qmp::adapter` over `vmm_glue::qmp::server`.
 
+mod balloon;
 mod machine;
+mod memory;
 mod serial;
 
 use std::path::PathBuf;
@@ -18,6 +21,7 @@ use vmm_glue::qmp::server::{Config as QmpConfig, EventSink, Greeting, Server};
 use vmm_glue::Logger;
 
 use machine::{Accel, Config, GuestSpec};
+use memory::MemBackend;
 
 /// A minimal KVM VMM that runs a guest and live-migrates it, driven over QMP.
 #[derive(Parser, Debug)]
@@ -26,10 +30,16 @@ struct Args {
     /// Guest RAM: bytes, or with a K, M or G suffix (512M).
     #[arg(long, value_parser = vmm_glue::parse_size)]
     mem: u64,
+    /// What backs guest RAM: anonymous memory, a memfd (shared memory), or
+    /// hugetlbfs above 2 MiB (2 MiB pages; --mem in whole 2 MiB, free huge
+    /// pages in vm.nr_hugepages). Migrate only between VMs of the same backend.
+    #[arg(long, value_enum, default_value_t = MemBackend::Anon)]
+    mem_backend: MemBackend,
     /// vCPUs (1 to 64).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     vcpus: u16,
-    /// builtin:ab | builtin:random | builtin:idle, or a 512-byte boot sector FILE.
+    /// builtin:ab | builtin:random | builtin:idle | builtin:balloon, or a
+    /// 512-byte boot sector FILE.
     #[arg(long, default_value = "builtin:ab", value_parser = GuestSpec::parse)]
     guest: GuestSpec,
     /// The QMP socket to serve.
@@ -57,13 +67,19 @@ struct Args {
 const AFTER_HELP: &str = "\
 Environment: DEMOVM_LOG=error|warn|info|debug|trace sets the log level (info).
 A failed incoming migration leaves the guest unstarted and waiting: QMP migrate-incoming
-may start another one.";
+may start another one.
+RAM: anon and memfd lay out pc.ram.low [0, 640K) and pc.ram [1M, top) in 4 KiB pages;
+hugetlbfs lays out pc.ram.low, pc.ram.mid [1M, 2M) and pc.ram [2M, top) in 2 MiB pages,
+so source and destination of a migration must use the same --mem-backend.
+Balloon: ports 0x600 (page frame) and 0x604 (page count) give guest pages back;
+QMP x-guest-info shows its counters, x-balloon-inhibit drops requests.";
 
 fn main() -> ExitCode {
     Logger::install_from_env("DEMOVM_LOG");
     let args = Args::parse();
     let config = Config {
         mem: args.mem,
+        mem_backend: args.mem_backend,
         vcpus: usize::from(args.vcpus),
         guest: args.guest.clone(),
         serial: args.serial.clone(),
@@ -80,8 +96,9 @@ fn main() -> ExitCode {
     };
     let info = &demo.info;
     eprintln!(
-        "demovm: {} MiB, {} vCPU(s), guest {}, accel {}{}",
+        "demovm: {} MiB ({}), {} vCPU(s), guest {}, accel {}{}",
         args.mem >> 20,
+        info.mem_backend.name(),
         info.vcpus,
         info.guest,
         info.accel,
