@@ -344,9 +344,14 @@ impl DemoVm {
 
     /// The first byte of each 4 KiB page of guest-physical `[start, end)`.
     pub fn page_bytes_in(&mut self, start: u64, end: u64) -> Result<Vec<u8>, String> {
+        self.sample(start, end, 4096)
+    }
+
+    /// `x-ram-sample`: the bytes at `start, start + stride, ...` below `end`.
+    pub fn sample(&mut self, start: u64, end: u64, stride: u64) -> Result<Vec<u8>, String> {
         let r = self.qmp.cmd(
             "x-ram-sample",
-            json!({"start": start, "end": end, "stride": 4096}),
+            json!({"start": start, "end": end, "stride": stride}),
         )?;
         let data = r
             .get("data")
@@ -355,6 +360,46 @@ impl DemoVm {
         base64::engine::general_purpose::STANDARD
             .decode(data)
             .map_err(|e| format!("{}: x-ram-sample data is not base64: {e}", self.name))
+    }
+
+    /// The first 8 bytes (little-endian) of each 4 KiB page of `[start, end)`.
+    pub fn page_words(&mut self, start: u64, end: u64) -> Result<Vec<u64>, String> {
+        let mut planes = Vec::new();
+        for k in 0..8 {
+            planes.push(self.sample(start + k, end, 4096)?);
+        }
+        Ok((0..planes[0].len())
+            .map(|i| {
+                let mut b = [0u8; 8];
+                for (k, p) in planes.iter().enumerate() {
+                    b[k] = p[i];
+                }
+                u64::from_le_bytes(b)
+            })
+            .collect())
+    }
+
+    /// The `x-guest-info` balloon counter `name` (`honoured`, `dropped`, ...).
+    pub fn balloon(&mut self, name: &str) -> Result<u64, String> {
+        let info = self.qmp.cmd("x-guest-info", json!({}))?;
+        info["balloon"][name]
+            .as_u64()
+            .ok_or_else(|| format!("{}: no balloon.{name} in {info}", self.name))
+    }
+
+    /// Waits until the balloon honoured `n` requests.
+    pub fn wait_balloon_honoured(&mut self, n: u64) -> Result<(), String> {
+        let start = Instant::now();
+        while self.balloon("honoured")? < n {
+            if start.elapsed() > HANG_GUARD {
+                return Err(format!(
+                    "{}: its balloon honoured no {n} requests",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// Bytes of COM1 output so far.
@@ -438,4 +483,30 @@ pub fn field(q: &Value, path: &str) -> u64 {
         .try_fold(q, |v, k| v.get(k))
         .and_then(Value::as_u64)
         .unwrap_or(0)
+}
+
+/// Whether `needed` free 2 MiB huge pages exist: a loud skip without them, a
+/// failure under `REQUIRE_HUGETLB=1`.
+pub fn huge_pages(needed: u64) -> Result<(), crate::Failure> {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let get = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let free = get("HugePages_Free").saturating_sub(get("HugePages_Rsvd"));
+    let size = get("Hugepagesize");
+    if size == 2048 && free >= needed {
+        return Ok(());
+    }
+    let why = format!(
+        "needs {needed} free 2 MiB huge pages, the host has {free} of {size} KiB \
+         (echo {needed} > /proc/sys/vm/nr_hugepages)"
+    );
+    if std::env::var("REQUIRE_HUGETLB").as_deref() == Ok("1") {
+        Err(crate::Failure::Failed(format!("{why} (REQUIRE_HUGETLB=1)")))
+    } else {
+        Err(crate::Failure::Skipped(why))
+    }
 }

@@ -99,6 +99,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("postcopy-live-ab-1vcpu", postcopy::live_ab_1vcpu),
     ("postcopy-live-sector-ab", postcopy::live_sector_ab),
     ("postcopy-live-ab-soft", postcopy::live_ab_soft),
+    ("postcopy-live-ab-hugetlbfs", postcopy::live_hugetlbfs),
+    ("postcopy-balloon", postcopy::balloon),
     ("postcopy-stopped", postcopy::stopped),
     ("postcopy-random", postcopy::random),
     ("postcopy-hostile-request", postcopy::hostile_request),

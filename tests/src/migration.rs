@@ -177,7 +177,8 @@ fn vm(
     )
 }
 
-pub(crate) fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
+/// `Ok` when `cond` holds, else a failure saying `what`.
+pub fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     if cond {
         Ok(())
     } else {
@@ -185,7 +186,8 @@ pub(crate) fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Fa
     }
 }
 
-pub(crate) fn status(q: &Value) -> &str {
+/// A `query-migrate` reply's `status`.
+pub fn status(q: &Value) -> &str {
     q.get("status").and_then(Value::as_str).unwrap_or("?")
 }
 

@@ -369,3 +369,82 @@ pub fn hostile_request() -> Result<Outcome, Failure> {
         ..Outcome::default()
     })
 }
+
+/// The `ab` guest on 2 MiB huge pages (`--mem-backend hugetlbfs`), switched to
+/// postcopy: pages are requested, moved and placed a whole huge page at a
+/// time.
+pub fn live_hugetlbfs() -> Result<Outcome, Failure> {
+    // pc.ram is [2 MiB, 8 MiB): 3 huge pages on each side.
+    crate::harness::huge_pages(6)?;
+    live(&Guest::builtin("ab", 1, 8).with(&["--mem-backend", "hugetlbfs"]))
+}
+
+/// The `balloon` guest keeps giving pages back while it dirties memory: its
+/// requests are honoured before the switch, dropped (and counted) while
+/// postcopy runs, and honoured again after; its RAM passes the balloon check.
+pub fn balloon() -> Result<Outcome, Failure> {
+    let (vcpus, mem_mib) = (2, 32);
+    let guest = Guest::builtin("balloon", vcpus, mem_mib);
+    guest.available()?;
+    let mut src = guest.start("src", None)?;
+    src.wait_balloon_honoured(4)?;
+    let honoured_before = src.balloon("honoured")?;
+    let mut dst = destination(&guest, "dst", false)?;
+    caps(&mut src, &["postcopy-ram"])?;
+    src.qmp.cmd(
+        "migrate-set-parameters",
+        // A slow postcopy stream, so the guest asks while postcopy runs.
+        json!({"max-bandwidth": 32 << 20, "downtime-limit": 1, "max-postcopy-bandwidth": 4 << 20}),
+    )?;
+    let uri = dst.incoming_uri()?;
+    src.qmp.cmd("migrate", json!({ "uri": uri }))?;
+    src.wait_migration("the first pass", |q| field(q, "ram.dirty-sync-count") >= 2)?;
+    src.qmp.cmd("migrate-start-postcopy", json!({}))?;
+    dst.wait_migration("postcopy to start at the destination", |q| {
+        status(q) != "active" && status(q) != "setup"
+    })?;
+    // While postcopy runs, the destination's balloon drops every request.
+    let mut dropped = 0;
+    let mut honoured_during = 0;
+    loop {
+        let q = dst.query_migrate()?;
+        dropped = dropped.max(dst.balloon("dropped")?);
+        if status(&q) != "postcopy-active" {
+            break;
+        }
+        honoured_during = dst.balloon("honoured")?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let q = src.wait_finished()?;
+    expect(status(&q) == "completed", || format!("source: {q}"))?;
+    let d = dst.wait_finished()?;
+    expect(status(&d) == "completed", || format!("destination: {d}"))?;
+    expect(dropped > 0 && honoured_during == 0, || {
+        format!("while postcopy ran: {dropped} requests dropped, {honoured_during} honoured")
+    })?;
+    // After postcopy, the balloon works again.
+    let honoured_after = dst.balloon("honoured")?;
+    dst.wait_balloon_honoured(honoured_after + 2)?;
+    dst.qmp.cmd("stop", json!({}))?;
+    let bound = dst.qmp.cmd("x-guest-info", json!({}))?["serial-bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        + 1;
+    let s = vmm_glue::guest::balloon_check(
+        &dst.page_words(crate::harness::WORKLOAD_START, mem_mib << 20)?,
+        vcpus,
+        bound,
+    )
+    .map_err(|e| format!("destination RAM: {e}"))?;
+    let accel = accel_of(&mut [&mut src, &mut dst])?;
+    Ok(outcome(
+        &q,
+        &d,
+        accel,
+        format!(
+            "{honoured_before} balloon requests honoured before the switch, {dropped} dropped while postcopy ran, \
+             honoured again after; balloon check holds ({} pages given back)",
+            s.zero_pages
+        ),
+    ))
+}

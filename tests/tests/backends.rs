@@ -10,11 +10,9 @@
 //! tests print a loud SKIPPED line, or fail under `REQUIRE_HUGETLB=1`.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use e2e::harness::{field, DemoVm, VmOpts, HANG_GUARD, WORKLOAD_START};
-use e2e::migration::{live, Guest};
+use e2e::harness::{field, huge_pages, DemoVm, VmOpts, WORKLOAD_START};
+use e2e::migration::{expect, live, status, Guest};
 use e2e::{Failure, Outcome};
 use serde_json::{json, Value};
 use vmm_glue::guest::balloon_check;
@@ -29,90 +27,6 @@ fn run(name: &str, scenario: impl FnOnce() -> Result<Outcome, Failure>) {
         Err(Failure::Skipped(why)) => eprintln!("\n*** SKIPPED {name}: {why} ***\n"),
         Err(f) => panic!("{name}: {f}"),
     }
-}
-
-/// Whether `needed` free 2 MiB huge pages exist: a skip without them, a failure
-/// under `REQUIRE_HUGETLB=1`.
-fn huge_pages(needed: u64) -> Result<(), Failure> {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let get = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let free = get("HugePages_Free").saturating_sub(get("HugePages_Rsvd"));
-    let size = get("Hugepagesize");
-    if size == 2048 && free >= needed {
-        return Ok(());
-    }
-    let why = format!(
-        "needs {needed} free 2 MiB huge pages, the host has {free} of {size} KiB \
-         (echo {needed} > /proc/sys/vm/nr_hugepages)"
-    );
-    if std::env::var("REQUIRE_HUGETLB").as_deref() == Ok("1") {
-        Err(Failure::Failed(format!("{why} (REQUIRE_HUGETLB=1)")))
-    } else {
-        Err(Failure::Skipped(why))
-    }
-}
-
-fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Failure::Failed(what()))
-    }
-}
-
-fn status(q: &Value) -> &str {
-    q.get("status").and_then(Value::as_str).unwrap_or("?")
-}
-
-/// The `x-guest-info` balloon counter `name`.
-fn balloon(vm: &mut DemoVm, name: &str) -> Result<u64, String> {
-    let info = vm.qmp.cmd("x-guest-info", json!({}))?;
-    info["balloon"][name]
-        .as_u64()
-        .ok_or_else(|| format!("{}: no balloon.{name} in {info}", vm.name))
-}
-
-/// Waits until `vm`'s balloon honoured `n` requests.
-fn wait_honoured(vm: &mut DemoVm, n: u64) -> Result<(), String> {
-    let start = Instant::now();
-    while balloon(vm, "honoured")? < n {
-        if start.elapsed() > HANG_GUARD {
-            return Err(format!("{}: its balloon honoured no {n} requests", vm.name));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
-/// The first 8 bytes (little-endian) of each 4 KiB page of `[start, end)`.
-fn page_words(vm: &mut DemoVm, start: u64, end: u64) -> Result<Vec<u64>, String> {
-    let mut planes = Vec::new();
-    for k in 0..8 {
-        let r = vm.qmp.cmd(
-            "x-ram-sample",
-            json!({"start": start + k, "end": end, "stride": 4096}),
-        )?;
-        let data = r["data"].as_str().ok_or("x-ram-sample gave no data")?;
-        planes.push(
-            base64::engine::general_purpose::STANDARD
-                .decode(data)
-                .map_err(|e| e.to_string())?,
-        );
-    }
-    Ok((0..planes[0].len())
-        .map(|i| {
-            let mut b = [0u8; 8];
-            for (k, p) in planes.iter().enumerate() {
-                b[k] = p[i];
-            }
-            u64::from_le_bytes(b)
-        })
-        .collect())
 }
 
 #[test]
@@ -142,7 +56,7 @@ fn precopy_live_balloon_guest_on_memfd() {
         let guest = Guest::builtin("balloon", vcpus, mem_mib).with(&["--mem-backend", "memfd"]);
         guest.available()?;
         let mut src = guest.start("src", None)?;
-        wait_honoured(&mut src, 4)?;
+        src.wait_balloon_honoured(4)?;
         let mut dst = guest.paused_destination("dst", "tcp:127.0.0.1:0")?;
         let uri = dst.incoming_uri()?;
         // Limits no guest fits first, so that precopy iterates while the
@@ -152,11 +66,11 @@ fn precopy_live_balloon_guest_on_memfd() {
             json!({"max-bandwidth": 32 << 20, "downtime-limit": 1}),
         )?;
         src.qmp.cmd("migrate", json!({ "uri": uri }))?;
-        let before = balloon(&mut src, "honoured")?;
+        let before = src.balloon("honoured")?;
         src.wait_migration("two dirty-log syncs", |q| {
             field(q, "ram.dirty-sync-count") >= 2
         })?;
-        let during = balloon(&mut src, "honoured")? - before;
+        let during = src.balloon("honoured")? - before;
         src.qmp.cmd(
             "migrate-set-parameters",
             json!({"max-bandwidth": 0, "downtime-limit": 5000}),
@@ -174,17 +88,17 @@ fn precopy_live_balloon_guest_on_memfd() {
             .as_u64()
             .unwrap_or(0)
             + 1;
-        let s = balloon_check(&page_words(&mut dst, WORKLOAD_START, top)?, vcpus, bound)
+        let s = balloon_check(&dst.page_words(WORKLOAD_START, top)?, vcpus, bound)
             .map_err(|e| format!("destination RAM: {e}"))?;
         // The destination runs on, and its balloon serves the guest.
         dst.qmp.cmd("cont", json!({}))?;
-        wait_honoured(&mut dst, 2)?;
+        dst.wait_balloon_honoured(2)?;
         dst.qmp.cmd("stop", json!({}))?;
         let bound = dst.qmp.cmd("x-guest-info", json!({}))?["serial-bytes"]
             .as_u64()
             .unwrap_or(0)
             + 1;
-        balloon_check(&page_words(&mut dst, WORKLOAD_START, top)?, vcpus, bound)
+        balloon_check(&dst.page_words(WORKLOAD_START, top)?, vcpus, bound)
             .map_err(|e| format!("destination RAM after running on: {e}"))?;
         let accel = e2e::migration::accel_of(&mut [&mut src, &mut dst])?;
         Ok(Outcome {

@@ -34,10 +34,13 @@
 //! `balloon`): a vCPU paused between its two writes completes its request on the
 //! destination.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use migration_ram::balloon::{BalloonInhibitor, InhibitGuard};
 use parking_lot::Mutex;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestMemoryRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_glue::guest::balloon::{COUNT_PORT, PFN_PORT};
 use vmm_glue::session::{DeviceState, StateError};
@@ -52,37 +55,30 @@ const STATE_VERSION: u32 = 1;
 const ZERO_CHUNK: usize = 64 << 10;
 static ZEROS: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
-/// Whether the balloon must keep its pages now.
-///
-/// `migration_ram::balloon::BalloonInhibitor` (the session's, true while a postcopy
-/// migration runs) will implement it once it lands; until then [`InhibitSwitch`]
-/// stands in for it. Any `Fn() -> bool` is one.
-pub trait BalloonInhibit: Send + Sync {
-    /// True while giving memory back must not happen.
-    fn inhibited(&self) -> bool;
+/// The operator's hold on the balloon inhibitor (QMP `x-balloon-inhibit`):
+/// the same inhibitor the session holds while a postcopy migration runs.
+pub struct OperatorInhibit {
+    inhibitor: Arc<BalloonInhibitor>,
+    guard: Mutex<Option<InhibitGuard>>,
 }
 
-impl<F: Fn() -> bool + Send + Sync> BalloonInhibit for F {
-    fn inhibited(&self) -> bool {
-        self()
+impl OperatorInhibit {
+    /// A hold on `inhibitor`, released at first.
+    pub fn new(inhibitor: Arc<BalloonInhibitor>) -> Self {
+        OperatorInhibit {
+            inhibitor,
+            guard: Mutex::new(None),
+        }
     }
-}
 
-/// An inhibitor the operator sets (QMP `x-balloon-inhibit`), never inhibited at
-/// first.
-#[derive(Debug, Default)]
-pub struct InhibitSwitch(AtomicBool);
-
-impl InhibitSwitch {
-    /// Inhibits the balloon (`true`) or lets it work again.
+    /// Holds the inhibitor (`true`) or releases the operator's hold.
     pub fn set(&self, inhibit: bool) {
-        self.0.store(inhibit, Ordering::Relaxed);
-    }
-}
-
-impl BalloonInhibit for InhibitSwitch {
-    fn inhibited(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        let mut g = self.guard.lock();
+        match (inhibit, g.is_some()) {
+            (true, false) => *g = Some(self.inhibitor.inhibit()),
+            (false, true) => *g = None,
+            _ => {}
+        }
     }
 }
 
@@ -134,7 +130,7 @@ pub enum Refusal {
 /// The balloon device.
 pub struct Balloon {
     mem: Arc<GuestMemoryMmap>,
-    inhibit: Arc<dyn BalloonInhibit>,
+    inhibitor: Arc<BalloonInhibitor>,
     /// Each vCPU's host thread id, to tell them apart; set once they exist.
     threads: OnceLock<Vec<u32>>,
     /// Each vCPU's PFN register.
@@ -148,13 +144,13 @@ thread_local! {
 }
 
 impl Balloon {
-    /// A balloon over `mem` for `vcpus` vCPUs, asking `inhibit` before it gives
-    /// memory back. It tells vCPUs apart once [`Balloon::attach`] gave it their
-    /// threads.
-    pub fn new(mem: Arc<GuestMemoryMmap>, vcpus: usize, inhibit: Arc<dyn BalloonInhibit>) -> Self {
+    /// A balloon over `mem` for `vcpus` vCPUs, which gives memory back only
+    /// with a permit of `inhibitor` (the session's: none while postcopy runs).
+    /// It tells vCPUs apart once [`Balloon::attach`] gave it their threads.
+    pub fn new(mem: Arc<GuestMemoryMmap>, vcpus: usize, inhibitor: Arc<BalloonInhibitor>) -> Self {
         Balloon {
             mem,
-            inhibit,
+            inhibitor,
             threads: OnceLock::new(),
             pfn: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
             counters: Mutex::new(Counters::default()),
@@ -178,7 +174,7 @@ impl Balloon {
 
     /// Whether requests are dropped now.
     pub fn inhibited(&self) -> bool {
-        self.inhibit.inhibited()
+        self.inhibitor.is_inhibited()
     }
 
     /// The index of the vCPU running on this thread.
@@ -240,19 +236,42 @@ impl Balloon {
                 pages: count,
             });
         }
-        if self.inhibit.inhibited() {
+        // The permit is held across the give-back, so a postcopy switch
+        // cannot start halfway through it.
+        let Some(_permit) = self.inhibitor.try_discard() else {
             return Ok(None);
-        }
-        let end = start + len;
-        let mut addr = start;
-        while addr < end {
-            let n = usize::try_from(end - addr).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
-            self.mem
-                .write_slice(&ZEROS[..n], GuestAddress(addr))
-                .map_err(|source| Refusal::Zero { vcpu, addr, source })?;
-            addr += n as u64;
+        };
+        if self.discard(start, len).is_err() {
+            // A range the backing cannot drop (4 KiB of a 2 MiB huge page):
+            // zeros, written through vm-memory, which records them.
+            let end = start + len;
+            let mut addr = start;
+            while addr < end {
+                let n = usize::try_from(end - addr).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
+                self.mem
+                    .write_slice(&ZEROS[..n], GuestAddress(addr))
+                    .map_err(|source| Refusal::Zero { vcpu, addr, source })?;
+                addr += n as u64;
+            }
         }
         Ok(Some(count))
+    }
+
+    /// Gives `[start, start + len)` back to the host (`MADV_DONTNEED`, or a hole
+    /// in a memfd) and marks it dirty in vm-memory's bitmap: KVM's dirty log
+    /// does not see it, and a precopy migration must send those pages again
+    /// (as zero pages).
+    fn discard(&self, start: u64, len: u64) -> Result<(), String> {
+        let n = usize::try_from(len).map_err(|e| e.to_string())?;
+        uffd_sys::host_memory::discard_guest(&self.mem, GuestAddress(start), n)
+            .map_err(|e| e.to_string())?;
+        let region = self
+            .mem
+            .find_region(GuestAddress(start))
+            .ok_or("not in guest memory")?;
+        let offset = usize::try_from(start - region.start_addr().0).map_err(|e| e.to_string())?;
+        region.bitmap().mark_dirty(offset, n);
+        Ok(())
     }
 }
 
@@ -315,7 +334,6 @@ impl DeviceState for Balloon {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
 
     use vm_memory::GuestMemoryRegion;
 
@@ -331,13 +349,9 @@ mod tests {
         )
     }
 
-    /// A balloon whose vCPU 0 is this thread, inhibited when `inhibit` is set.
-    fn balloon(inhibit: Arc<AtomicBool>) -> Balloon {
-        let b = Balloon::new(
-            memory(),
-            1,
-            Arc::new(move || inhibit.load(Ordering::Relaxed)),
-        );
+    /// A balloon whose vCPU 0 is this thread, asking `inhibitor`.
+    fn balloon(inhibitor: Arc<BalloonInhibitor>) -> Balloon {
+        let b = Balloon::new(memory(), 1, inhibitor);
         b.attach(vec![vmm_glue::thread_id()]);
         b
     }
@@ -384,14 +398,15 @@ mod tests {
 
     #[test]
     fn inhibited_requests_are_dropped_and_counted() {
-        let inhibit = Arc::new(AtomicBool::new(true));
-        let b = balloon(Arc::clone(&inhibit));
+        let inhibitor = Arc::new(BalloonInhibitor::new());
+        let guard = inhibitor.inhibit();
+        let b = balloon(Arc::clone(&inhibitor));
         b.mem.write_obj(7u64, GuestAddress(0x20_0000)).unwrap();
         assert!(b.inhibited());
         ask(&b, 0x20_0000, 1);
         ask(&b, 0x20_0000, 1);
         assert_eq!(b.mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 7);
-        inhibit.store(false, Ordering::Relaxed);
+        drop(guard);
         ask(&b, 0x20_0000, 1);
         assert_eq!(b.mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 0);
         let c = b.counters();

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use migration_ram::balloon::BalloonInhibitor;
 use migration_ram::{DirtyLog, VmmDirtyLog};
 use serde_json::{json, Map, Value};
 use vm_memory::{Bytes, GuestAddress};
@@ -17,7 +18,7 @@ use vmm_glue::qmp::server::QmpError;
 use vmm_glue::session::{DeviceState, GuestRam, Machine, Session, Vcpus};
 use vmm_glue::soft::SoftVcpus;
 
-use crate::balloon::{Balloon, InhibitSwitch};
+use crate::balloon::{Balloon, OperatorInhibit};
 use crate::memory::{self, MemBackend, RegionInfo, HIGH_RAM_START};
 use crate::serial::Com1;
 
@@ -137,7 +138,7 @@ pub struct GuestInfo {
     com1: Arc<Com1>,
     balloon: Arc<Balloon>,
     /// The operator's balloon inhibitor (`x-balloon-inhibit`).
-    inhibit: Arc<InhibitSwitch>,
+    inhibit: Arc<OperatorInhibit>,
     kvm: Option<Arc<KvmVcpus>>,
     /// Which dirty log a migration reads.
     pub dirty_log: &'static str,
@@ -271,13 +272,14 @@ pub fn build(c: &Config) -> Result<Demo, String> {
         Com1::new(c.serial.as_deref())
             .map_err(|e| format!("cannot open the serial output file: {e}"))?,
     );
-    // Until the session's postcopy inhibitor lands, the operator's switch is the
-    // only reason to drop balloon requests.
-    let inhibit = Arc::new(InhibitSwitch::default());
+    // One inhibitor: the session holds it while postcopy runs, the operator
+    // through x-balloon-inhibit.
+    let inhibitor = Arc::new(BalloonInhibitor::new());
+    let inhibit = Arc::new(OperatorInhibit::new(Arc::clone(&inhibitor)));
     let balloon = Arc::new(Balloon::new(
         Arc::clone(&mem),
         c.vcpus,
-        Arc::clone(&inhibit) as _,
+        Arc::clone(&inhibitor),
     ));
     let bus: Arc<dyn IoHandler> = Arc::new(Bus {
         com1: Arc::clone(&com1),
@@ -360,7 +362,7 @@ pub fn build(c: &Config) -> Result<Demo, String> {
     balloon.attach(vcpus.thread_ids());
     devices.push(Arc::clone(&com1) as Arc<dyn DeviceState>);
     devices.push(Arc::clone(&balloon) as Arc<dyn DeviceState>);
-    let mut machine = Machine::new(ram, dirty_log, vcpus);
+    let mut machine = Machine::new(ram, dirty_log, vcpus).with_balloon_inhibitor(inhibitor);
     for d in devices {
         machine = machine
             .with_device(d)
