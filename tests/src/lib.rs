@@ -101,6 +101,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("postcopy-live-ab-soft", postcopy::live_ab_soft),
     ("postcopy-live-ab-hugetlbfs", postcopy::live_hugetlbfs),
     ("postcopy-balloon", postcopy::balloon),
+    ("postcopy-mlock", postcopy::live_mlock),
     ("postcopy-stopped", postcopy::stopped),
     ("postcopy-random", postcopy::random),
     ("postcopy-hostile-request", postcopy::hostile_request),

@@ -88,6 +88,16 @@ impl Guest {
         self.arg.rsplit('/').next().unwrap_or(&self.arg)
     }
 
+    /// Guest RAM in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.mem_mib
+    }
+
+    /// Whether `demovm` gets `arg`.
+    pub fn has_arg(&self, arg: &str) -> bool {
+        self.extra.contains(&arg)
+    }
+
     /// Whether its RAM has an a-b check.
     pub fn has_ab_check(&self) -> bool {
         self.ab.is_some()

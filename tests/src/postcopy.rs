@@ -97,6 +97,18 @@ pub fn live(guest: &Guest) -> Result<Outcome, Failure> {
     expect(dst.run_status()? == "running", || {
         "the destination must run the guest".into()
     })?;
+    let mut locked_note = String::new();
+    if guest.has_arg("--mlock") {
+        // Unlocked while postcopy ran, locked again at the end.
+        let locked = locked_kib(dst.pid())?;
+        let ram_kib = guest.mem_mib() << 10;
+        expect(locked >= ram_kib * 9 / 10, || {
+            format!(
+                "the destination has {locked} KiB locked after postcopy, its RAM is {ram_kib} KiB"
+            )
+        })?;
+        locked_note = format!("; {} MiB locked again after postcopy", locked >> 10);
+    }
     let serial_src = src.serial_len();
     guest.wait_runs(&mut dst)?;
     dst.qmp.cmd("stop", json!({}))?;
@@ -138,8 +150,25 @@ pub fn live(guest: &Guest) -> Result<Outcome, Failure> {
             guest.name(),
             per_vcpu,
             if guest.has_ab_check() { ", a-b check holds" } else { "" }
-        ),
+        ) + &locked_note,
     ))
+}
+
+/// `VmLck` of process `pid`, in KiB.
+fn locked_kib(pid: u32) -> Result<u64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no VmLck in /proc/{pid}/status"))
+}
+
+/// The `ab` guest with its memory locked (`--mlock`) on both sides: the
+/// destination unlocks it for postcopy and locks it again at the end.
+pub fn live_mlock() -> Result<Outcome, Failure> {
+    live(&Guest::builtin("ab", 1, 64).with(&["--mlock"]))
 }
 
 fn guest_vcpus(vm: &mut DemoVm) -> Result<usize, String> {

@@ -36,6 +36,7 @@ scenarios! {
     postcopy_ab_on_soft_vcpus => "postcopy-live-ab-soft", e2e::postcopy::live_ab_soft;
     postcopy_ab_on_huge_pages => "postcopy-live-ab-hugetlbfs", e2e::postcopy::live_hugetlbfs;
     balloon_requests_are_dropped_during_postcopy => "postcopy-balloon", e2e::postcopy::balloon;
+    locked_memory_is_locked_again_after_postcopy => "postcopy-mlock", e2e::postcopy::live_mlock;
     postcopy_of_a_stopped_guest => "postcopy-stopped", e2e::postcopy::stopped;
     postcopy_of_a_guest_precopy_cannot_converge => "postcopy-random", e2e::postcopy::random;
     a_hostile_page_request_fails_the_source => "postcopy-hostile-request", e2e::postcopy::hostile_request;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use migration_ram::balloon::BalloonInhibitor;
 use migration_ram::{DirtyLog, VmmDirtyLog};
 use serde_json::{json, Map, Value};
-use vm_memory::{Bytes, GuestAddress};
+use uffd_sys::host_memory::MlockMode;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_glue::guest::{self, boot_sector, builtin, Workload};
 use vmm_glue::io::IoHandler;
 use vmm_glue::kvm::{self, KvmVcpus, KvmVm, KvmVmConfig, LongModeEntry};
@@ -79,6 +80,8 @@ pub struct Config {
     pub accel: Accel,
     /// Dirty ring entries per vCPU (KVM), or the dirty bitmap.
     pub dirty_ring: Option<u32>,
+    /// Whether guest memory is locked in RAM.
+    pub mlock: bool,
     /// Whether the guest comes from an incoming migration (nothing is loaded).
     pub incoming: bool,
 }
@@ -266,8 +269,22 @@ fn read_boot_sector(path: &PathBuf) -> Result<Vec<u8>, String> {
 pub fn build(c: &Config) -> Result<Demo, String> {
     let ram_built = memory::build(c.mem, c.mem_backend).map_err(|e| vmm_glue::error_chain(&e))?;
     let mem = Arc::clone(&ram_built.mem);
-    let ram = GuestRam::new(Arc::clone(&mem), ram_built.ram_regions())
+    let mut ram = GuestRam::new(Arc::clone(&mem), ram_built.ram_regions())
         .map_err(|e| vmm_glue::error_chain(&e))?;
+    if c.mlock {
+        for region in mem.iter() {
+            let len = usize::try_from(region.len()).map_err(|e| e.to_string())?;
+            uffd_sys::host_memory::mlock_guest(&mem, region.start_addr(), len, MlockMode::Populate)
+                .map_err(|e| {
+                    format!(
+                        "--mlock: cannot lock guest memory at {:#x}: {} (RLIMIT_MEMLOCK?)",
+                        region.start_addr().0,
+                        vmm_glue::error_chain(&e)
+                    )
+                })?;
+        }
+        ram = ram.with_locked(MlockMode::Populate);
+    }
     let com1 = Arc::new(
         Com1::new(c.serial.as_deref())
             .map_err(|e| format!("cannot open the serial output file: {e}"))?,

@@ -59,6 +59,10 @@ struct Args {
     /// dirty bitmap where the host has no ring).
     #[arg(long, value_name = "N")]
     dirty_ring: Option<u32>,
+    /// Lock guest memory in RAM (mlock). A postcopy destination unlocks it
+    /// while postcopy runs and locks it again at the end.
+    #[arg(long)]
+    mlock: bool,
     /// Do not start the guest: QMP `cont` starts it (QEMU's -S).
     #[arg(short = 'S', long)]
     paused: bool,
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         serial: args.serial.clone(),
         accel: args.accel,
         dirty_ring: args.dirty_ring,
+        mlock: args.mlock,
         incoming: args.incoming.is_some(),
     };
     let demo = match machine::build(&config) {
