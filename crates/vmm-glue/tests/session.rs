@@ -334,14 +334,21 @@ fn capabilities_and_parameters_are_checked() {
         !s.capabilities().get(Capability::PostcopyRam),
         "all or nothing"
     );
-    s.set_capabilities(&[(Capability::PostcopyRam, true)])
-        .unwrap();
+    // Preempt is planned: refused at migrate, naming it.
+    s.set_capabilities(&[
+        (Capability::PostcopyRam, true),
+        (Capability::PostcopyPreempt, true),
+    ])
+    .unwrap();
     assert_eq!(
         usage(s.migrate("tcp:127.0.0.1:1")),
-        UsageError::Unavailable(Capability::PostcopyRam)
+        UsageError::Unavailable(Capability::PostcopyPreempt)
     );
-    s.set_capabilities(&[(Capability::PostcopyRam, false)])
-        .unwrap();
+    s.set_capabilities(&[
+        (Capability::PostcopyRam, false),
+        (Capability::PostcopyPreempt, false),
+    ])
+    .unwrap();
     let before = s.parameters();
     assert!(s
         .update_parameters(|p| p.downtime_limit = Duration::from_secs(3000))
