@@ -10,6 +10,9 @@
 //!   the same bytes, and the saver's and loader's memory overhead
 //!   ([`crate::bench_precopy`]).
 //! - `live`: a running 1 GiB `ab` guest between two `demovm` processes.
+//! - `postcopy`: the latency of a remote postcopy fault through the real stack, with
+//!   no background traffic, against a loopback TCP round trip of the same message
+//!   sizes plus one `UFFDIO_COPY` ([`crate::bench_postcopy`]).
 //! - `dirty-sync`: the cost of one dirty-log sync of a 1 GiB KVM guest with the plain
 //!   bitmap, with manual protect and with the dirty ring ([`crate::bench_dirty`]).
 //! - `vs-qemu` (`--vs-qemu`): the same boot-sector guest live-migrated by QEMU and by
@@ -103,6 +106,8 @@ pub enum Group {
     Precopy,
     /// A live 1 GiB ab guest between two demovm processes.
     Live,
+    /// Remote postcopy fault latency against a TCP round trip plus one UFFDIO_COPY.
+    Postcopy,
     /// One dirty-log sync of a KVM guest: bitmap, manual protect, ring.
     DirtySync,
     /// The same guest live-migrated by QEMU and by demovm (as --vs-qemu).
@@ -110,7 +115,13 @@ pub enum Group {
 }
 
 /// The groups run when neither `--only` nor `--vs-qemu` is given.
-const DEFAULT_GROUPS: [Group; 4] = [Group::Uffd, Group::Precopy, Group::Live, Group::DirtySync];
+const DEFAULT_GROUPS: [Group; 5] = [
+    Group::Uffd,
+    Group::Precopy,
+    Group::Live,
+    Group::Postcopy,
+    Group::DirtySync,
+];
 
 /// `cargo xtask bench`'s command line.
 #[derive(Debug, clap::Args)]
@@ -183,6 +194,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
             Group::Uffd => uffd_figures()?,
             Group::Precopy => crate::bench_precopy::stopped_figures()?,
             Group::Live => crate::bench_precopy::live_figures()?,
+            Group::Postcopy => crate::bench_postcopy::figures()?,
             Group::DirtySync => crate::bench_dirty::figures(a.sync_mem, a.sync_dirty)?,
             Group::VsQemu => crate::bench_qemu::figures()?,
         };
