@@ -31,7 +31,11 @@
 //!   wait of a fault (with one vCPU, faults do not overlap); the number of faults
 //!   varies much from round to round (it depends on when the destination's vCPU first
 //!   runs against the background stream), the wait of each far less;
-//! - `total_time`: the source's `total-time`.
+//! - `total_time`: the source's `total-time`;
+//! - `postcopy_time`: `total_time` less the moment `migrate-start-postcopy` went
+//!   (measured by the driver from `migrate`): how long the destination ran on missing
+//!   pages. A guest that writes all over its memory waits for pages most of that time,
+//!   so its blocktime follows it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -377,16 +381,18 @@ pub fn figures() -> Result<Vec<Report>, String> {
             s,
             &rounds,
             &format!(
-                "{} boot sector, {} touched, {MEM_MIB} MiB guest, 1 vCPU, {kvm}; {when}; value \
-             demovm, baseline {version}; both driven by the same QMP code: capabilities \
-             postcopy-ram and postcopy-blocktime on both sides, max-bandwidth {MAX_BANDWIDTH} \
-             (1 GiB/s) and downtime-limit {DOWNTIME_LIMIT_MS} ms (precopy alone never ends), \
-             max-postcopy-bandwidth 0 (unlimited), \
-             migrate over loopback TCP, migrate-start-postcopy; blocktime: the destination's \
-             postcopy-blocktime; requests: pages the destination asked for (QEMU: its \
-             source's ram.postcopy-requests); wait per request: all rounds' blocktime over \
-             their requests; total: the source's total-time; medians of {ROUNDS} rounds \
-             each, alternating; every destination checked running{}",
+                "{} boot sector, {} touched, {MEM_MIB} MiB guest, 1 vCPU, {kvm}; {when}; \
+                 value demovm, baseline {version}; both driven by the same QMP code: \
+                 capabilities postcopy-ram and postcopy-blocktime on both sides, \
+                 max-bandwidth {MAX_BANDWIDTH} (1 GiB/s) and downtime-limit \
+                 {DOWNTIME_LIMIT_MS} ms (precopy alone never ends), max-postcopy-bandwidth \
+                 0 (unlimited), migrate over loopback TCP, migrate-start-postcopy; \
+                 blocktime: the destination's postcopy-blocktime; requests: pages the \
+                 destination asked for (QEMU: its source's ram.postcopy-requests); wait \
+                 per request: all rounds' blocktime over their requests; total: the \
+                 source's total-time; postcopy time: total less the switch moment; \
+                 medians of {ROUNDS} rounds each, alternating; every destination checked \
+                 running{}",
                 s.sector.name(),
                 show_size(TOUCH),
                 if s.prints() {
@@ -429,6 +435,9 @@ fn scenario_figures(s: Scenario, rounds: &[Vec<Round>; 2], note: &str) -> Vec<Re
         .into(),
     );
     out.push(figure("total_time", "ms", |r| r.total_ms));
+    out.push(figure("postcopy_time", "ms", |r| {
+        r.total_ms - r.switched_ms
+    }));
     out
 }
 
