@@ -14,8 +14,9 @@
 //! 3. `migrate-start-postcopy` at the [`Switch`] point: [`SWITCH_AFTER`] after
 //!    `migrate` returned, or once the source's `ram.dirty-sync-count` says the first
 //!    pass is over;
-//! 4. polls the source's `query-migrate` until a final state, then the
-//!    destination's. A round counts only if both say `completed`, the source sent
+//! 4. polls the destination's `query-status` until it says `running` (see
+//!    `start_after_switch` below), then the source's `query-migrate` until a final
+//!    state, then the destination's. A round counts only if both say `completed`, the source sent
 //!    bytes in postcopy (`ram.postcopy-bytes`), the destination reports
 //!    `postcopy-blocktime` and runs the guest on (`query-status` `running`, and for
 //!    `ab` growing COM1 output; `random` prints nothing after its banner).
@@ -31,6 +32,14 @@
 //!   wait of a fault (with one vCPU, faults do not overlap); the number of faults
 //!   varies much from round to round (it depends on when the destination's vCPU first
 //!   runs against the background stream), the wait of each far less;
+//! - `start_after_switch`: how long after `migrate-start-postcopy` the destination's
+//!   `query-status` first says `running` (polled every [`RUN_POLL`]). Until then the
+//!   guest runs nowhere (once the source stopped it), and no blocktime counts it: a
+//!   destination that starts the guest late, when most pages have arrived, shows a
+//!   small blocktime for a long pause;
+//! - `stalled_after_switch`: `start_after_switch` plus blocktime, the time after
+//!   the switch during which the guest made no progress (less the moment the
+//!   source still ran it after the command);
 //! - `total_time`: the source's `total-time`;
 //! - `postcopy_time`: `total_time` less the moment `migrate-start-postcopy` went
 //!   (measured by the driver from `migrate`): how long the destination ran on missing
@@ -65,6 +74,8 @@ const SWITCH_AFTER: Duration = Duration::from_millis(200);
 const WARM_UP: Duration = Duration::from_millis(500);
 /// How often `query-migrate` is polled.
 const POLL: Duration = Duration::from_millis(10);
+/// How often the destination's `query-status` is polled after the switch.
+const RUN_POLL: Duration = Duration::from_millis(2);
 /// Prefix of the figure names.
 const PREFIX: &str = "vs_qemu.postcopy";
 
@@ -133,6 +144,8 @@ struct Round {
     total_ms: f64,
     /// When `migrate-start-postcopy` went, after `migrate` returned.
     switched_ms: f64,
+    /// When the destination's guest first ran, after `migrate-start-postcopy`.
+    ran_ms: f64,
 }
 
 /// The destination's page requests: its own count where it gives one
@@ -172,6 +185,7 @@ fn round_of(src: &Value, dst: &Value, switched_ms: f64) -> Result<Round, String>
         requests: requests(src, dst) as f64,
         total_ms: field(src, "total-time") as f64,
         switched_ms,
+        ran_ms: 0.0,
     })
 }
 
@@ -210,6 +224,37 @@ fn wait_migrate(
             ));
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// Milliseconds from now (just after `migrate-start-postcopy`) until the
+/// destination's `query-status` says `running`, polled every [`RUN_POLL`]; `None` if
+/// the source's migration ended otherwise than `completed` first.
+fn wait_runs(dst: &mut Process, src: &mut Process) -> Result<Option<f64>, String> {
+    let started = Instant::now();
+    loop {
+        let st = dst
+            .qmp
+            .cmd("query-status", json!({}))
+            .map_err(|e| format!("{}: {e}", dst.name))?;
+        if st.get("status").and_then(Value::as_str) == Some("running") {
+            return Ok(Some(started.elapsed().as_secs_f64() * 1000.0));
+        }
+        let q = src
+            .qmp
+            .cmd("query-migrate", json!({}))
+            .map_err(|e| format!("{}: {e}", src.name))?;
+        if finished(&q) && q.get("status").and_then(Value::as_str) != Some("completed") {
+            return Ok(None);
+        }
+        if started.elapsed() > e2e::harness::HANG_GUARD {
+            return Err(format!(
+                "{}: not running {:?} after the switch; last query-status: {st}",
+                dst.name,
+                e2e::harness::HANG_GUARD
+            ));
+        }
+        std::thread::sleep(RUN_POLL);
     }
 }
 
@@ -265,9 +310,16 @@ fn postcopy_once(l: &Launcher, s: Scenario, dir: &Path) -> Result<Round, String>
     src.qmp
         .cmd("migrate-start-postcopy", json!({}))
         .map_err(|e| format!("{}: {e}", src.name))?;
+    let ran_ms = wait_runs(&mut dst, &mut src)?;
     let q = wait_migrate(&mut src, "final state on the source", finished)?;
     let d = wait_migrate(&mut dst, "final state on the destination", finished)?;
-    let round = round_of(&q, &d, switched_ms)?;
+    let mut round = round_of(&q, &d, switched_ms)?;
+    round.ran_ms = ran_ms.ok_or_else(|| {
+        format!(
+            "{}: the guest never ran during the migration: {q}",
+            dst.name
+        )
+    })?;
     // The destination must run the guest on.
     dst.poll("query-status", "the guest to run", |st| {
         st.get("status").and_then(Value::as_str) == Some("running")
@@ -364,12 +416,13 @@ pub fn figures() -> Result<Vec<Report>, String> {
                 })?;
                 eprintln!(
                     "vs-qemu postcopy {} round {}/{ROUNDS} {:<6}: switched at {:>5.0} ms, \
-                     blocktime {:>5.0} ms, {:>6.0} requests, total {:>6.0} ms; destination \
-                     runs on",
+                     destination ran {:>5.0} ms later, blocktime {:>5.0} ms, {:>6.0} \
+                     requests, total {:>6.0} ms; destination runs on",
                     s.name,
                     r + 1,
                     l.vmm.name(),
                     round.switched_ms,
+                    round.ran_ms,
                     round.blocktime_ms,
                     round.requests,
                     round.total_ms,
@@ -390,7 +443,9 @@ pub fn figures() -> Result<Vec<Report>, String> {
                  blocktime: the destination's postcopy-blocktime; requests: pages the \
                  destination asked for (QEMU: its source's ram.postcopy-requests); wait \
                  per request: all rounds' blocktime over their requests; total: the \
-                 source's total-time; postcopy time: total less the switch moment; \
+                 source's total-time; start after switch: from migrate-start-postcopy until \
+                 the destination's query-status says running; stalled after switch: that \
+                 plus blocktime; postcopy time: total less the switch moment; \
                  medians of {ROUNDS} rounds each, alternating; every destination checked \
                  running{}",
                 s.sector.name(),
@@ -434,6 +489,10 @@ fn scenario_figures(s: Scenario, rounds: &[Vec<Round>; 2], note: &str) -> Vec<Re
         .note(note)
         .into(),
     );
+    out.push(figure("start_after_switch", "ms", |r| r.ran_ms));
+    out.push(figure("stalled_after_switch", "ms", |r| {
+        r.ran_ms + r.blocktime_ms
+    }));
     out.push(figure("total_time", "ms", |r| r.total_ms));
     out.push(figure("postcopy_time", "ms", |r| {
         r.total_ms - r.switched_ms
@@ -468,6 +527,7 @@ mod tests {
             requests,
             total_ms: 1.0,
             switched_ms: 1.0,
+            ran_ms: 1.0,
         };
         assert_eq!(
             wait_per_request_us(&[round(300.0, 10.0), round(0.0, 0.0), round(100.0, 10.0)]),
@@ -487,7 +547,8 @@ mod tests {
                 blocktime_ms: 12.0,
                 requests: 5.0,
                 total_ms: 900.0,
-                switched_ms: 200.0
+                switched_ms: 200.0,
+                ran_ms: 0.0
             })
         );
         let failed = json!({"status": "failed"});
