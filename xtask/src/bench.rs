@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: figures measured beside a baseline in the same run.
 //!
-//! Groups (`--only GROUP` picks some; all but `vs-qemu` run by default):
+//! Groups (`--only GROUP` picks some; all but the `vs-qemu` ones run by default):
 //!
 //! - `uffd`: pages placed per second by one userfaultfd handler thread while a faulting
 //!   thread waits on each page in turn (a full fault round trip per 4 KiB page), by
@@ -10,10 +10,16 @@
 //!   the same bytes, and the saver's and loader's memory overhead
 //!   ([`crate::bench_precopy`]).
 //! - `live`: a running 1 GiB `ab` guest between two `demovm` processes.
+//! - `postcopy`: the latency of a remote postcopy fault through the real stack, with
+//!   no background traffic, against a loopback TCP round trip of the same message
+//!   sizes plus one `UFFDIO_COPY` ([`crate::bench_postcopy`]).
 //! - `dirty-sync`: the cost of one dirty-log sync of a 1 GiB KVM guest with the plain
 //!   bitmap, with manual protect and with the dirty ring ([`crate::bench_dirty`]).
 //! - `vs-qemu` (`--vs-qemu`): the same boot-sector guest live-migrated by QEMU and by
 //!   `demovm`, driven by the same QMP code ([`crate::bench_qemu`]).
+//! - `vs-qemu-postcopy` (also `--vs-qemu`): a random-writes and a running `ab` guest
+//!   moved in postcopy by QEMU and by `demovm`: blocktime, requests and total time
+//!   ([`crate::bench_qemu::postcopy`]).
 //!
 //! Rounds alternate between the measured path and its baseline so machine noise hits
 //! both alike; the median round is reported. Figures are printed as each group
@@ -103,14 +109,24 @@ pub enum Group {
     Precopy,
     /// A live 1 GiB ab guest between two demovm processes.
     Live,
+    /// Remote postcopy fault latency against a TCP round trip plus one UFFDIO_COPY.
+    Postcopy,
     /// One dirty-log sync of a KVM guest: bitmap, manual protect, ring.
     DirtySync,
     /// The same guest live-migrated by QEMU and by demovm (as --vs-qemu).
     VsQemu,
+    /// The same guests moved in postcopy by QEMU and by demovm (part of --vs-qemu).
+    VsQemuPostcopy,
 }
 
 /// The groups run when neither `--only` nor `--vs-qemu` is given.
-const DEFAULT_GROUPS: [Group; 4] = [Group::Uffd, Group::Precopy, Group::Live, Group::DirtySync];
+const DEFAULT_GROUPS: [Group; 5] = [
+    Group::Uffd,
+    Group::Precopy,
+    Group::Live,
+    Group::Postcopy,
+    Group::DirtySync,
+];
 
 /// `cargo xtask bench`'s command line.
 #[derive(Debug, clap::Args)]
@@ -119,11 +135,12 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Run only these groups (repeat or separate with commas); default: every group
-    /// but vs-qemu.
+    /// but vs-qemu and vs-qemu-postcopy.
     #[arg(long, value_name = "GROUP", value_enum, value_delimiter = ',')]
     pub only: Vec<Group>,
     /// Live-migrate the ab boot sector (512 MiB touched, 1 GiB guest) with QEMU and
-    /// with demovm, alternating, 3 rounds each, driven by the same QMP code; needs
+    /// with demovm, alternating, 3 rounds each, driven by the same QMP code, in
+    /// precopy and then in postcopy (with the random-writes sector too); needs
     /// qemu-system-x86_64 (Debian: apt-get install qemu-system-x86). Alone, it runs
     /// only this comparison.
     #[arg(long)]
@@ -142,12 +159,16 @@ impl Args {
     fn groups(&self) -> Vec<Group> {
         let mut chosen = self.only.clone();
         if self.vs_qemu {
-            chosen.push(Group::VsQemu);
+            chosen.extend([Group::VsQemu, Group::VsQemuPostcopy]);
         }
         if chosen.is_empty() {
             chosen = DEFAULT_GROUPS.to_vec();
         }
-        let order = [DEFAULT_GROUPS.as_slice(), &[Group::VsQemu]].concat();
+        let order = [
+            DEFAULT_GROUPS.as_slice(),
+            &[Group::VsQemu, Group::VsQemuPostcopy],
+        ]
+        .concat();
         order.into_iter().filter(|g| chosen.contains(g)).collect()
     }
 }
@@ -183,8 +204,10 @@ pub fn main(a: &Args) -> Result<bool, String> {
             Group::Uffd => uffd_figures()?,
             Group::Precopy => crate::bench_precopy::stopped_figures()?,
             Group::Live => crate::bench_precopy::live_figures()?,
+            Group::Postcopy => crate::bench_postcopy::figures()?,
             Group::DirtySync => crate::bench_dirty::figures(a.sync_mem, a.sync_dirty)?,
             Group::VsQemu => crate::bench_qemu::figures()?,
+            Group::VsQemuPostcopy => crate::bench_qemu::postcopy::figures()?,
         };
         for r in &reports {
             out.print(r)?;
@@ -412,10 +435,22 @@ mod tests {
     #[test]
     fn groups_default_to_all_but_vs_qemu_and_vs_qemu_alone_runs_alone() {
         assert_eq!(groups(&[]), DEFAULT_GROUPS.to_vec());
-        assert_eq!(groups(&["--vs-qemu"]), vec![Group::VsQemu]);
+        assert_eq!(
+            groups(&["--vs-qemu"]),
+            vec![Group::VsQemu, Group::VsQemuPostcopy]
+        );
         assert_eq!(
             groups(&["--only", "dirty-sync,uffd", "--vs-qemu"]),
-            vec![Group::Uffd, Group::DirtySync, Group::VsQemu]
+            vec![
+                Group::Uffd,
+                Group::DirtySync,
+                Group::VsQemu,
+                Group::VsQemuPostcopy
+            ]
+        );
+        assert_eq!(
+            groups(&["--only", "vs-qemu-postcopy"]),
+            vec![Group::VsQemuPostcopy]
         );
         assert_eq!(
             groups(&["--only", "live", "--only", "live"]),

@@ -43,6 +43,8 @@ use vmm_glue::guest::boot_sector::{BootSector, AB_BANNER};
 use crate::bench::{median, Figure, Report};
 use crate::guests::show_size;
 
+pub mod postcopy;
+
 /// Memory the guest dirties, pass after pass.
 const TOUCH: u64 = 512 << 20;
 /// Guest memory in MiB.

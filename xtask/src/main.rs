@@ -21,6 +21,7 @@
 
 mod bench;
 mod bench_dirty;
+mod bench_postcopy;
 mod bench_precopy;
 mod bench_qemu;
 mod e2e;

@@ -47,9 +47,10 @@
 //!        Ok: queued (dropped, counted,                             alone, flushed
 //!            once the saver finished)         else: the next background chunk,
 //!        Err: already reported to the               once the rate limiter allows
-//!            saver; stop reading                    (a request ends the wait)
-//!    a decode or read error
-//!      requester.fail(e.into()); stop       all sent: EndOfSection, finish()
+//!            saver; stop reading                    (a request ends the wait);
+//!    a decode or read error                         background paused: wait for
+//!      requester.fail(e.into()); stop               a request (it ends the wait)
+//!                                           all sent: EndOfSection, finish()
 //! ```
 //!
 //! - The return-path thread decodes each message against the saver's
@@ -72,7 +73,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use migration_stream::BlockId;
 
@@ -383,6 +386,57 @@ impl RequestFirst {
         !self.queue.is_empty()
     }
 
+    /// Waits up to `timeout` for a request: returns `true` at once if one
+    /// is queued, or as soon as one of the requester comes (it is taken
+    /// into the queue), and `false` once `timeout` passed without one (or
+    /// after sleeping `timeout`, when there is no requester or every handle
+    /// of it is gone). A saver with nothing else to do waits here, so a
+    /// request is served as soon as it comes, not at the end of a sleep.
+    pub fn wait_request(&mut self, timeout: Duration) -> bool {
+        if self.has_request() {
+            return true;
+        }
+        match self.incoming.as_ref().map(|rx| rx.recv_timeout(timeout)) {
+            Some(Ok(r)) => {
+                self.queue.push_back(r);
+                true
+            }
+            Some(Err(RecvTimeoutError::Timeout)) => false,
+            Some(Err(RecvTimeoutError::Disconnected)) | None => {
+                std::thread::sleep(timeout);
+                false
+            }
+        }
+    }
+
+    /// The next requested page that is still dirty, as a batch of its own
+    /// (taken from its block's dirty bitmap; the background scan then
+    /// resumes just after it), or `None` when no request waits. Requests
+    /// for pages no longer dirty are skipped and counted as
+    /// [ignored](RequestFirst::ignored). [`next`](PageScheduler::next) is
+    /// this, then the background scan; a saver whose background stream is
+    /// paused calls this alone.
+    pub fn next_requested(&mut self, blocks: &RamBlocks) -> Option<Batch> {
+        while let Some((index, page)) = self.next_request() {
+            let Some(block) = blocks.iter().nth(index) else {
+                continue;
+            };
+            let taken = block.dirty().take_range(page, 1);
+            self.scan.resume_after(blocks, index, page);
+            if taken.is_empty() {
+                self.ignore(1);
+            } else {
+                return Some(Batch {
+                    block: index,
+                    pages: taken,
+                    channel: self.channel(),
+                    requested: true,
+                });
+            }
+        }
+        None
+    }
+
     /// The failure the latest requester reported (a bad request, or an
     /// error of the return-path thread given to [`PageRequester::fail`]),
     /// once: the caller ends the migration with it. One atomic load when
@@ -442,24 +496,8 @@ impl PageScheduler for RequestFirst {
     }
 
     fn next(&mut self, blocks: &RamBlocks) -> Option<Batch> {
-        while let Some((index, page)) = self.next_request() {
-            let Some(block) = blocks.iter().nth(index) else {
-                continue;
-            };
-            let taken = block.dirty().take_range(page, 1);
-            self.scan.resume_after(blocks, index, page);
-            if taken.is_empty() {
-                self.ignore(1);
-            } else {
-                return Some(Batch {
-                    block: index,
-                    pages: taken,
-                    channel: self.channel(),
-                    requested: true,
-                });
-            }
-        }
-        self.scan.next(blocks)
+        self.next_requested(blocks)
+            .or_else(|| self.scan.next(blocks))
     }
 
     fn request(&mut self, blocks: &RamBlocks, block: BlockId, page: u64) -> Result<()> {
@@ -729,6 +767,55 @@ mod tests {
         assert_eq!(rest.first().map(|r| r.1), Some(768));
         assert_eq!(rest.len(), 1024 - 256 - 1 - 255);
         assert_eq!(blk.dirty().count(), 0);
+    }
+
+    #[test]
+    fn next_requested_gives_requests_alone_and_never_the_scan() {
+        let b = blocks(&[1024]);
+        let blk = b.iter().next().unwrap();
+        blk.dirty().set_all();
+        let mut s = RequestFirst::new(false);
+        s.new_pass();
+        assert!(s.next_requested(&b).is_none(), "no request: no batch");
+        s.request(&b, BlockId(0), 300).unwrap();
+        s.request(&b, BlockId(0), 300).unwrap();
+        s.request(&b, BlockId(0), 9).unwrap();
+        let first = s.next_requested(&b).unwrap();
+        assert!(first.requested);
+        assert_eq!(first.pages.iter().collect::<Vec<_>>(), vec![300]);
+        // The second request for page 300 is skipped: it went already.
+        let second = s.next_requested(&b).unwrap();
+        assert_eq!(second.pages.iter().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(s.ignored(), 1);
+        assert!(s.next_requested(&b).is_none());
+        assert_eq!(blk.dirty().count(), 1022, "the scan took nothing");
+        // The scan resumes after the last request: the chunk of page 10.
+        let next = s.next(&b).unwrap();
+        assert!(!next.requested);
+        assert_eq!(next.pages.start(), 0);
+        assert_eq!(next.pages.count(), 255);
+    }
+
+    #[test]
+    fn wait_request_ends_when_a_request_comes_and_times_out_without_one() {
+        let b = Arc::new(blocks(&[64]));
+        b.iter().next().unwrap().dirty().set(5);
+        let mut s = RequestFirst::new(false);
+        // No requester: a plain sleep.
+        assert!(!s.wait_request(Duration::from_millis(1)));
+        let r = s.requester(b.clone());
+        assert!(!s.wait_request(Duration::from_millis(1)));
+        // A wait far longer than any test run ends with the request.
+        let sender = std::thread::spawn(move || r.request(BlockId(0), 5).unwrap());
+        assert!(s.wait_request(Duration::from_secs(24 * 3600)));
+        sender.join().unwrap();
+        assert_eq!(s.pending(), 1);
+        // Queued already: at once, whatever the timeout.
+        assert!(s.wait_request(Duration::from_secs(24 * 3600)));
+        let batch = s.next_requested(&b).unwrap();
+        assert_eq!(batch.pages.iter().collect::<Vec<_>>(), vec![5]);
+        // Every handle gone: the wait sleeps rather than spin.
+        assert!(!s.wait_request(Duration::from_millis(1)));
     }
 
     #[test]

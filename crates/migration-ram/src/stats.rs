@@ -15,7 +15,7 @@
 //! postcopy once it runs at the destination) and every byte counted goes
 //! to that phase too.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +66,7 @@ pub struct Params {
     max_bandwidth: AtomicU64,
     downtime_limit_ns: AtomicU64,
     max_postcopy_bandwidth: AtomicU64,
+    postcopy_background_paused: AtomicBool,
 }
 
 /// Parameters shared between the controller (which changes them) and the
@@ -91,6 +92,7 @@ impl Params {
             max_bandwidth: AtomicU64::new(p.max_bandwidth),
             downtime_limit_ns: AtomicU64::new(nanos(p.downtime_limit)),
             max_postcopy_bandwidth: AtomicU64::new(0),
+            postcopy_background_paused: AtomicBool::new(false),
         }
     }
 
@@ -129,6 +131,31 @@ impl Params {
             .store(bytes_per_sec, Ordering::Relaxed);
     }
 
+    /// Whether postcopy's background stream is paused (see
+    /// [`set_postcopy_background_paused`](Params::set_postcopy_background_paused)).
+    pub fn postcopy_background_paused(&self) -> bool {
+        self.postcopy_background_paused.load(Ordering::Relaxed)
+    }
+
+    /// Pauses (`true`) or resumes postcopy's background stream. While it is
+    /// paused, [`PrecopySaver::postcopy_send`](crate::PrecopySaver::postcopy_send)
+    /// sends only the pages the destination asks for, each as soon as its
+    /// request comes, and otherwise waits (pinging as usual); the link
+    /// carries nothing else. Resumed, the background scan goes on from the
+    /// last requested page. It applies at the saver's next chunk boundary,
+    /// or within 10 ms while it waits.
+    ///
+    /// Postcopy cannot end while the stream is paused, unless the
+    /// destination asks for every page: pause it for a while, not for good.
+    /// It is for a VMM that wants its link for demand faults only during a
+    /// latency-sensitive phase, and for measuring the latency of a remote
+    /// fault with no other traffic (`cargo xtask bench`). Not a QEMU
+    /// parameter; off by default. Precopy ignores it.
+    pub fn set_postcopy_background_paused(&self, paused: bool) {
+        self.postcopy_background_paused
+            .store(paused, Ordering::Relaxed);
+    }
+
     /// The precopy parameters now (each read once).
     pub fn snapshot(&self) -> PrecopyParams {
         PrecopyParams {
@@ -137,8 +164,8 @@ impl Params {
         }
     }
 
-    /// Sets every precopy parameter to the values of `p`
-    /// (`max_postcopy_bandwidth` is left alone).
+    /// Sets every precopy parameter to the values of `p` (the postcopy
+    /// ones are left alone).
     pub fn store(&self, p: PrecopyParams) {
         self.set_max_bandwidth(p.max_bandwidth);
         self.set_downtime_limit(p.downtime_limit);
@@ -333,6 +360,9 @@ mod tests {
         assert_eq!(p.max_bandwidth(), 5);
         assert_eq!(p.downtime_limit(), Duration::from_micros(1500));
         assert_eq!(p.max_postcopy_bandwidth(), 0);
+        assert!(!p.postcopy_background_paused(), "off by default");
+        p.set_postcopy_background_paused(true);
+        assert!(p.postcopy_background_paused());
         let reader = {
             let p = p.clone();
             std::thread::spawn(move || {
@@ -356,6 +386,7 @@ mod tests {
         p.store(PrecopyParams::default());
         assert_eq!(p.snapshot(), PrecopyParams::default());
         assert_eq!(p.max_postcopy_bandwidth(), 1 << 30, "store leaves it alone");
+        assert!(p.postcopy_background_paused(), "store leaves it alone");
         p.set_downtime_limit(Duration::MAX);
         assert_eq!(p.downtime_limit(), Duration::from_nanos(u64::MAX));
         assert_eq!(Params::default().snapshot(), PrecopyParams::default());

@@ -9,13 +9,13 @@ mod common;
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use migration_ram::{
-    Error, ErrorKind, GuestMemoryMmap, PageRequester, PrecopyLoader, PrecopyParams, PrecopySaver,
-    RamBlocks, RamStats, SharedParams, VmmDirtyLog,
+    Error, ErrorKind, GuestMemoryMmap, Keepalive, PageRequester, PeerLiveness, PrecopyLoader,
+    PrecopyParams, PrecopySaver, RamBlocks, RamStats, SharedParams, VmmDirtyLog,
 };
 use migration_stream::{
     BlockId, Command, DiscardRange, Error as StreamError, Record, ReturnMessage, ReturnPathReader,
@@ -107,6 +107,7 @@ enum Rec {
     Discard(u32, Vec<(u64, u64)>),
     EndOfSection,
     Sync,
+    Ping,
     Other,
 }
 
@@ -129,6 +130,7 @@ fn records(stream: &[u8], blocks: &RamBlocks) -> Vec<Rec> {
             ),
             Ok(Record::EndOfSection) => Rec::EndOfSection,
             Ok(Record::Sync { .. }) => Rec::Sync,
+            Ok(Record::Command(Command::Ping { .. })) => Rec::Ping,
             Ok(_) => Rec::Other,
             Err(StreamError::Closed) => return out,
             Err(e) => panic!("{e}"),
@@ -818,5 +820,157 @@ fn nothing_is_lost_when_a_postcopy_write_fails_mid_chunk() {
     assert_eq!(out.pages_sent, 768 - 256);
     retry.write_complete().unwrap();
     assert_eq!(d.load(&retry.into_inner().unwrap()), Stop::Complete);
+    assert_same(&src, &d.mem);
+}
+
+/// A channel another thread watches while the saver writes: the records
+/// up to the last flush (the saver flushes at record boundaries), and a
+/// condition variable notified at each flush.
+#[derive(Clone, Default)]
+struct Tap(Arc<(Mutex<Tapped>, Condvar)>);
+
+/// The bytes written, and how many of them were flushed.
+type Tapped = (Vec<u8>, usize);
+
+impl Write for Tap {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 .0.lock().unwrap().0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut st = self.0 .0.lock().unwrap();
+        st.1 = st.0.len();
+        self.0 .1.notify_all();
+        Ok(())
+    }
+}
+
+impl Tap {
+    /// Waits until `done` accepts the records flushed so far, and returns
+    /// them. A hang guard, not a performance limit: a saver that stops
+    /// flushing for ten minutes is stuck.
+    fn wait_for(&self, blocks: &RamBlocks, done: impl Fn(&[Rec]) -> bool) -> Vec<Rec> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let (lock, cv) = &*self.0;
+        let mut st = lock.lock().unwrap();
+        loop {
+            let recs = records(&st.0[..st.1], blocks);
+            if done(&recs) {
+                return recs;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "the saver stopped flushing: {recs:?}");
+            st = cv.wait_timeout(st, left).unwrap().0;
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.0 .0.lock().unwrap().0.clone()
+    }
+}
+
+/// Whether the saver waits with nothing to send after `pages` pages (two pings
+/// after the last one) or has ended its stream.
+fn waits_after(recs: &[Rec], pages: usize) -> bool {
+    let pings = recs
+        .iter()
+        .rev()
+        .take_while(|r| !matches!(r, Rec::Page(..)))
+        .filter(|r| **r == Rec::Ping)
+        .count();
+    (pages_in(recs).len() >= pages && pings >= 2) || recs.contains(&Rec::EndOfSection)
+}
+
+#[test]
+fn a_paused_background_stream_sends_only_requested_pages_until_resumed() {
+    let src = memory(640 << 10, 3 << 20);
+    fill(&src, 1 << 40, 41);
+    let params = params(0, 0);
+    params.set_postcopy_background_paused(true);
+    let mut s = source(&src, params.clone());
+    let mut w = StreamWriter::new(Vec::new());
+    s.saver.setup(&mut w).unwrap();
+    s.saver.start_postcopy(&mut w).unwrap();
+    let requester = s.saver.page_requester();
+    w.write_command(&listen_and_run()).unwrap();
+    let switch_part = w.into_inner().unwrap();
+    // A ping at every chance (a peer that is never silent for long enough):
+    // the pings show the saver waiting with nothing to send.
+    s.saver.set_keepalive(Some(Keepalive::new(
+        Duration::from_millis(1),
+        Duration::from_secs(24 * 3600),
+        PeerLiveness::shared(),
+    )));
+    request_from_another_thread(&requester, &[(1, 700), (0, 3)]);
+    let blocks = s.saver.blocks().clone();
+    let tap = Tap::default();
+    let mut saver = s.saver;
+    let saver_thread = {
+        let tap = tap.clone();
+        std::thread::spawn(move || {
+            let mut w = StreamWriter::new(tap);
+            let out = saver.postcopy_send(&mut w).unwrap();
+            w.write_complete().unwrap();
+            w.flush().unwrap();
+            out
+        })
+    };
+
+    // The two requested pages, then the saver waits: pings, no other page.
+    let recs = tap.wait_for(&blocks, |r| waits_after(r, 2));
+    assert_eq!(pages_in(&recs), vec![(1, 700), (0, 3)]);
+    // A request while it waits is served, alone; one for a page that went
+    // already is not served again.
+    request_from_another_thread(&requester, &[(1, 10), (0, 3)]);
+    let recs = tap.wait_for(&blocks, |r| waits_after(r, 3));
+    assert_eq!(pages_in(&recs), vec![(1, 700), (0, 3), (1, 10)]);
+    assert_eq!(blocks.dirty_pages(), TOTAL_LO + 768 - 3);
+
+    // Resumed: the scan goes on from the last request (low page 3, which
+    // was skipped), round to the end.
+    params.set_postcopy_background_paused(false);
+    let out = saver_thread.join().unwrap();
+    assert_eq!(out.pages_sent, TOTAL_LO + 768);
+    assert_eq!((out.requests_served, out.requests_ignored), (3, 1));
+    let postcopy_part = tap.bytes();
+    let sent = pages_in(&records(&postcopy_part, &blocks));
+    let mut expected = vec![(1, 700), (0, 3), (1, 10)];
+    expected.extend((0..TOTAL_LO).filter(|&p| p != 3).map(|p| (0, p)));
+    expected.extend((0..768).filter(|&p| p != 10 && p != 700).map(|p| (1, p)));
+    assert_eq!(sent, expected);
+
+    let mut d = Dest::new(&src);
+    assert_eq!(d.load(&switch_part), Stop::Packaged);
+    assert_eq!(d.load(&postcopy_part), Stop::Complete);
+    assert_same(&src, &d.mem);
+}
+
+#[test]
+fn a_paused_background_stream_ends_once_every_page_was_asked_for() {
+    let src = memory(64 << 10, 64 << 10);
+    fill(&src, 1 << 40, 43);
+    let params = params(0, 0);
+    params.set_postcopy_background_paused(true);
+    let mut s = source(&src, params);
+    let mut w = StreamWriter::new(Vec::new());
+    s.saver.setup(&mut w).unwrap();
+    s.saver.start_postcopy(&mut w).unwrap();
+    let requester = s.saver.page_requester();
+    w.write_command(&listen_and_run()).unwrap();
+    let switch_part = w.into_inner().unwrap();
+    let every: Vec<(u32, u64)> = (0..2)
+        .flat_map(|b| (0..(64 << 10) / PAGE).map(move |p| (b, p)))
+        .collect();
+    request_from_another_thread(&requester, &every);
+    let mut w = StreamWriter::new(Vec::new());
+    let out = s.saver.postcopy_send(&mut w).unwrap();
+    w.write_complete().unwrap();
+    assert_eq!(out.requests_served, every.len() as u64);
+    let postcopy_part = w.into_inner().unwrap();
+    assert_eq!(pages_in(&records(&postcopy_part, s.saver.blocks())), every);
+    let mut d = Dest::new(&src);
+    assert_eq!(d.load(&switch_part), Stop::Packaged);
+    assert_eq!(d.load(&postcopy_part), Stop::Complete);
     assert_same(&src, &d.mem);
 }

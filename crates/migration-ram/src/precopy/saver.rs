@@ -489,9 +489,12 @@ impl PrecopySaver {
     /// The background stream is limited by `max_postcopy_bandwidth` (0:
     /// unlimited; never by `max_bandwidth`); a requested page never waits
     /// for the limiter, and a wait for it ends as soon as a request comes.
-    /// Pings go on as in precopy. Per chunk: two clock reads, one read of
-    /// the parameters, one atomic load for a failure of the requester and
-    /// one look at the request queue; nothing per page, no lock.
+    /// While [`Params::postcopy_background_paused`](crate::Params::postcopy_background_paused)
+    /// is set only requested pages go, each as soon as its request comes;
+    /// the scan resumes when it is cleared. Pings go on as in precopy. Per
+    /// chunk: two clock reads, one read of the parameters, one atomic load
+    /// for a failure of the requester and one look at the request queue;
+    /// nothing per page, no lock.
     ///
     /// A failure the requester reported (a hostile request, a return-path
     /// error) ends it with that error at the next chunk boundary. On any
@@ -515,6 +518,28 @@ impl PrecopySaver {
             self.check_cancel()?;
             if let Some(e) = self.request_first().take_failure() {
                 return Err(e);
+            }
+            if self.params.postcopy_background_paused() {
+                // Requested pages only: wait for one (a request ends the
+                // wait at once), then look at the flag again.
+                let batch = match self.request_first().next_requested(&blocks) {
+                    Some(batch) => batch,
+                    None => {
+                        self.wait_for_request(ch)?;
+                        match self.request_first().next_requested(&blocks) {
+                            Some(batch) => batch,
+                            // Every page was asked for: nothing is left.
+                            None if blocks.dirty_pages() == 0 => break,
+                            None => continue,
+                        }
+                    }
+                };
+                let (pages, bytes) = self.send_one(ch, &mem, &blocks, &batch, Pass::Postcopy)?;
+                self.limiter
+                    .charge(bytes, self.params.max_postcopy_bandwidth());
+                pages_sent += pages;
+                requests_served += u64::from(pages > 0);
+                continue;
             }
             self.postcopy_credit(ch)?;
             let Some(batch) = self.request_first().next(&blocks) else {
@@ -558,7 +583,7 @@ impl PrecopySaver {
     /// Waits while the postcopy bandwidth limit holds the next background
     /// chunk back: in slices of at most 10 ms, each re-reading the limit,
     /// running the keepalive and checking cancel and the requester; a
-    /// request (which never waits) ends the wait.
+    /// request (which never waits) ends the wait as soon as it comes.
     fn postcopy_credit<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
         let mut now = Instant::now();
         loop {
@@ -570,10 +595,26 @@ impl PrecopySaver {
             if let Some(e) = self.request_first().take_failure() {
                 return Err(e);
             }
-            std::thread::sleep(wait.min(SLICE));
+            if self.request_first().wait_request(wait.min(SLICE)) {
+                return Ok(());
+            }
             now = Instant::now();
             keepalive::tick(&mut self.keepalive, now, ch.main(), &self.stats)?;
         }
+    }
+
+    /// While the background stream is paused: waits up to 10 ms for a
+    /// request (it ends the wait as soon as it comes), checking cancel and
+    /// the requester first and running the keepalive after.
+    fn wait_for_request<C: ChannelSet>(&mut self, ch: &mut C) -> Result<()> {
+        self.check_cancel()?;
+        if let Some(e) = self.request_first().take_failure() {
+            return Err(e);
+        }
+        if !self.request_first().wait_request(SLICE) {
+            keepalive::tick(&mut self.keepalive, Instant::now(), ch.main(), &self.stats)?;
+        }
+        Ok(())
     }
 
     /// Ends the migration after a failure or cancel: stops the dirty log if
