@@ -655,6 +655,14 @@ fn a_cancelled_snapshot_and_a_bad_snapshot_file_leave_both_sides_intact() {
             .restore(std::path::Path::new("/dev/null"), RestoreMode::Lazy),
         Err(SessionError::Usage(UsageError::NotASnapshot(_)))
     ));
+    // No file: refused at the call, saying why.
+    let missing = dir.join("missing.snap");
+    match dst.session.restore(&missing, RestoreMode::Eager) {
+        Err(SessionError::Usage(e @ UsageError::SnapshotUnreadable(..))) => {
+            assert!(e.to_string().contains("No such file"), "{e}")
+        }
+        other => panic!("a missing file: {other:?}"),
+    }
     dst.session.restore(&path, RestoreMode::Lazy).unwrap();
     assert_eq!(dst.wait_final().status, MigrationStatus::Completed);
     std::fs::remove_dir_all(&dir).unwrap();

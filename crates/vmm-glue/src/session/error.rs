@@ -69,6 +69,9 @@ pub enum UsageError {
          saved to a file is loaded with migrate-incoming, and only eagerly)"
     )]
     NotASnapshot(String),
+    /// The file named for a restore cannot be opened or read.
+    #[error("cannot read the snapshot file {0}: {1}")]
+    SnapshotUnreadable(String, String),
     /// The migration URI does not parse.
     #[error(transparent)]
     Uri(#[from] UriError),

@@ -248,6 +248,16 @@ impl Session {
         self.cont()
     }
 
+    /// Whether an incoming migration or restore starts the guest once it is
+    /// loaded, when the guest ran where it came from (on by default; QEMU's
+    /// `-S` turns it off). Set it before [`Session::incoming`] or
+    /// [`Session::restore`]: a guest loaded meanwhile is not stopped again.
+    /// [`Session::cont`] and [`Session::stop`] during an incoming migration
+    /// set it too.
+    pub fn set_autostart(&self, on: bool) {
+        self.shared.state.lock().autostart = on;
+    }
+
     /// Resumes the guest (QMP `cont`). While an incoming migration is awaited
     /// it only says the guest is to run once loaded.
     pub fn cont(&self) -> Result<(), SessionError> {
@@ -379,7 +389,7 @@ impl Session {
         let uri = MigrationUri::parse(uri).map_err(UsageError::from)?;
         self.shared.state.lock().check_incoming()?;
         if let MigrationUri::File { path } = &uri {
-            if is_snapshot_file(path) {
+            if is_snapshot_file(path).unwrap_or(false) {
                 return self.restore(path, RestoreMode::Eager);
             }
         }
@@ -411,8 +421,11 @@ impl Session {
     /// cancelled once the guest runs.
     pub fn restore(&self, path: &Path, mode: RestoreMode) -> Result<(), SessionError> {
         self.shared.state.lock().check_incoming()?;
-        if !is_snapshot_file(path) {
-            return Err(UsageError::NotASnapshot(path.display().to_string()).into());
+        let shown = || path.display().to_string();
+        match is_snapshot_file(path) {
+            Ok(true) => {}
+            Ok(false) => return Err(UsageError::NotASnapshot(shown()).into()),
+            Err(e) => return Err(UsageError::SnapshotUnreadable(shown(), e.to_string()).into()),
         }
         if mode == RestoreMode::Lazy {
             // Refused here, before anything else, if this host cannot.
@@ -607,12 +620,16 @@ impl Session {
 }
 
 /// Whether the file at `path` starts as a snapshot file does.
-fn is_snapshot_file(path: &Path) -> bool {
+/// Whether `path` starts with the snapshot file magic (a file shorter than
+/// the magic is not a snapshot); an error when it cannot be opened or read.
+fn is_snapshot_file(path: &Path) -> std::io::Result<bool> {
     use std::io::Read;
     let mut head = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok_and(|()| migration_stream::is_snapshot(&head))
+    match std::fs::File::open(path)?.read_exact(&mut head) {
+        Ok(()) => Ok(migration_stream::is_snapshot(&head)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl Drop for Session {

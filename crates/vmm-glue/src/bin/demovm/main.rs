@@ -172,6 +172,8 @@ fn main() -> ExitCode {
         }
         None => None,
     };
+    // -S: an incoming guest stays paused once loaded, until QMP `cont`.
+    session.set_autostart(!args.paused);
     let started = match (args.incoming.as_deref(), args.restore_mode) {
         (Some(uri), Some(mode)) => match uri.strip_prefix("file:") {
             Some(path) => session.restore(std::path::Path::new(path), mode.into()),
