@@ -64,12 +64,24 @@ pub struct Qmp {
 impl Qmp {
     /// Connects (retrying while the socket appears), reads the greeting and negotiates.
     pub fn connect(path: &Path) -> Result<Qmp, String> {
+        Qmp::connect_while(path, || true)
+    }
+
+    /// As [`Qmp::connect`], but gives up as soon as `alive` says the process
+    /// that should open the socket is gone.
+    pub fn connect_while(path: &Path, mut alive: impl FnMut() -> bool) -> Result<Qmp, String> {
         let start = Instant::now();
         let w = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(e) if start.elapsed() > HANG_GUARD => {
                     return Err(format!("QMP socket {} never came up: {e}", path.display()))
+                }
+                Err(e) if !alive() => {
+                    return Err(format!(
+                        "the process exited before its QMP socket {} came up: {e}",
+                        path.display()
+                    ))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -229,7 +241,7 @@ impl DemoVm {
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start demovm: {e}"))?;
-        let qmp = match Qmp::connect(&qmp_path) {
+        let qmp = match Qmp::connect_while(&qmp_path, || matches!(child.try_wait(), Ok(None))) {
             Ok(q) => q,
             Err(e) => {
                 let _ = child.kill();

@@ -17,6 +17,7 @@ pub mod harness;
 pub mod migration;
 pub mod postcopy;
 pub mod proxy;
+pub mod snapshots;
 pub mod uffd;
 
 use std::time::Duration;
@@ -106,6 +107,12 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("postcopy-random", postcopy::random),
     ("postcopy-hostile-request", postcopy::hostile_request),
     ("postcopy-link-cut", postcopy::link_cut),
+    ("snapshot-ab", snapshots::ab_eager),
+    ("snapshot-ab-soft", snapshots::ab_eager_soft),
+    ("snapshot-lazy-restore", snapshots::lazy),
+    ("snapshot-random", snapshots::random_consistent),
+    ("snapshot-cancel-disk-full", snapshots::cancel_and_disk_full),
+    ("snapshot-bad-file", snapshots::bad_file),
     ("uffd-postcopy", uffd::postcopy),
     ("uffd-snapshot", uffd::snapshot),
 ];

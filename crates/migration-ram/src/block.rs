@@ -322,6 +322,80 @@ impl BlockResolver for RamBlocks {
     }
 }
 
+/// One block's host range, for [`HostMap`].
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u64,
+    end: u64,
+    index: usize,
+    page_size: u64,
+}
+
+/// Where each block of a [`RamBlocks`] lies in this process: its host start
+/// address, and the reverse lookup of a faulting host address to its block
+/// and page (userfaultfd reports host addresses).
+#[derive(Debug, Clone)]
+pub(crate) struct HostMap {
+    /// Host start of each block, by index.
+    host: Vec<u64>,
+    /// The blocks' host ranges, by start.
+    spans: Vec<Span>,
+}
+
+impl HostMap {
+    /// The host ranges of `blocks`, each of which must lie in one region of
+    /// `mem`.
+    pub(crate) fn new(mem: &GuestMemoryMmap, blocks: &RamBlocks) -> Result<Self> {
+        blocks.check_memory(mem)?;
+        let mut host = Vec::with_capacity(blocks.len());
+        for b in blocks.iter() {
+            let addr = b.host_addr(mem).ok_or_else(|| Error::NotInMemory {
+                name: b.name().to_owned(),
+                guest_addr: b.guest_addr().0,
+                size: b.size(),
+            })?;
+            host.push(addr);
+        }
+        let mut spans: Vec<Span> = blocks
+            .iter()
+            .zip(&host)
+            .enumerate()
+            .map(|(index, (b, &start))| Span {
+                start,
+                end: start + b.size(),
+                index,
+                page_size: u64::from(b.page_size()),
+            })
+            .collect();
+        spans.sort_unstable_by_key(|s| s.start);
+        Ok(HostMap { host, spans })
+    }
+
+    /// Host start of block `index`.
+    pub(crate) fn host(&self, index: usize) -> u64 {
+        self.host[index]
+    }
+
+    /// Host starts of the blocks, by index.
+    pub(crate) fn starts(&self) -> &[u64] {
+        &self.host
+    }
+
+    /// The block index, page and page host address of host address `addr`.
+    pub(crate) fn locate(&self, addr: u64) -> Option<(usize, u64, u64)> {
+        let i = self
+            .spans
+            .partition_point(|s| s.start <= addr)
+            .checked_sub(1)?;
+        let s = self.spans[i];
+        if addr >= s.end {
+            return None;
+        }
+        let page = (addr - s.start) / s.page_size;
+        Some((s.index, page, s.start + page * s.page_size))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use migration_stream::Error as StreamError;

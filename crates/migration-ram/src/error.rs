@@ -263,6 +263,20 @@ pub enum Error {
         #[from]
         crate::postcopy::PostcopyError,
     ),
+    /// A background snapshot or a restore failed (see [`crate::snapshot`]).
+    #[error("background snapshot")]
+    Snapshot(
+        /// The snapshot error, which has its own kind (boxed: it is rare and
+        /// large).
+        #[source]
+        Box<crate::snapshot::SnapshotError>,
+    ),
+}
+
+impl From<crate::snapshot::SnapshotError> for Error {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        Error::Snapshot(Box::new(e))
+    }
 }
 
 impl Error {
@@ -300,6 +314,7 @@ impl Error {
         match self {
             Error::Stream(e) => e.kind(),
             Error::Postcopy(e) => e.kind(),
+            Error::Snapshot(e) => e.kind(),
             Error::BlockCountMismatch { .. }
             | Error::BlockNameMismatch { .. }
             | Error::BlockSizeMismatch { .. }

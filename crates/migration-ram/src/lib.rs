@@ -115,6 +115,7 @@ pub mod postcopy;
 pub mod precopy;
 mod rate;
 pub mod schedule;
+pub mod snapshot;
 pub mod stats;
 
 pub use balloon::{BalloonInhibitor, InhibitGuard};

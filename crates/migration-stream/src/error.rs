@@ -262,6 +262,139 @@ pub enum Error {
         /// The migration id in the hello.
         found: MigrationId,
     },
+    /// A snapshot file could not be opened or created.
+    #[error("cannot open snapshot file {}", path.display())]
+    SnapshotOpen {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error of the open.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading, writing or syncing a snapshot file failed (a full disk, a
+    /// file that shrank under its reader).
+    #[error("snapshot file I/O failed while {context}")]
+    SnapshotIo {
+        /// What was being done.
+        context: &'static str,
+        /// The error of the file system.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not start with the snapshot magic `"RSNAPSHT"`.
+    #[error("not a snapshot file: it starts with {found:02x?}, not \"RSNAPSHT\"")]
+    SnapshotBadMagic {
+        /// The first bytes of the file (up to 8).
+        found: Vec<u8>,
+    },
+    /// The snapshot file has a format version this crate does not read.
+    #[error("unsupported snapshot format version {found} (this side reads {supported})")]
+    SnapshotVersion {
+        /// The version in the header.
+        found: u32,
+        /// The version this crate reads and writes.
+        supported: u32,
+    },
+    /// The snapshot's header says it was never finished.
+    #[error("the snapshot was not finished (its save failed or was cancelled)")]
+    SnapshotIncomplete,
+    /// The snapshot file is shorter than its header (or the header's
+    /// `file_len`) says.
+    #[error("snapshot file is truncated: it is {actual} bytes, {what} needs {expected}")]
+    SnapshotTruncated {
+        /// What needs the missing bytes: the header, or the file length the
+        /// header records.
+        what: &'static str,
+        /// Bytes needed.
+        expected: u64,
+        /// Bytes the file has.
+        actual: u64,
+    },
+    /// The snapshot file is longer than its header's `file_len` says.
+    #[error("snapshot file is {actual} bytes, longer than the {expected} its header records")]
+    SnapshotTooLong {
+        /// `file_len` from the header.
+        expected: u64,
+        /// Bytes the file has.
+        actual: u64,
+    },
+    /// A SHA-256 in the snapshot header does not match the bytes it covers.
+    #[error("snapshot {what} checksum mismatch: the file is corrupt")]
+    SnapshotChecksum {
+        /// `header` or `meta area`.
+        what: &'static str,
+    },
+    /// A reserved byte of the snapshot header is not zero.
+    #[error("snapshot header byte at offset {offset:#x} is reserved and must be zero")]
+    SnapshotReserved {
+        /// Offset of the first non-zero reserved byte.
+        offset: u64,
+    },
+    /// A field of the snapshot header or meta area has a value the format
+    /// does not allow.
+    #[error("snapshot {field} is {found:#x}, expected {expected:#x}")]
+    SnapshotField {
+        /// The field.
+        field: &'static str,
+        /// Its value in the file.
+        found: u64,
+        /// The value the format requires.
+        expected: u64,
+    },
+    /// The snapshot's meta area ends inside one of its fields.
+    #[error("snapshot meta area ends inside {what}")]
+    SnapshotMetaTruncated {
+        /// The field that does not fit.
+        what: &'static str,
+    },
+    /// A block's data in a snapshot file is not aligned to
+    /// `max(4096, page size)`.
+    #[error("data of RAM block {block} at file offset {offset:#x} is not aligned to {align:#x}")]
+    SnapshotMisaligned {
+        /// The block.
+        block: BlockId,
+        /// Its data offset.
+        offset: u64,
+        /// The alignment it needs.
+        align: u64,
+    },
+    /// A block's data in a snapshot file starts before the end of the meta
+    /// area or of the previous block.
+    #[error(
+        "data of RAM block {block} at file offset {offset:#x} overlaps {previous}, which ends at {previous_end:#x}"
+    )]
+    SnapshotOverlap {
+        /// The block.
+        block: BlockId,
+        /// Its data offset.
+        offset: u64,
+        /// What it overlaps: the meta area or the previous block.
+        previous: &'static str,
+        /// Where that ends.
+        previous_end: u64,
+    },
+    /// A region named by a snapshot file lies (partly) past its `file_len`.
+    #[error(
+        "{what} at {offset:#x}+{len:#x} extends past the end of the snapshot file at {file_len:#x}"
+    )]
+    SnapshotOutOfFile {
+        /// The region: the meta area or a block's data.
+        what: String,
+        /// Its start.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// `file_len` from the header.
+        file_len: u64,
+    },
+    /// Bits set past the last page of a block's present bitmap.
+    #[error("present bitmap of RAM block {block} has bits set past its {pages} pages")]
+    SnapshotBitmapTail {
+        /// The block.
+        block: BlockId,
+        /// Pages of the block.
+        pages: u64,
+    },
 }
 
 /// Whose fault an error is, as the three kinds a migration tells apart.
@@ -329,12 +462,15 @@ impl Error {
     /// every malformed byte [`ErrorKind::Protocol`]. A caller's own misuse
     /// (a wrong buffer size, a payload left unread) is [`ErrorKind::Local`],
     /// and so is a listener turning a connection away at its limit of
-    /// pending hellos. A link timeout ([`crate::ConnectionHandle::set_link_timeout`])
+    /// pending hellos. A snapshot file that cannot be opened, read or
+    /// written is [`ErrorKind::Local`]; one that is corrupt, truncated or
+    /// unfinished is [`ErrorKind::Protocol`]. A link timeout ([`crate::ConnectionHandle::set_link_timeout`])
     /// is an I/O error of kind `TimedOut`, so [`ErrorKind::Link`].
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Closed | Error::Truncated { .. } => ErrorKind::Link,
             Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::SnapshotOpen { .. } | Error::SnapshotIo { .. } => ErrorKind::Local,
             Error::PayloadPending { .. }
             | Error::NoPayloadPending
             | Error::BufferSize { .. }

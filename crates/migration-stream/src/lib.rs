@@ -6,7 +6,9 @@
 //! and no KVM; the only threads it starts are the scoped ones
 //! [`Listener::accept_hello`] reads hellos on, all joined before it returns.
 //! It treats every byte it reads as hostile. The complete format, with byte
-//! tables, is in `docs/wire-format.md`.
+//! tables, is in `docs/wire-format.md`. It also defines the snapshot file
+//! format ([`snapshot`], `docs/snapshot-format.md`): RAM pages at fixed
+//! offsets, for background snapshots and lazy restore.
 //!
 //! # Modules
 //!
@@ -21,6 +23,7 @@
 //! | [`error`]     | [`Error`] and [`ErrorKind`] (link, protocol, local)                   |
 //! | [`transport`] | [`connect`], [`Listener`] ([`Listener::accept_hello`]), [`memory_pair`], [`ConnectionHandle`] (shutdown, link timeout) |
 //! | [`uri`]       | [`MigrationUri`]: `tcp:`, `unix:`, `file:`                            |
+//! | [`snapshot`]  | snapshot files (`docs/snapshot-format.md`): [`SnapshotWriter`], [`SnapshotReader`], [`SnapshotLayout`] |
 //!
 //! # Channels
 //!
@@ -143,6 +146,7 @@ pub mod header;
 pub mod limits;
 pub mod record;
 pub mod retpath;
+pub mod snapshot;
 pub mod transport;
 pub mod uri;
 mod wire;
@@ -155,6 +159,10 @@ pub use header::{
 };
 pub use record::{FrameTag, PageHeader, PagePayload, RamFlags, Record, StreamReader, StreamWriter};
 pub use retpath::{ReceivedBitmap, ReturnMessage, ReturnPathReader, ReturnPathWriter, ReturnTag};
+pub use snapshot::{
+    is_snapshot, SnapshotLayout, SnapshotReader, SnapshotSummary, SnapshotWriter,
+    SNAPSHOT_HEADER_LEN, SNAPSHOT_MAGIC, SNAPSHOT_VERSION,
+};
 pub use transport::{
     connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
     ConnectionHandle, Listener, ListenerCanceller, TransportError, MAX_PENDING_HELLOS,

@@ -35,6 +35,19 @@ pub const MAX_DEVICE_STATE_LEN: u64 = 64 << 20;
 /// around it.
 pub const MAX_PACKAGED_LEN: u64 = 128 << 20;
 
+/// Largest machine state blob a snapshot file may hold (128 MiB, the
+/// [`MAX_PACKAGED_LEN`] cap: the same device state a `Packaged` blob carries).
+pub const MAX_SNAPSHOT_STATE_LEN: u64 = MAX_PACKAGED_LEN;
+
+/// Largest total of the present bitmaps of one snapshot file, over all its
+/// blocks (256 MiB: one bit per page, so 8 TiB of 4 KiB pages).
+pub const MAX_SNAPSHOT_BITMAP_BYTES: u64 = 256 << 20;
+
+/// Largest meta area of a snapshot file (512 MiB): room for the largest
+/// block table, the largest state and the largest bitmaps together. A reader
+/// checks the header's meta length against it before allocating.
+pub const MAX_SNAPSHOT_META_LEN: u64 = 512 << 20;
+
 /// Most ranges one `Discard` command may carry; a sender splits longer lists.
 pub const MAX_DISCARD_RANGES: u32 = 65_536;
 

@@ -68,6 +68,12 @@ pub enum MemoryOp {
     Fstatfs,
     /// `mmap` of a scratch mapping.
     Mmap,
+    /// `madvise(MADV_POPULATE_READ)`: map pages readable without a byte changed.
+    PopulateRead,
+    /// `madvise(MADV_POPULATE_WRITE)`: map pages writable without a byte changed.
+    PopulateWrite,
+    /// A read of `/proc/self/pagemap`.
+    Pagemap,
 }
 
 impl fmt::Display for MemoryOp {
@@ -83,6 +89,9 @@ impl fmt::Display for MemoryOp {
             MemoryOp::Munlock => "munlock",
             MemoryOp::Fstatfs => "fstatfs",
             MemoryOp::Mmap => "mmap",
+            MemoryOp::PopulateRead => "madvise(MADV_POPULATE_READ)",
+            MemoryOp::PopulateWrite => "madvise(MADV_POPULATE_WRITE)",
+            MemoryOp::Pagemap => "reading /proc/self/pagemap",
         })
     }
 }

@@ -9,6 +9,8 @@
 //! | [`discard_guest`] | `madvise(MADV_DONTNEED)`, `madvise(MADV_REMOVE)` or `fallocate(PUNCH_HOLE)` | pages the source dirtied again must fault and be requested |
 //! | [`advise_guest_thp`] | `madvise(MADV_NOHUGEPAGE / MADV_HUGEPAGE)` | a discard must empty a 4 KiB page, not leave it inside a huge one |
 //! | [`mlock_guest`], [`munlock_guest`] | `mlock2`, `munlock` | locked memory refuses `MADV_DONTNEED`, so a VMM that locks its guest RAM unlocks it for postcopy |
+//! | [`populate_guest`] | `madvise(MADV_POPULATE_READ / MADV_POPULATE_WRITE)` | map every page without changing a byte: before write protection where the kernel cannot protect unpopulated pages, and as a writer to every page that proves none stays protected |
+//! | [`write_protected_pages`] | a read of `/proc/self/pagemap` | how many pages of a range are still userfaultfd write-protected |
 //!
 //! Each takes a guest range, checks that it lies inside one region and is
 //! aligned to the page size that matters (the backing's page size for a
@@ -383,6 +385,90 @@ pub fn munlock_guest<B: Bitmap>(
         });
     }
     Ok(())
+}
+
+/// How [`populate_guest`] maps pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Populate {
+    /// `MADV_POPULATE_READ`: map every page readable, as a read would.
+    /// Anonymous memory never written maps the shared zero page (nothing is
+    /// allocated); a write-protected page stays protected.
+    Read,
+    /// `MADV_POPULATE_WRITE`: map every page writable, as a write would,
+    /// without writing. A page that is write-protected (or missing) under a
+    /// userfaultfd blocks the call until the fault is resolved.
+    Write,
+}
+
+/// Maps every page of `[addr, addr + len)` of `mem` (inside one region, whole
+/// base pages) without changing a byte of it (Linux 5.14 and later).
+///
+/// [`Populate::Read`] before write-protecting anonymous memory makes its
+/// unpopulated pages protectable where the kernel has no
+/// `WP_UNPOPULATED` (a page table entry must exist to carry the protection).
+/// [`Populate::Write`] is a writer to every page: it returns only once no page
+/// of the range is write-protected any more.
+pub fn populate_guest<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+    addr: GuestAddress,
+    len: usize,
+    how: Populate,
+) -> Result<()> {
+    let start = guest_host_range(mem, addr, len, host_page_size())?;
+    let (advice, op) = match how {
+        Populate::Read => (libc::MADV_POPULATE_READ, MemoryOp::PopulateRead),
+        Populate::Write => (libc::MADV_POPULATE_WRITE, MemoryOp::PopulateWrite),
+    };
+    madvise(start, len, advice, op)
+}
+
+/// `PM_UFFD_WP` of `Documentation/admin-guide/mm/pagemap.rst`: the page table
+/// entry is userfaultfd write-protected (Linux 5.13 and later).
+const PAGEMAP_UFFD_WP: u64 = 1 << 57;
+
+/// Counts the base pages of `[addr, addr + len)` of `mem` (inside one region,
+/// whole base pages) whose page table entry is userfaultfd write-protected,
+/// from `/proc/self/pagemap` (bit 57). A write to any of them would block on
+/// the userfaultfd, or fault forever if nobody reads it: after a write-protect
+/// snapshot ends, this must be 0.
+pub fn write_protected_pages<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+    addr: GuestAddress,
+    len: usize,
+) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+
+    let base = host_page_size();
+    let start = guest_host_range(mem, addr, len, base)?;
+    let bad = |source| Error::Memory {
+        op: MemoryOp::Pagemap,
+        start,
+        len: len as u64,
+        source,
+    };
+    let file = std::fs::File::open("/proc/self/pagemap").map_err(bad)?;
+    const ENTRIES: usize = 8192;
+    let mut buf = vec![0u8; ENTRIES * 8];
+    let pages = len / base;
+    let first = start / base as u64;
+    let mut protected = 0;
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(ENTRIES);
+        let bytes = &mut buf[..n * 8];
+        file.read_exact_at(bytes, (first + done as u64) * 8)
+            .map_err(bad)?;
+        protected += bytes
+            .chunks_exact(8)
+            .filter(|e| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(e);
+                u64::from_ne_bytes(w) & PAGEMAP_UFFD_WP != 0
+            })
+            .count() as u64;
+        done += n;
+    }
+    Ok(protected)
 }
 
 #[cfg(test)]

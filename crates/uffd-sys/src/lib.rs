@@ -80,8 +80,8 @@ pub use flags::{Features, Ioctls, RegisterMode};
 pub use guest::guest_host_range;
 #[cfg(feature = "vm-memory")]
 pub use host_memory::{
-    advise_guest_thp, discard_guest, guest_backing, mlock_guest, munlock_guest, region_backing,
-    Backing, DiscardMethod, MlockMode, ThpAdvice,
+    advise_guest_thp, discard_guest, guest_backing, mlock_guest, munlock_guest, populate_guest,
+    region_backing, write_protected_pages, Backing, DiscardMethod, MlockMode, Populate, ThpAdvice,
 };
 pub use mapping::{Mapping, MemoryKind};
 pub use probe::{probe, thp_mode, MemorySupport, ModeSupport, Probe, ThpMode};

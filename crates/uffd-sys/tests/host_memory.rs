@@ -178,3 +178,72 @@ fn discarded_hugetlbfs_page_faults_again() {
     assert!(matches!(e, uffd_sys::Error::GuestRange { .. }), "{e}");
     discarded_page_faults_again(test, mem, Features::MISSING_HUGETLBFS);
 }
+
+#[test]
+fn pagemap_counts_write_protected_pages_and_populate_write_waits_for_them() {
+    let test = "pagemap_counts_write_protected_pages_and_populate_write_waits_for_them";
+    let Some(uffd) = uffd(test, Features::PAGEFAULT_FLAG_WP) else {
+        return;
+    };
+    let uffd = Arc::new(uffd);
+    let base = GuestAddress(0x10_0000);
+    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(base, 16 * PAGE)]).unwrap();
+    mem.write_slice(&[5; 16 * PAGE], base).unwrap();
+    let host = guest_host_range(&mem, base, 16 * PAGE, PAGE).unwrap();
+    assert_eq!(
+        uffd_sys::write_protected_pages(&mem, base, 16 * PAGE).unwrap(),
+        0
+    );
+    uffd.register(host, 16 * PAGE as u64, RegisterMode::WP)
+        .unwrap();
+    // Pages 4..12 protected.
+    uffd.write_protect(host + 4 * PAGE as u64, 8 * PAGE as u64)
+        .unwrap();
+    assert_eq!(
+        uffd_sys::write_protected_pages(&mem, base, 16 * PAGE).unwrap(),
+        8
+    );
+    // A read populate neither blocks nor lifts the protection.
+    uffd_sys::populate_guest(&mem, base, 16 * PAGE, uffd_sys::Populate::Read).unwrap();
+    assert_eq!(
+        uffd_sys::write_protected_pages(&mem, base, 16 * PAGE).unwrap(),
+        8
+    );
+    // A write populate is a writer to every page: it blocks on the first
+    // protected page until that page is unprotected.
+    let writer = {
+        let mem = mem.clone();
+        std::thread::spawn(move || {
+            uffd_sys::populate_guest(&mem, base, 16 * PAGE, uffd_sys::Populate::Write)
+        })
+    };
+    let mut unprotected = 0;
+    let mut buf = uffd_sys::EventBuf::new(16);
+    while !writer.is_finished() {
+        if !uffd.wait_readable(Some(Duration::from_millis(50))).unwrap() {
+            continue;
+        }
+        for ev in uffd.read_events(&mut buf).unwrap() {
+            let uffd_sys::Event::PageFault(pf) = ev else {
+                panic!("unexpected event {ev:?}");
+            };
+            assert_eq!(pf.kind, uffd_sys::FaultKind::WriteProtect);
+            let page = pf.address & !(PAGE as u64 - 1);
+            uffd.write_unprotect(page, PAGE as u64, uffd_sys::Wake::Yes)
+                .unwrap();
+            unprotected += 1;
+        }
+    }
+    writer.join().unwrap().unwrap();
+    assert_eq!(unprotected, 8, "one write fault per protected page");
+    assert_eq!(
+        uffd_sys::write_protected_pages(&mem, base, 16 * PAGE).unwrap(),
+        0
+    );
+    // No byte changed.
+    let mut got = vec![0u8; 16 * PAGE];
+    mem.read_slice(&mut got, base).unwrap();
+    assert!(got.iter().all(|&b| b == 5));
+    // Outside guest memory: refused before any call.
+    assert!(uffd_sys::write_protected_pages(&mem, base, 17 * PAGE).is_err());
+}

@@ -1,5 +1,7 @@
 //! Checking guest RAM from the outside: a SHA-256 digest per RAM region (equal
-//! RAM gives equal digests on two hosts) and byte samples at a stride.
+//! RAM gives equal digests on two hosts; [`snapshot_digest`] gives the same
+//! of a snapshot file), byte samples at a stride, and the pages a
+//! background snapshot might have left write-protected.
 //!
 //! Both read through vm-memory's volatile accessors, so they may run while the
 //! guest runs (the answer is then a blend of instants); for an exact
@@ -54,6 +56,68 @@ pub fn digest(ram: &GuestRam) -> Vec<RegionDigest> {
             }
         })
         .collect()
+}
+
+/// The digests [`digest`] would give for RAM holding what the snapshot file
+/// of `reader` holds (its zero pages, which the file does not store, read as
+/// zeros): the same per-block SHA-256, so a snapshot can be compared with
+/// the RAM it was taken of, or restored into.
+pub fn snapshot_digest(
+    reader: &migration_stream::SnapshotReader,
+) -> Result<Vec<RegionDigest>, migration_stream::Error> {
+    let mut buf = Vec::new();
+    reader
+        .blocks()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let id = migration_stream::BlockId(u32::try_from(i).unwrap_or(u32::MAX));
+            let ps = u64::from(b.page_size);
+            let per_read = ((1u64 << 20) / ps).max(1);
+            buf.resize((per_read * ps) as usize, 0);
+            let mut h = Sha256::new();
+            let pages = b.size / ps;
+            let mut page = 0;
+            while page < pages {
+                let n = per_read.min(pages - page);
+                let chunk = &mut buf[..(n * ps) as usize];
+                reader.read_pages(id, page, chunk)?;
+                h.update(&*chunk);
+                page += n;
+            }
+            Ok(RegionDigest {
+                name: b.name.clone(),
+                size: b.size,
+                sha256: format!("{:x}", h.finalize()),
+            })
+        })
+        .collect()
+}
+
+/// Pages of guest RAM still write-protected by a userfaultfd, over every
+/// region (`/proc/self/pagemap`): after a background snapshot ended, in any
+/// way, this must be 0.
+pub fn write_protected_pages(ram: &GuestRam) -> Result<u64, uffd_sys::Error> {
+    let mem = ram.memory();
+    mem.iter()
+        .map(|r| {
+            let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
+            uffd_sys::write_protected_pages(mem, r.start_addr(), len)
+        })
+        .sum()
+}
+
+/// Writes to every page of guest RAM without changing a byte
+/// (`MADV_POPULATE_WRITE`): it returns only once no page is write-protected,
+/// so a page left protected with nobody to resolve its fault shows as a
+/// call that never returns.
+pub fn populate_write(ram: &GuestRam) -> Result<(), uffd_sys::Error> {
+    let mem = ram.memory();
+    for r in mem.iter() {
+        let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
+        uffd_sys::populate_guest(mem, r.start_addr(), len, uffd_sys::Populate::Write)?;
+    }
+    Ok(())
 }
 
 /// Most samples [`sample`] returns in one call.

@@ -17,7 +17,7 @@ use vmm_glue::guest::{ab_check, Workload};
 use vmm_glue::io::NoDevices;
 use vmm_glue::session::{
     Capability, DeviceState, Event, GuestRam, Machine, MigrationInfo, MigrationStatus, RamRegion,
-    RunState, Session, SessionError, StateError, UsageError, Vcpus,
+    RestoreMode, RunState, Session, SessionError, StateError, UsageError, Vcpus,
 };
 use vmm_glue::soft::SoftVcpus;
 use vmm_glue::{verify, GuestMemoryMmap};
@@ -431,4 +431,239 @@ fn run_state_changes_are_atomic_under_concurrent_callers() {
     assert!(!v.vcpus.running());
     v.session.cont().unwrap();
     assert!(v.vcpus.running());
+}
+
+/// Whether userfaultfd works here; prints SKIPPED (or fails with
+/// REQUIRE_UFFD=1) when not.
+fn have_uffd(test: &str) -> bool {
+    match uffd_sys::Uffd::new() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("REQUIRE_UFFD").as_deref() == Ok("1") {
+                panic!("{test}: userfaultfd required (REQUIRE_UFFD=1): {e}");
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {test}: userfaultfd unusable here: {e} ***\n"
+            );
+            false
+        }
+    }
+}
+
+/// A background snapshot of `src` (running) to `path`, with the RAM digest
+/// taken at its instant. Returns that digest and the source's info.
+fn snapshot_to(src: &Vm, path: &std::path::Path) -> (Vec<verify::RegionDigest>, MigrationInfo) {
+    let at_instant: Arc<parking_lot::Mutex<Option<Vec<verify::RegionDigest>>>> = Arc::default();
+    let slot = Arc::clone(&at_instant);
+    src.session.on_snapshot_instant(Box::new(move |m| {
+        *slot.lock() = Some(verify::digest(m.ram()))
+    }));
+    src.session
+        .set_capabilities(&[(Capability::BackgroundSnapshot, true)])
+        .unwrap();
+    // Slow enough that the guest writes to many pages not saved yet.
+    src.session
+        .update_parameters(|p| p.max_bandwidth = 32 << 20)
+        .unwrap();
+    let uri = format!("file:{}", path.display());
+    src.session.migrate(&uri).unwrap();
+    let s = src.wait_final();
+    let digest = at_instant
+        .lock()
+        .take()
+        .expect("the hook ran at the instant");
+    (digest, s)
+}
+
+#[test]
+fn a_background_snapshot_is_one_instant_and_restores_eagerly_and_lazily() {
+    let test = "a_background_snapshot_is_one_instant_and_restores_eagerly_and_lazily";
+    if !have_uffd(test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vm.snap");
+    let src = vm(32, Workload::Ab, [11, 0xbeef]);
+    src.session.start().unwrap();
+    src.wait_progress();
+    let (at_instant, s) = snapshot_to(&src, &path);
+    assert_eq!(s.status, MigrationStatus::Completed, "{s:?}");
+    // A snapshot leaves the guest running here, with nothing protected.
+    assert_eq!(src.session.run_state(), RunState::Running);
+    src.wait_progress();
+    assert_eq!(
+        verify::write_protected_pages(src.session.machine().ram()).unwrap(),
+        0
+    );
+    let faults = s.snapshot.expect("write-fault figures");
+    assert!(
+        faults.fault_pages > 0,
+        "the guest wrote during the save: {faults:?}"
+    );
+    assert!(s.downtime.is_some());
+    // The file holds RAM as it was at the instant.
+    let reader = migration_stream::SnapshotReader::open(&path).unwrap();
+    assert_eq!(verify::snapshot_digest(&reader).unwrap(), at_instant);
+
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let dst = vm(32, Workload::Ab, [0, 0]);
+        dst.session.defer_incoming().unwrap();
+        if mode == RestoreMode::Eager {
+            // Paused once loaded, to compare it exactly.
+            dst.session.stop().unwrap();
+        }
+        dst.session.restore(&path, mode).unwrap();
+        let d = dst.wait_final();
+        assert_eq!(d.status, MigrationStatus::Completed, "{mode}: {d:?}");
+        assert_eq!(d.restore_mode, Some(mode));
+        for (a, b) in src.devices.iter().zip(&dst.devices) {
+            assert_eq!(
+                a.value.load(Ordering::Relaxed),
+                b.value.load(Ordering::Relaxed),
+                "{mode}: device {} restored",
+                a.name
+            );
+        }
+        match mode {
+            RestoreMode::Eager => {
+                assert_eq!(dst.digest(), at_instant, "eager: RAM is the snapshot's");
+                ab_check(&dst.first_bytes(), 2).unwrap();
+                dst.session.cont().unwrap();
+            }
+            _ => {
+                // The guest ran at once, on pages read as it touched them.
+                let pc = d.postcopy.expect("fault figures of a lazy restore");
+                assert!(pc.faults > 0 && pc.requests > 0, "lazy: {pc:?}");
+                assert_eq!(pc.missing_pages, 0);
+                assert_eq!(dst.session.run_state(), RunState::Running);
+            }
+        }
+        dst.wait_progress();
+        dst.session.stop().unwrap();
+        ab_check(&dst.first_bytes(), 2).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_background_snapshot_over_a_socket_loads_as_a_migration() {
+    let test = "a_background_snapshot_over_a_socket_loads_as_a_migration";
+    if !have_uffd(test) {
+        return;
+    }
+    let src = vm(32, Workload::Ab, [5, 6]);
+    src.session.start().unwrap();
+    src.wait_progress();
+    let dst = vm(32, Workload::Ab, [0, 0]);
+    dst.session.defer_incoming().unwrap();
+    dst.session.stop().unwrap();
+    let (a, b) = memory_pair();
+    dst.session.incoming_from(b).unwrap();
+    let at_instant: Arc<parking_lot::Mutex<Option<Vec<verify::RegionDigest>>>> = Arc::default();
+    let slot = Arc::clone(&at_instant);
+    src.session.on_snapshot_instant(Box::new(move |m| {
+        *slot.lock() = Some(verify::digest(m.ram()))
+    }));
+    src.session
+        .set_capabilities(&[(Capability::BackgroundSnapshot, true)])
+        .unwrap();
+    src.session.migrate_to(a).unwrap();
+    let s = src.wait_final();
+    assert_eq!(s.status, MigrationStatus::Completed, "{s:?}");
+    let d = dst.wait_final();
+    assert_eq!(d.status, MigrationStatus::Completed, "{d:?}");
+    assert_eq!(src.session.run_state(), RunState::Running);
+    assert_eq!(Some(dst.digest()), at_instant.lock().take());
+}
+
+#[test]
+fn a_cancelled_snapshot_and_a_bad_snapshot_file_leave_both_sides_intact() {
+    let test = "a_cancelled_snapshot_and_a_bad_snapshot_file_leave_both_sides_intact";
+    if !have_uffd(test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("snap-cancel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vm.snap");
+    let src = vm(64, Workload::Ab, [1, 2]);
+    src.session.start().unwrap();
+    src.session
+        .set_capabilities(&[(Capability::BackgroundSnapshot, true)])
+        .unwrap();
+    src.session
+        .update_parameters(|p| p.max_bandwidth = 2 << 20)
+        .unwrap();
+    src.session
+        .migrate(&format!("file:{}", path.display()))
+        .unwrap();
+    let t = Instant::now();
+    while src.session.info().status != MigrationStatus::Active {
+        assert!(t.elapsed() < GUARD);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    src.session.cancel();
+    let s = src.wait_final();
+    assert_eq!(s.status, MigrationStatus::Cancelled, "{s:?}");
+    assert_eq!(src.session.run_state(), RunState::Running);
+    assert_eq!(
+        verify::write_protected_pages(src.session.machine().ram()).unwrap(),
+        0
+    );
+    verify::populate_write(src.session.machine().ram()).unwrap();
+    src.wait_progress();
+    assert!(!path.exists(), "the unfinished file is removed");
+
+    // A finished snapshot, then damaged: a clear error, and the destination
+    // may try again.
+    src.session
+        .update_parameters(|p| p.max_bandwidth = 0)
+        .unwrap();
+    src.session
+        .migrate(&format!("file:{}", path.display()))
+        .unwrap();
+    assert_eq!(src.wait_final().status, MigrationStatus::Completed);
+    let good = std::fs::read(&path).unwrap();
+    let bad = dir.join("bad.snap");
+    let dst = vm(64, Workload::Ab, [0, 0]);
+    dst.session.defer_incoming().unwrap();
+    for (what, bytes) in [
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("corrupt", {
+            let mut b = good.clone();
+            b[4096 + 5] ^= 0x40;
+            b
+        }),
+    ] {
+        std::fs::write(&bad, &bytes).unwrap();
+        dst.session.restore(&bad, RestoreMode::Eager).unwrap();
+        let d = dst.wait_final();
+        assert_eq!(d.status, MigrationStatus::Failed, "{what}: {d:?}");
+        let e = error_of(&d);
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{what}: {}", e.describe());
+        assert!(
+            e.describe().contains(what) || e.describe().contains("checksum"),
+            "{what}: {}",
+            e.describe()
+        );
+        assert_eq!(dst.session.run_state(), RunState::InMigrate);
+    }
+    // Not a snapshot at all: refused at the call.
+    assert!(matches!(
+        dst.session
+            .restore(std::path::Path::new("/dev/null"), RestoreMode::Lazy),
+        Err(SessionError::Usage(UsageError::NotASnapshot(_)))
+    ));
+    // No file: refused at the call, saying why.
+    let missing = dir.join("missing.snap");
+    match dst.session.restore(&missing, RestoreMode::Eager) {
+        Err(SessionError::Usage(e @ UsageError::SnapshotUnreadable(..))) => {
+            assert!(e.to_string().contains("No such file"), "{e}")
+        }
+        other => panic!("a missing file: {other:?}"),
+    }
+    dst.session.restore(&path, RestoreMode::Lazy).unwrap();
+    assert_eq!(dst.wait_final().status, MigrationStatus::Completed);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::blocktime::{Blocktime, BlocktimeSnapshot};
 use super::PostcopyError;
 use crate::bitmap::DirtyBitmap;
-use crate::block::{RamBlock, RamBlocks};
+use crate::block::{HostMap, RamBlock, RamBlocks};
 use crate::error::{Error, Result};
 use crate::placer::{PagePlacer, UffdPlacer};
 use crate::GuestMemoryMmap;
@@ -80,24 +80,13 @@ struct Counters {
     request_errors: AtomicU64,
 }
 
-/// A block's host range.
-#[derive(Debug, Clone, Copy)]
-struct Span {
-    start: u64,
-    end: u64,
-    index: usize,
-    page_size: u64,
-}
-
 /// What the fault thread and the placer share.
 struct Shared {
     mem: Arc<GuestMemoryMmap>,
     uffd: Arc<Uffd>,
     blocks: Arc<RamBlocks>,
-    /// Host start of each block, by index.
-    host: Vec<u64>,
-    /// The blocks' host ranges, by start.
-    spans: Vec<Span>,
+    /// Where the blocks lie in this process.
+    map: HostMap,
     requested: Vec<DirtyBitmap>,
     /// Pages a fault opened a wait on (the placer reads the clock only for
     /// those).
@@ -118,7 +107,7 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("blocks", &self.blocks.len())
-            .field("spans", &self.spans)
+            .field("map", &self.map)
             .finish_non_exhaustive()
     }
 }
@@ -137,20 +126,6 @@ impl Shared {
 
     fn failed(&self) -> bool {
         self.error.lock().map_or(true, |e| e.is_some())
-    }
-
-    /// The block, page and page host address of a faulting host address.
-    fn locate(&self, addr: u64) -> Option<(usize, u64, u64)> {
-        let i = self
-            .spans
-            .partition_point(|s| s.start <= addr)
-            .checked_sub(1)?;
-        let s = self.spans[i];
-        if addr >= s.end {
-            return None;
-        }
-        let page = (addr - s.start) / s.page_size;
-        Some((s.index, page, s.start + page * s.page_size))
     }
 
     /// The index of `block` in the handler's blocks (by identity: a copy of
@@ -174,7 +149,7 @@ impl Shared {
         // sees the faulted bit, or the fault thread sees the received bit.
         fence(Ordering::SeqCst);
         if self.faulted[index].test(page) {
-            let addr = self.host[index] + page * page_size;
+            let addr = self.map.host(index) + page * page_size;
             self.blocktime.close(addr, || self.blocktime.now_ns());
         }
     }
@@ -302,7 +277,7 @@ impl FaultThread {
                 continue;
             }
             faults += 1;
-            let Some((index, page, page_addr)) = shared.locate(pf.address) else {
+            let Some((index, page, page_addr)) = shared.map.locate(pf.address) else {
                 shared.record(PostcopyError::FaultOutside { addr: pf.address }.into());
                 continue;
             };
@@ -470,28 +445,7 @@ impl FaultHandler {
         sink: Arc<dyn PageRequestSink>,
         vcpu_tids: Vec<u32>,
     ) -> Result<FaultHandler> {
-        blocks.check_memory(&mem)?;
-        let mut host = Vec::with_capacity(blocks.len());
-        for b in blocks.iter() {
-            let addr = b.host_addr(&mem).ok_or_else(|| Error::NotInMemory {
-                name: b.name().to_owned(),
-                guest_addr: b.guest_addr().0,
-                size: b.size(),
-            })?;
-            host.push(addr);
-        }
-        let mut spans: Vec<Span> = blocks
-            .iter()
-            .zip(&host)
-            .enumerate()
-            .map(|(index, (b, &start))| Span {
-                start,
-                end: start + b.size(),
-                index,
-                page_size: u64::from(b.page_size()),
-            })
-            .collect();
-        spans.sort_unstable_by_key(|s| s.start);
+        let map = HostMap::new(&mem, &blocks)?;
         let base_page = uffd_sys::mapping::host_page_size() as u64;
         let largest = u64::from(blocks.max_page_size());
         let zeros = if largest > base_page {
@@ -511,8 +465,7 @@ impl FaultHandler {
             counters: Counters::default(),
             zeros,
             base_page,
-            host,
-            spans,
+            map,
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
             uffd: Arc::clone(&uffd),
@@ -549,7 +502,7 @@ impl FaultHandler {
 
     fn register(&mut self) -> Result<()> {
         let s = &self.shared;
-        for (b, &host) in s.blocks.iter().zip(&s.host) {
+        for (b, &host) in s.blocks.iter().zip(s.map.starts()) {
             let ioctls = s
                 .uffd
                 .register(host, b.size(), RegisterMode::MISSING)
@@ -673,7 +626,7 @@ impl FaultHandler {
         }
         let s = &self.shared;
         let mut first = None;
-        for (b, &host) in s.blocks.iter().zip(&s.host) {
+        for (b, &host) in s.blocks.iter().zip(s.map.starts()) {
             // A block that was never registered (start failed part way) gives
             // EINVAL or ENOENT here, which is fine.
             if let Err(source) = s.uffd.unregister(host, b.size()) {

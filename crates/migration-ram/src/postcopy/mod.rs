@@ -67,6 +67,7 @@ pub use error::PostcopyError;
 pub use fault::{FaultHandler, FaultStats, PageRequestSink};
 pub use incoming::PostcopyIncoming;
 pub use mlock::MunlockGuard;
+pub(crate) use support::block_backing;
 pub use support::{check_blocks, check_support, BlockSupport};
 /// How the VMM locked its guest memory (for [`MunlockGuard`]).
 pub use uffd_sys::MlockMode;

@@ -12,10 +12,15 @@
 //! | `migrate-start-postcopy` | [`Session::start_postcopy`] |
 //! | `query-migrate` | [`Session::info`] |
 //! | `x-ram-digest`, `x-ram-sample` | [`verify::digest`], [`verify::sample`] |
+//! | `x-write-protected-pages`, `x-populate-write` | [`verify::write_protected_pages`], [`verify::populate_write`] |
 //! | `quit` | the VMM's quit callback, after the reply |
 //!
-//! `migrate-set-parameters` also takes `x-link-timeout` (milliseconds). Other
-//! commands go to the VMM's [`QmpExtension`], if any.
+//! `migrate-set-parameters` also takes `x-link-timeout` (milliseconds);
+//! `migrate-incoming` takes `x-restore-mode` (`eager` or `lazy`) with a
+//! `file:` snapshot ([`Session::restore`]). `query-migrate` adds
+//! `x-snapshot` (a background snapshot's write faults and the writers'
+//! waits) and `x-restore-mode`. Other commands go to the VMM's
+//! [`QmpExtension`], if any.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +30,8 @@ use serde_json::{json, Map, Value};
 
 use crate::qmp::server::{EventSink, Handler, QmpError};
 use crate::session::{
-    Capability, Event, GuestExit, MigrationInfo, MigrationStatus, Parameters, RunState, Session,
-    SessionError,
+    Capability, Event, GuestExit, MigrationInfo, MigrationStatus, Parameters, RestoreMode,
+    RunState, Session, SessionError,
 };
 use crate::verify;
 
@@ -208,12 +213,26 @@ impl QmpAdapter {
     }
 
     fn migrate_incoming(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        only(args, &["uri"])?;
+        only(args, &["uri", "x-restore-mode"])?;
         let uri = str_arg(args, "uri")?;
         if self.session.run_state() != RunState::InMigrate {
             return Err(err("'-incoming' was not specified on the command line"));
         }
-        self.session.incoming(uri).map_err(session_err)?;
+        match args.get("x-restore-mode") {
+            None => self.session.incoming(uri).map_err(session_err)?,
+            Some(v) => {
+                let mode = v
+                    .as_str()
+                    .and_then(RestoreMode::from_name)
+                    .ok_or_else(|| err("x-restore-mode must be \"eager\" or \"lazy\""))?;
+                let path = uri.strip_prefix("file:").ok_or_else(|| {
+                    err("x-restore-mode applies to snapshot files: the uri must be file:PATH")
+                })?;
+                self.session
+                    .restore(std::path::Path::new(path), mode)
+                    .map_err(session_err)?;
+            }
+        }
         Ok(json!({}))
     }
 
@@ -228,6 +247,18 @@ impl QmpAdapter {
         .map_err(QmpError::generic)?;
         Ok(json!({ "data": base64::engine::general_purpose::STANDARD.encode(data) }))
     }
+}
+
+/// A histogram of power-of-two microsecond buckets, the empty ones left out:
+/// `bucket-us` is a bucket's lower bound.
+fn buckets(dist: &[u64]) -> Value {
+    Value::Array(
+        dist.iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| json!({"bucket-us": 1u64 << i, "count": c}))
+            .collect(),
+    )
 }
 
 /// QEMU's `query-migrate` reply for `info`.
@@ -296,18 +327,30 @@ pub fn query_migrate_reply(info: &MigrationInfo) -> Value {
             json!(b.postcopy_vcpu_blocktime_ms()),
         );
         f.insert("postcopy-latency".into(), json!(b.postcopy_latency_ns()));
-        // Power-of-two microsecond buckets: `bucket-us` is the lower bound.
-        let dist: Vec<Value> = b
-            .postcopy_latency_dist()
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(i, &c)| json!({"bucket-us": 1u64 << i, "count": c}))
-            .collect();
-        f.insert("x-postcopy-latency-us".into(), Value::Array(dist));
+        f.insert(
+            "x-postcopy-latency-us".into(),
+            buckets(b.postcopy_latency_dist()),
+        );
         f.insert("x-postcopy-faults".into(), json!(pc.faults));
         f.insert("x-postcopy-requests".into(), json!(pc.requests));
         f.insert("x-postcopy-missing-pages".into(), json!(pc.missing_pages));
+    }
+    if let Some(sn) = &info.snapshot {
+        f.insert(
+            "x-snapshot".into(),
+            json!({
+                "write-faults": sn.faults,
+                "fault-pages": sn.fault_pages,
+                "late-faults": sn.late_faults,
+                "stall-p50-us": sn.stall_p50_us,
+                "stall-p99-us": sn.stall_p99_us,
+                "stall-max-us": sn.stall_max_us,
+                "stall-us": buckets(&sn.stall_histogram),
+            }),
+        );
+    }
+    if let Some(mode) = info.restore_mode {
+        f.insert("x-restore-mode".into(), json!(mode.as_str()));
     }
     if info.rejected_connections > 0 {
         f.insert(
@@ -388,6 +431,18 @@ impl Handler for QmpAdapter {
                 Ok(json!({ "algorithm": verify::DIGEST_ALGORITHM, "blocks": blocks }))
             }
             "x-ram-sample" => self.ram_sample(args),
+            "x-write-protected-pages" => {
+                only(args, &[])?;
+                let n = verify::write_protected_pages(s.machine().ram())
+                    .map_err(|e| QmpError::generic(crate::error_chain(&e)))?;
+                Ok(json!({ "pages": n }))
+            }
+            "x-populate-write" => {
+                only(args, &[])?;
+                verify::populate_write(s.machine().ram())
+                    .map_err(|e| QmpError::generic(crate::error_chain(&e)))?;
+                Ok(json!({}))
+            }
             other => match self.extension.as_ref().and_then(|x| x.execute(other, args)) {
                 Some(r) => r,
                 None => Err(QmpError::not_found(other)),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migration_ram::postcopy::FaultStats;
+use migration_ram::snapshot::WriteFaultStats;
 use migration_ram::RamStatsSnapshot;
 use migration_stream::MigrationUri;
 
@@ -169,10 +170,12 @@ impl Capability {
 
     /// Whether this build implements it.
     pub fn available(self) -> bool {
-        // Preempt and background snapshots are planned.
+        // Preempt is planned.
         matches!(
             self,
-            Capability::PostcopyRam | Capability::PostcopyBlocktime
+            Capability::PostcopyRam
+                | Capability::PostcopyBlocktime
+                | Capability::BackgroundSnapshot
         )
     }
 
@@ -188,11 +191,54 @@ impl fmt::Display for Capability {
 }
 
 /// Pairs of capabilities that cannot be on together, each refused with an
-/// error that names both.
-pub const INCOMPATIBLE: [(Capability, Capability); 2] = [
+/// error that names both. A background snapshot saves RAM as it was at one
+/// instant while the guest keeps running here: a destination that runs the
+/// guest (postcopy) or measures its waits (blocktime) contradicts that.
+pub const INCOMPATIBLE: [(Capability, Capability); 3] = [
     (Capability::BackgroundSnapshot, Capability::PostcopyRam),
     (Capability::BackgroundSnapshot, Capability::PostcopyPreempt),
+    (
+        Capability::BackgroundSnapshot,
+        Capability::PostcopyBlocktime,
+    ),
 ];
+
+/// How a snapshot file is restored ([`Session::restore`](super::Session::restore)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RestoreMode {
+    /// Every page is read into guest memory before the guest runs.
+    #[default]
+    Eager,
+    /// The guest runs at once; a page it touches is read from the file on
+    /// the spot, and a background fill reads the rest.
+    Lazy,
+}
+
+impl RestoreMode {
+    /// The name (`eager`, `lazy`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreMode::Eager => "eager",
+            RestoreMode::Lazy => "lazy",
+        }
+    }
+
+    /// The mode named `name`.
+    pub fn from_name(name: &str) -> Option<RestoreMode> {
+        match name {
+            "eager" => Some(RestoreMode::Eager),
+            "lazy" => Some(RestoreMode::Lazy),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RestoreMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Capabilities that need another one on.
 pub const REQUIRES: [(Capability, Capability); 1] =
@@ -319,8 +365,15 @@ pub struct MigrationInfo {
     /// Connections the destination dropped before one said a valid hello.
     pub rejected_connections: u64,
     /// A postcopy destination's fault handling: faults, requests, blocktime
-    /// (total, per vCPU, latency histogram).
+    /// (total, per vCPU, latency histogram); for a lazy restore, the faults
+    /// served from the file.
     pub postcopy: Option<FaultStats>,
+    /// A background snapshot's write faults and what they cost the guest
+    /// (source, once the save ended).
+    pub snapshot: Option<WriteFaultStats>,
+    /// How the snapshot file being restored is read (destination of a
+    /// restore).
+    pub restore_mode: Option<RestoreMode>,
 }
 
 /// Something the operator may want to know, delivered to subscribers

@@ -11,24 +11,30 @@
 //! and a new incoming migration may start (every page it sends replaces what
 //! the failed one left).
 
-use std::sync::atomic::Ordering;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use migration_ram::postcopy::{PageRequestSink, PostcopyIncoming};
-use migration_ram::{PrecopyLoader, RamBlocks};
+use migration_ram::snapshot::{restore_eager, LazyRestore};
+use migration_ram::{CopyPlacer, PrecopyLoader, RamBlocks};
 use migration_stream::{
     read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ErrorKind, Hello,
-    Record, ReturnMessage, ReturnPathWriter, Role, StreamReader,
+    Record, ReturnMessage, ReturnPathWriter, Role, SnapshotReader, StreamReader,
 };
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::error::SessionError;
 use super::wire::Received;
-use super::{MigrationStatus, Origin, Run, RunState, Shared};
+use super::{MigrationStatus, Origin, RestoreMode, Run, RunState, Shared};
 
-/// Runs an incoming migration to its end and records the outcome.
+/// Runs an incoming migration (or a restore) to its end and records the
+/// outcome.
 pub(super) fn run(sh: &Arc<Shared>, origin: Origin, run: Run) {
-    let result = incoming(sh, origin, &run);
+    let result = match origin {
+        Origin::Snapshot(path, mode) => restore(sh, &path, mode, &run),
+        origin => incoming(sh, origin, &run),
+    };
     finish(sh, result, &run);
 }
 
@@ -45,6 +51,9 @@ fn accept(sh: &Shared, origin: Origin) -> Result<(Connection, Hello), SessionErr
             sh.state.lock().listener = None;
             Ok(accepted)
         }
+        Origin::Snapshot(..) => Err(SessionError::Protocol(
+            "a snapshot file is restored, not accepted".into(),
+        )),
         Origin::Connection(mut conn) => {
             if conn.handle.has_return_path() {
                 conn.handle
@@ -280,6 +289,78 @@ fn unpack(
     }
 }
 
+/// Restores a snapshot file: its blocks checked against this machine's
+/// RAM and its state sections filed first, then, eagerly, every page read
+/// before the state loads; or, lazily, fault handling on, the state loaded,
+/// the guest started, and every page filled in while it runs.
+fn restore(
+    sh: &Arc<Shared>,
+    path: &Path,
+    mode: RestoreMode,
+    run: &Run,
+) -> Result<Loaded, SessionError> {
+    let machine = &sh.machine;
+    let reader = Arc::new(SnapshotReader::open(path)?);
+    let ram = machine.ram();
+    let blocks = Arc::new(ram.blocks()?);
+    blocks.check_against(reader.blocks())?;
+    let mut state = Received::default();
+    state.accept_frames(machine, reader.state())?;
+    sh.set_status(MigrationStatus::Active);
+    log::info!(
+        "restoring {} ({mode}): {} pages stored in the file",
+        path.display(),
+        (0..reader.blocks().len())
+            .map(|i| reader.present_pages(BlockId(i as u32)))
+            .sum::<u64>()
+    );
+    match mode {
+        RestoreMode::Eager => {
+            let placer = CopyPlacer::new(Arc::clone(ram.memory()));
+            restore_eager(&reader, &blocks, &placer, &run.stats, &run.cancel)?;
+            Ok(Loaded {
+                source_running: state.apply(machine)?,
+                postcopy: false,
+            })
+        }
+        RestoreMode::Lazy => {
+            let mut pc = PostcopyIncoming::new(Arc::clone(ram.memory()), Arc::clone(&blocks))?;
+            if let Some(lock) = ram.locked() {
+                pc.unlock_memory(lock)?;
+            }
+            let started = LazyRestore::start(
+                reader,
+                &mut pc,
+                machine.vcpus().thread_ids(),
+                Some(machine.balloon_inhibitor()),
+            );
+            // Kept where `info` finds its figures, and where `finish` ends it
+            // on every way out.
+            *sh.postcopy_in.lock() = Some(pc);
+            let mut lazy = started?;
+            let source_running = state.apply(machine)?;
+            start_if_wanted(sh, source_running);
+            // Not cancellable any more once the guest may run on it.
+            let never = AtomicBool::new(false);
+            let cancel = if sh.state.lock().guest_started {
+                &never
+            } else {
+                &*run.cancel
+            };
+            lazy.fill(&run.stats, cancel)?;
+            let pc = sh.postcopy_in.lock().take();
+            if let Some(pc) = pc {
+                let stats = pc.finish()?;
+                sh.state.lock().postcopy_stats = Some(stats);
+            }
+            Ok(Loaded {
+                source_running,
+                postcopy: true,
+            })
+        }
+    }
+}
+
 /// Starts the migrated guest if it ran on the source and nobody said `stop`
 /// here meanwhile; otherwise it stays paused.
 fn start_if_wanted(sh: &Shared, source_running: bool) {
@@ -302,6 +383,12 @@ fn start_if_wanted(sh: &Shared, source_running: bool) {
     }
 }
 
+/// Whether a lazy restore's guest has run on the memory being restored.
+fn lazy_running(sh: &Shared) -> bool {
+    let st = sh.state.lock();
+    st.restore_mode == Some(RestoreMode::Lazy) && st.guest_started
+}
+
 fn finish(sh: &Shared, result: Result<Loaded, SessionError>, run: &Run) {
     match result {
         Ok(loaded) => {
@@ -311,6 +398,15 @@ fn finish(sh: &Shared, result: Result<Loaded, SessionError>, run: &Run) {
             }
         }
         Err(e) if run.cancel.load(Ordering::Acquire) => {
+            // A lazy restore cancelled before its guest ran: its fault
+            // handling ends too.
+            if sh.state.lock().restore_mode == Some(RestoreMode::Lazy) {
+                if let Some(pc) = sh.postcopy_in.lock().take() {
+                    if let Err(f) = pc.finish() {
+                        log::debug!("ending the cancelled restore's fault handling: {f}");
+                    }
+                }
+            }
             log::info!("incoming migration cancelled ({})", e.describe());
             sh.finish(MigrationStatus::Cancelled, None);
         }
@@ -322,6 +418,21 @@ fn finish(sh: &Shared, result: Result<Loaded, SessionError>, run: &Run) {
                 && e.kind() == ErrorKind::Link =>
         {
             sh.finish(MigrationStatus::PostcopyPaused, Some(e))
+        }
+        Err(e) if lazy_running(sh) => {
+            // A guest that runs on a lazy restore that failed must not see
+            // its missing pages as zeros: it is paused, and fault handling
+            // stays on (its pages never come).
+            let _rc = sh.run_ctl.lock();
+            if sh.machine.vcpus().running() {
+                if let Err(p) = sh.pause_guest(RunState::Paused) {
+                    log::error!(
+                        "cannot pause the guest of a failed lazy restore: {}",
+                        p.describe()
+                    );
+                }
+            }
+            sh.finish(MigrationStatus::Failed, Some(e))
         }
         Err(e) => {
             // Fault handling ends: a guest that was running here on missing

@@ -62,6 +62,16 @@ pub enum UsageError {
     /// `file:` migration has none).
     #[error("postcopy needs a return path for page requests; file: migrations have none")]
     PostcopyNeedsReturnPath,
+    /// A restore was asked of a file that is not a snapshot file (a
+    /// migration stream saved to a file loads with `incoming`, eagerly).
+    #[error(
+        "{0} is not a snapshot file (a background snapshot writes those; a migration stream \
+         saved to a file is loaded with migrate-incoming, and only eagerly)"
+    )]
+    NotASnapshot(String),
+    /// The file named for a restore cannot be opened or read.
+    #[error("cannot read the snapshot file {0}: {1}")]
+    SnapshotUnreadable(String, String),
     /// The migration URI does not parse.
     #[error(transparent)]
     Uri(#[from] UriError),

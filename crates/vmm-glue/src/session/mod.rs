@@ -56,10 +56,12 @@ mod destination;
 mod error;
 mod events;
 mod machine;
+mod snapshot;
 mod source;
 mod state;
 mod wire;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
@@ -67,13 +69,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use migration_ram::postcopy::{FaultStats, PostcopyIncoming};
+use migration_ram::snapshot::WriteFaultStats;
 use migration_ram::{RamStats, SharedParams};
 use migration_stream::{Connection, ConnectionHandle, Listener, ListenerCanceller, MigrationUri};
 use parking_lot::Mutex;
 
 pub use config::{
-    Capabilities, Capability, Event, Failure, MigrationInfo, MigrationStatus, Parameters, RunState,
-    DEFAULT_LINK_TIMEOUT, INCOMPATIBLE, MAX_DOWNTIME_MS, REQUIRES,
+    Capabilities, Capability, Event, Failure, MigrationInfo, MigrationStatus, Parameters,
+    RestoreMode, RunState, DEFAULT_LINK_TIMEOUT, INCOMPATIBLE, MAX_DOWNTIME_MS, REQUIRES,
 };
 pub use error::{SessionError, UsageError};
 pub use events::EventCallback;
@@ -119,6 +122,10 @@ struct State {
     outgoing: bool,
     /// A postcopy destination's figures once fault handling ended.
     postcopy_stats: Option<FaultStats>,
+    /// A background snapshot's write-fault figures once it ended.
+    snapshot_stats: Option<WriteFaultStats>,
+    /// How the snapshot being restored here is read.
+    restore_mode: Option<RestoreMode>,
 }
 
 pub(crate) struct Shared {
@@ -132,7 +139,13 @@ pub(crate) struct Shared {
     /// A postcopy destination's state: set up with the incoming migration
     /// when postcopy-ram is on, kept while postcopy is paused.
     postcopy_in: Mutex<Option<PostcopyIncoming>>,
+    /// Called at a background snapshot's instant.
+    snapshot_hook: Mutex<Option<Arc<SnapshotHook>>>,
 }
+
+/// What [`Session::on_snapshot_instant`] calls: with the vCPUs paused and
+/// guest RAM as the snapshot will hold it.
+pub type SnapshotHook = dyn Fn(&Machine) + Send + Sync;
 
 /// The migration session of one VM. See the [module docs](self).
 pub struct Session {
@@ -149,6 +162,8 @@ enum Target {
 enum Origin {
     Listener(Listener),
     Connection(Connection),
+    /// A snapshot file, restored so.
+    Snapshot(PathBuf, RestoreMode),
 }
 
 impl Session {
@@ -183,12 +198,15 @@ impl Session {
                 before_switchover: None,
                 outgoing: false,
                 postcopy_stats: None,
+                snapshot_stats: None,
+                restore_mode: None,
             }),
             run_ctl: Mutex::new(()),
             ram_params,
             events: EventHub::default(),
             workers: Mutex::new(Vec::new()),
             postcopy_in: Mutex::new(None),
+            snapshot_hook: Mutex::new(None),
         });
         let weak: Weak<Shared> = Arc::downgrade(&shared);
         shared
@@ -228,6 +246,16 @@ impl Session {
     /// Starts the guest (first boot). The same as [`Session::cont`].
     pub fn start(&self) -> Result<(), SessionError> {
         self.cont()
+    }
+
+    /// Whether an incoming migration or restore starts the guest once it is
+    /// loaded, when the guest ran where it came from (on by default; QEMU's
+    /// `-S` turns it off). Set it before [`Session::incoming`] or
+    /// [`Session::restore`]: a guest loaded meanwhile is not stopped again.
+    /// [`Session::cont`] and [`Session::stop`] during an incoming migration
+    /// set it too.
+    pub fn set_autostart(&self, on: bool) {
+        self.shared.state.lock().autostart = on;
     }
 
     /// Resumes the guest (QMP `cont`). While an incoming migration is awaited
@@ -354,9 +382,17 @@ impl Session {
     /// checked first (userfaultfd with kernel faults, registration of every
     /// RAM region's memory kind): without it, this refuses, before anything
     /// is received.
+    ///
+    /// A `file:` URI naming a snapshot file (written by a background
+    /// snapshot) is restored eagerly, as [`Session::restore`] does.
     pub fn incoming(&self, uri: &str) -> Result<(), SessionError> {
         let uri = MigrationUri::parse(uri).map_err(UsageError::from)?;
         self.shared.state.lock().check_incoming()?;
+        if let MigrationUri::File { path } = &uri {
+            if is_snapshot_file(path).unwrap_or(false) {
+                return self.restore(path, RestoreMode::Eager);
+            }
+        }
         self.prepare_postcopy()?;
         let listener = Listener::bind(&uri)?;
         self.start_incoming(Origin::Listener(listener))
@@ -368,6 +404,45 @@ impl Session {
         self.shared.state.lock().check_incoming()?;
         self.prepare_postcopy()?;
         self.start_incoming(Origin::Connection(conn))
+    }
+
+    /// Restores the snapshot file at `path` (written by a background
+    /// snapshot to a `file:` URI), on a thread of its own, as an incoming
+    /// migration: [`Session::info`] and the events follow it, and the guest
+    /// runs afterwards if it ran when the snapshot was taken (unless `stop`
+    /// said otherwise meanwhile).
+    ///
+    /// [`RestoreMode::Eager`] reads every page before the guest runs.
+    /// [`RestoreMode::Lazy`] runs the guest as soon as its state is loaded:
+    /// a page it touches is read from the file while it waits, and a
+    /// background fill reads the rest, from the last page touched on
+    /// ([`MigrationInfo::postcopy`] shows the faults and their latency). This
+    /// host's userfaultfd support is checked first. A lazy restore cannot be
+    /// cancelled once the guest runs.
+    pub fn restore(&self, path: &Path, mode: RestoreMode) -> Result<(), SessionError> {
+        self.shared.state.lock().check_incoming()?;
+        let shown = || path.display().to_string();
+        match is_snapshot_file(path) {
+            Ok(true) => {}
+            Ok(false) => return Err(UsageError::NotASnapshot(shown()).into()),
+            Err(e) => return Err(UsageError::SnapshotUnreadable(shown(), e.to_string()).into()),
+        }
+        if mode == RestoreMode::Lazy {
+            // Refused here, before anything else, if this host cannot.
+            let ram = self.shared.machine.ram();
+            migration_ram::postcopy::check_support(ram.memory(), &ram.blocks()?)?;
+        }
+        *self.shared.postcopy_in.lock() = None;
+        self.start_incoming(Origin::Snapshot(path.to_owned(), mode))
+    }
+
+    /// Calls `hook` at the instant of every background snapshot, with the
+    /// vCPUs paused and guest RAM as the snapshot will hold it (before the
+    /// guest runs on): for device state kept outside the session (a disk
+    /// image to copy at the same instant), or a check of the snapshot. It
+    /// lengthens the guest's pause by its own time.
+    pub fn on_snapshot_instant(&self, hook: Box<SnapshotHook>) {
+        *self.shared.snapshot_hook.lock() = Some(Arc::from(hook));
     }
 
     /// Sets a postcopy destination up, if postcopy-ram is on: checks the
@@ -396,6 +471,12 @@ impl Session {
         let (conn, listener) = {
             let mut st = sh.state.lock();
             if !matches!(st.status, MigrationStatus::Setup | MigrationStatus::Active) {
+                return;
+            }
+            if st.restore_mode == Some(RestoreMode::Lazy) && st.guest_started {
+                log::warn!(
+                    "a lazy restore cannot be cancelled once the guest runs on it: it goes on"
+                );
                 return;
             }
             if let Some(run) = &st.run {
@@ -454,6 +535,8 @@ impl Session {
             socket_address: st.listen_uri.clone(),
             error: st.error.clone(),
             rejected_connections: st.rejected,
+            snapshot: st.snapshot_stats.clone(),
+            restore_mode: st.restore_mode,
         }
     }
 
@@ -495,10 +578,17 @@ impl Session {
             sh.set_status_locked(&mut st, MigrationStatus::Setup);
             run
         };
+        let snapshot = sh.state.lock().caps.get(Capability::BackgroundSnapshot);
         let me = Arc::clone(sh);
         let spawned = std::thread::Builder::new()
             .name("migration-out".into())
-            .spawn(move || source::run(&me, target, run));
+            .spawn(move || {
+                if snapshot {
+                    snapshot::run(&me, target, run)
+                } else {
+                    source::run(&me, target, run)
+                }
+            });
         sh.track_worker(spawned, "starting the migration thread")
     }
 
@@ -515,6 +605,9 @@ impl Session {
                 st.listener = Some(l.canceller());
                 st.listen_uri = Some(l.local_uri().clone());
             }
+            if let Origin::Snapshot(_, mode) = &origin {
+                st.restore_mode = Some(*mode);
+            }
             sh.set_status_locked(&mut st, MigrationStatus::Setup);
             run
         };
@@ -523,6 +616,19 @@ impl Session {
             .name("migration-in".into())
             .spawn(move || destination::run(&me, origin, run));
         sh.track_worker(spawned, "starting the incoming migration thread")
+    }
+}
+
+/// Whether the file at `path` starts as a snapshot file does.
+/// Whether `path` starts with the snapshot file magic (a file shorter than
+/// the magic is not a snapshot); an error when it cannot be opened or read.
+fn is_snapshot_file(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    match std::fs::File::open(path)?.read_exact(&mut head) {
+        Ok(()) => Ok(migration_stream::is_snapshot(&head)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -570,6 +676,8 @@ impl State {
         self.listen_uri = None;
         self.rejected = 0;
         self.postcopy_stats = None;
+        self.snapshot_stats = None;
+        self.restore_mode = None;
         run
     }
 }

@@ -14,7 +14,10 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use migration_stream::{Command, DeviceState as WireState, StreamWriter};
+use migration_stream::{
+    BlockGeometry, BlockId, BlockResolver, Command, DeviceState as WireState, Record, StreamReader,
+    StreamWriter,
+};
 
 use super::error::SessionError;
 use super::machine::Machine;
@@ -32,33 +35,71 @@ pub(crate) fn write_state<W: Write>(
     machine: &Machine,
     was_running: bool,
 ) -> Result<(), SessionError> {
+    write_sections(w, sections(machine, was_running)?)
+}
+
+/// Writes `sections` as `DeviceState` commands.
+pub(crate) fn write_sections<W: Write>(
+    w: &mut StreamWriter<W>,
+    sections: Vec<WireState>,
+) -> Result<(), SessionError> {
+    for s in sections {
+        w.write_command(&Command::DeviceState(s))?;
+    }
+    Ok(())
+}
+
+/// The vCPU sections, the device sections and the global state, as they
+/// travel (the vCPUs are paused).
+pub(crate) fn sections(
+    machine: &Machine,
+    was_running: bool,
+) -> Result<Vec<WireState>, SessionError> {
     let cpus = machine
         .vcpus()
         .save_state()
         .map_err(|e| SessionError::state("saving the vCPUs", e))?;
-    for s in cpus {
-        w.write_command(&Command::DeviceState(WireState {
+    let mut out: Vec<WireState> = cpus
+        .into_iter()
+        .map(|s| WireState {
             name: format!("{VCPU_PREFIX}{}", s.name),
             version: s.version,
             data: s.data,
-        }))?;
-    }
+        })
+        .collect();
     for d in machine.devices() {
         let data = d
             .save()
             .map_err(|e| SessionError::state(format!("saving device {:?}", d.name()), e))?;
-        w.write_command(&Command::DeviceState(WireState {
+        out.push(WireState {
             name: format!("{DEVICE_PREFIX}{}", d.name()),
             version: d.version(),
             data,
-        }))?;
+        });
     }
-    w.write_command(&Command::DeviceState(WireState {
+    out.push(WireState {
         name: GLOBAL.into(),
         version: GLOBAL_VERSION,
         data: vec![u8::from(was_running)],
-    }))?;
-    Ok(())
+    });
+    Ok(out)
+}
+
+/// `sections` as the bytes of `DeviceState` frames (a snapshot file keeps
+/// them so; [`Received::accept_frames`] reads them back).
+pub(crate) fn encode_sections(sections: Vec<WireState>) -> Result<Vec<u8>, SessionError> {
+    let mut w = StreamWriter::new(Vec::new());
+    write_sections(&mut w, sections)?;
+    Ok(w.into_inner()?)
+}
+
+/// State sections have no pages: no block exists among them.
+struct NoBlocks;
+
+impl BlockResolver for NoBlocks {
+    fn geometry(&self, _: BlockId) -> Option<BlockGeometry> {
+        None
+    }
 }
 
 /// The state sections a destination has received so far.
@@ -112,6 +153,30 @@ impl Received {
             )));
         }
         Ok(())
+    }
+
+    /// Files every section of `bytes`, `DeviceState` frames as
+    /// [`encode_sections`] wrote them; anything else in them is a protocol
+    /// error.
+    pub(crate) fn accept_frames(
+        &mut self,
+        machine: &Machine,
+        bytes: &[u8],
+    ) -> Result<(), SessionError> {
+        let mut r = StreamReader::for_package(bytes);
+        loop {
+            match r.read_record(&NoBlocks) {
+                Ok(Record::Command(Command::DeviceState(d))) => self.accept(machine, d)?,
+                Ok(other) => {
+                    return Err(SessionError::Protocol(format!(
+                        "unexpected record {other:?} among the state sections"
+                    )))
+                }
+                // The sections end cleanly between two frames.
+                Err(migration_stream::Error::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Checks that everything arrived, then loads the devices (in

@@ -18,6 +18,7 @@ use vmm_glue::qmp::adapter::QmpExtension;
 use vmm_glue::qmp::server::QmpError;
 use vmm_glue::session::{DeviceState, GuestRam, Machine, Session, Vcpus};
 use vmm_glue::soft::SoftVcpus;
+use vmm_glue::verify;
 
 use crate::balloon::{Balloon, OperatorInhibit};
 use crate::memory::{self, MemBackend, RegionInfo, HIGH_RAM_START};
@@ -84,6 +85,8 @@ pub struct Config {
     pub mlock: bool,
     /// Whether the guest comes from an incoming migration (nothing is loaded).
     pub incoming: bool,
+    /// Whether RAM's digest is taken at every background snapshot's instant.
+    pub snapshot_digest: bool,
 }
 
 /// COM1 and the balloon, on the port bus.
@@ -145,6 +148,9 @@ pub struct GuestInfo {
     kvm: Option<Arc<KvmVcpus>>,
     /// Which dirty log a migration reads.
     pub dirty_log: &'static str,
+    /// The RAM digest taken at the last background snapshot's instant
+    /// (`--x-snapshot-digest`, for tests).
+    snapshot_digest: Option<Arc<parking_lot::Mutex<Option<Value>>>>,
 }
 
 impl GuestInfo {
@@ -219,9 +225,27 @@ impl QmpExtension for GuestInfo {
                 None => Ok(self.guest_info()),
             }),
             "x-balloon-inhibit" => Some(self.balloon_inhibit(args)),
+            "x-snapshot-digest" => Some(match &self.snapshot_digest {
+                None => Err(QmpError::generic(
+                    "no snapshot digest is taken: start demovm with --x-snapshot-digest",
+                )),
+                Some(d) => d
+                    .lock()
+                    .clone()
+                    .ok_or_else(|| QmpError::generic("no background snapshot has been taken yet")),
+            }),
             _ => None,
         }
     }
+}
+
+/// A digest as `x-ram-digest` answers it.
+fn digest_reply(d: &[verify::RegionDigest]) -> Value {
+    let blocks: Vec<Value> = d
+        .iter()
+        .map(|d| json!({ "name": d.name, "size": d.size, "digest": d.sha256 }))
+        .collect();
+    json!({ "algorithm": verify::DIGEST_ALGORITHM, "blocks": blocks })
 }
 
 /// The accelerator to use, and why when it was not asked for.
@@ -385,9 +409,19 @@ pub fn build(c: &Config) -> Result<Demo, String> {
             .with_device(d)
             .map_err(|e| vmm_glue::error_chain(&e))?;
     }
+    let session = Arc::new(Session::new(machine));
+    let snapshot_digest = c.snapshot_digest.then(|| {
+        let slot: Arc<parking_lot::Mutex<Option<Value>>> = Arc::default();
+        let hook_slot = Arc::clone(&slot);
+        session.on_snapshot_instant(Box::new(move |m| {
+            *hook_slot.lock() = Some(digest_reply(&verify::digest(m.ram())));
+        }));
+        slot
+    });
     Ok(Demo {
-        session: Arc::new(Session::new(machine)),
+        session,
         info: Arc::new(GuestInfo {
+            snapshot_digest,
             accel,
             accel_note,
             vcpus: c.vcpus,

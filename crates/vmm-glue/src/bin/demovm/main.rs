@@ -18,6 +18,7 @@ use std::sync::{mpsc, Arc};
 use clap::Parser;
 use vmm_glue::qmp::adapter::{forward_events, QmpAdapter};
 use vmm_glue::qmp::server::{Config as QmpConfig, EventSink, Greeting, Server};
+use vmm_glue::session::RestoreMode;
 use vmm_glue::Logger;
 
 use machine::{Accel, Config, GuestSpec};
@@ -63,6 +64,16 @@ struct Args {
     /// while postcopy runs and locks it again at the end.
     #[arg(long)]
     mlock: bool,
+    /// How `--incoming file:PATH` reads a snapshot file (written by a
+    /// background snapshot): eager reads all of RAM first; lazy runs the
+    /// guest at once and reads each page on first touch, filling in the rest
+    /// in the background.
+    #[arg(long, value_enum, requires = "incoming")]
+    restore_mode: Option<RestoreModeArg>,
+    /// Take RAM's digest at every background snapshot's instant, for QMP
+    /// `x-snapshot-digest` (a test hook: it lengthens the snapshot's pause).
+    #[arg(long, hide = true)]
+    x_snapshot_digest: bool,
     /// Do not start the guest: QMP `cont` starts it (QEMU's -S).
     #[arg(short = 'S', long)]
     paused: bool,
@@ -78,6 +89,22 @@ so source and destination of a migration must use the same --mem-backend.
 Balloon: ports 0x600 (page frame) and 0x604 (page count) give guest pages back;
 QMP x-guest-info shows its counters, x-balloon-inhibit drops requests.";
 
+/// `--restore-mode`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RestoreModeArg {
+    Eager,
+    Lazy,
+}
+
+impl From<RestoreModeArg> for RestoreMode {
+    fn from(m: RestoreModeArg) -> Self {
+        match m {
+            RestoreModeArg::Eager => RestoreMode::Eager,
+            RestoreModeArg::Lazy => RestoreMode::Lazy,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     Logger::install_from_env("DEMOVM_LOG");
     let args = Args::parse();
@@ -91,6 +118,7 @@ fn main() -> ExitCode {
         dirty_ring: args.dirty_ring,
         mlock: args.mlock,
         incoming: args.incoming.is_some(),
+        snapshot_digest: args.x_snapshot_digest,
     };
     let demo = match machine::build(&config) {
         Ok(d) => d,
@@ -144,11 +172,20 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    let started = match args.incoming.as_deref() {
-        Some("defer") => session.defer_incoming(),
-        Some(uri) => session.incoming(uri),
-        None if args.paused => Ok(()),
-        None => session.start(),
+    // -S: an incoming guest stays paused once loaded, until QMP `cont`.
+    session.set_autostart(!args.paused);
+    let started = match (args.incoming.as_deref(), args.restore_mode) {
+        (Some(uri), Some(mode)) => match uri.strip_prefix("file:") {
+            Some(path) => session.restore(std::path::Path::new(path), mode.into()),
+            None => {
+                eprintln!("demovm: --restore-mode needs --incoming file:PATH (a snapshot file)");
+                return ExitCode::FAILURE;
+            }
+        },
+        (Some("defer"), None) => session.defer_incoming(),
+        (Some(uri), None) => session.incoming(uri),
+        (None, _) if args.paused => Ok(()),
+        (None, _) => session.start(),
     };
     if let Err(e) = started {
         eprintln!("demovm: {}", e.describe());
