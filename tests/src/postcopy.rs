@@ -77,6 +77,20 @@ pub fn live(guest: &Guest) -> Result<Outcome, Failure> {
     let mut dst = destination(guest, "dst", false)?;
     caps(&mut src, &["postcopy-ram"])?;
     slow(&mut src)?;
+    if guest.has_arg("hugetlbfs") {
+        // One dirty huge page fits in 1 ms on loopback, so precopy could end
+        // before the switch: no downtime allowed, it cannot. And a few huge
+        // pages could all arrive in the background before the guest touches
+        // one: send them slowly (a quarter of RAM per second), so the guest
+        // asks for some.
+        src.qmp.cmd(
+            "migrate-set-parameters",
+            json!({
+                "downtime-limit": 0,
+                "max-postcopy-bandwidth": (guest.mem_mib() << 20) / 4,
+            }),
+        )?;
+    }
     let uri = dst.incoming_uri()?;
     src.qmp.cmd("migrate", json!({ "uri": uri }))?;
     src.wait_migration("the first pass", |q| field(q, "ram.dirty-sync-count") >= 2)?;
@@ -136,9 +150,11 @@ pub fn live(guest: &Guest) -> Result<Outcome, Failure> {
     expect(per_vcpu == guest_vcpus(&mut dst)?, || {
         format!("postcopy-vcpu-blocktime has {per_vcpu} entries: {d}")
     })?;
-    expect(blocktime > 0 && histogram > 0 && requests > 0, || {
-        format!("blocktime {blocktime} ms, {histogram} timed faults, {requests} requests: {d}")
-    })?;
+    // Blocktime is in whole ms: a few fast faults may add up to 0.
+    expect(
+        d.get("postcopy-blocktime").is_some() && histogram > 0 && requests > 0,
+        || format!("blocktime {blocktime} ms, {histogram} timed faults, {requests} requests: {d}"),
+    )?;
     let accel = accel_of(&mut [&mut src, &mut dst])?;
     Ok(outcome(
         &q,
