@@ -12,8 +12,12 @@
 //! - `live`: a running 1 GiB `ab` guest between two `demovm` processes.
 //! - `dirty-sync`: the cost of one dirty-log sync of a 1 GiB KVM guest with the plain
 //!   bitmap, with manual protect and with the dirty ring ([`crate::bench_dirty`]).
+//! - `snapshot`: a running 1 GiB `ab` guest saved by a background snapshot (beside
+//!   QEMU's and a precopy save to a file), and lazy against eager restore
+//!   ([`crate::bench_snapshot`]).
 //! - `vs-qemu` (`--vs-qemu`): the same boot-sector guest live-migrated by QEMU and by
-//!   `demovm`, driven by the same QMP code ([`crate::bench_qemu`]).
+//!   `demovm`, driven by the same QMP code ([`crate::bench_qemu`]), and background
+//!   snapshots of it ([`crate::bench_snapshot`]).
 //!
 //! Rounds alternate between the measured path and its baseline so machine noise hits
 //! both alike; the median round is reported. Figures are printed as each group
@@ -105,12 +109,20 @@ pub enum Group {
     Live,
     /// One dirty-log sync of a KVM guest: bitmap, manual protect, ring.
     DirtySync,
+    /// Background snapshots of a running 1 GiB ab guest; lazy and eager restore.
+    Snapshot,
     /// The same guest live-migrated by QEMU and by demovm (as --vs-qemu).
     VsQemu,
 }
 
 /// The groups run when neither `--only` nor `--vs-qemu` is given.
-const DEFAULT_GROUPS: [Group; 4] = [Group::Uffd, Group::Precopy, Group::Live, Group::DirtySync];
+const DEFAULT_GROUPS: [Group; 5] = [
+    Group::Uffd,
+    Group::Precopy,
+    Group::Live,
+    Group::DirtySync,
+    Group::Snapshot,
+];
 
 /// `cargo xtask bench`'s command line.
 #[derive(Debug, clap::Args)]
@@ -123,7 +135,8 @@ pub struct Args {
     #[arg(long, value_name = "GROUP", value_enum, value_delimiter = ',')]
     pub only: Vec<Group>,
     /// Live-migrate the ab boot sector (512 MiB touched, 1 GiB guest) with QEMU and
-    /// with demovm, alternating, 3 rounds each, driven by the same QMP code; needs
+    /// with demovm, alternating, 3 rounds each, driven by the same QMP code, and
+    /// background-snapshot it to a file with both; needs
     /// qemu-system-x86_64 (Debian: apt-get install qemu-system-x86). Alone, it runs
     /// only this comparison.
     #[arg(long)]
@@ -184,7 +197,20 @@ pub fn main(a: &Args) -> Result<bool, String> {
             Group::Precopy => crate::bench_precopy::stopped_figures()?,
             Group::Live => crate::bench_precopy::live_figures()?,
             Group::DirtySync => crate::bench_dirty::figures(a.sync_mem, a.sync_dirty)?,
-            Group::VsQemu => crate::bench_qemu::figures()?,
+            Group::Snapshot => [
+                crate::bench_snapshot::save_figures(false)?,
+                crate::bench_snapshot::restore_figures()?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Group::VsQemu => [
+                crate::bench_qemu::figures()?,
+                crate::bench_snapshot::save_figures(true)?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         };
         for r in &reports {
             out.print(r)?;

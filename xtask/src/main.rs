@@ -23,6 +23,7 @@ mod bench;
 mod bench_dirty;
 mod bench_precopy;
 mod bench_qemu;
+mod bench_snapshot;
 mod e2e;
 mod guests;
 mod qmp;
