@@ -25,8 +25,9 @@
 //!   the restore (`query-migrate` `completed`: for lazy, when the background fill
 //!   finished). The snapshot file is in the page cache, as it is right after a save.
 //!
-//! Every save is checked: it completed, and the guest's COM1 output grew while it ran
-//! (the guest was not stopped). Every restore is checked: completed, running, and
+//! Every save is checked: it completed, and the guest printed on after it (no vCPU was
+//! left blocked); the passes the guest finished during the save are a figure
+//! (`guest_passes_during`), as is the write-fault count. Every restore is checked: completed, running, and
 //! printing. Rounds alternate the measured path and its baseline; the medians are
 //! reported.
 
@@ -302,7 +303,7 @@ fn demovm(bin: &Path, sector: &Path, mem_mib: u64, qmp: &Path, serial: &Path) ->
 }
 
 /// A background snapshot of `vm`'s running guest into `uri`, with `file` the file
-/// it lands in; checks the guest printed meanwhile.
+/// it lands in; counts the guest's passes meanwhile and checks it prints on after.
 fn background_snapshot(vm: &mut Vm, uri: &str, file: &Path) -> Result<Save, String> {
     vm.cmd(
         "migrate-set-capabilities",
@@ -315,12 +316,16 @@ fn background_snapshot(vm: &mut Vm, uri: &str, file: &Path) -> Result<Save, Stri
     let before = vm.serial_len();
     vm.cmd("migrate", json!({ "uri": uri }))?;
     let q = vm.wait_migration()?;
+    // Passes the guest finished during the save (to within one poll).
+    let out = std::fs::read(&vm.serial).unwrap_or_default();
+    let passes = passes_after(&out, before);
     if status(&q) != "completed" {
         return Err(format!("{}: the snapshot did not complete: {q}", vm.name));
     }
-    // The guest ran on: it prints after each pass.
-    vm.wait_serial("COM1 output to grow during the snapshot", |out| {
-        out.len() as u64 > before
+    // No vCPU was left blocked: the guest runs on and prints.
+    let now = out.len();
+    vm.wait_serial("COM1 output to grow after the snapshot", |out| {
+        out.len() > now
     })?;
     let (allocated, len) = file_sizes(file)?;
     let sn = q.get("x-snapshot");
@@ -333,8 +338,15 @@ fn background_snapshot(vm: &mut Vm, uri: &str, file: &Path) -> Result<Save, Stri
         stall_p50_us: us("stall-p50-us").map(|v| v as f64),
         stall_p99_us: us("stall-p99-us").map(|v| v as f64),
         write_faults: us("write-faults").map(|v| v as f64),
+        passes: Some(passes as f64),
         converged: true,
     })
+}
+
+/// The `B`s (finished passes of the `ab` guest) in `out` from byte `from` on.
+fn passes_after(out: &[u8], from: u64) -> usize {
+    let from = usize::try_from(from).unwrap_or(usize::MAX).min(out.len());
+    out[from..].iter().filter(|&&b| b == b'B').count()
 }
 
 /// What one save measured.
@@ -346,6 +358,8 @@ struct Save {
     stall_p50_us: Option<f64>,
     stall_p99_us: Option<f64>,
     write_faults: Option<f64>,
+    /// Passes the guest finished during a background snapshot.
+    passes: Option<f64>,
     /// False for a precopy save cancelled after [`PRECOPY_GIVE_UP`].
     converged: bool,
 }
@@ -379,6 +393,7 @@ fn precopy_save(vm: &mut Vm, file: &Path) -> Result<Save, String> {
                 stall_p50_us: None,
                 stall_p99_us: None,
                 write_faults: None,
+                passes: None,
                 converged: status(&q) == "completed",
             });
         }
@@ -398,6 +413,7 @@ fn precopy_save(vm: &mut Vm, file: &Path) -> Result<Save, String> {
         stall_p50_us: None,
         stall_p99_us: None,
         write_faults: None,
+        passes: None,
         converged: true,
     })
 }
@@ -508,8 +524,8 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
                 .map_err(|e| format!("snapshot round {r} (qemu): {e}"))?;
             eprintln!(
                 "snapshot round {r}/{ROUNDS} qemu  : background {:>6.0} ms, file {:>5.0} MiB, \
-                 pause {:?} ms",
-                s.total_ms, s.allocated_mib, s.pause_ms
+                 pause {:?} ms, {:?} guest passes during it",
+                s.total_ms, s.allocated_mib, s.pause_ms, s.passes
             );
             theirs.push(s);
         }
@@ -519,7 +535,8 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
         eprintln!(
             "snapshot round {r}/{ROUNDS} demovm: background {:>6.0} ms, file {:>5.0} MiB \
              allocated ({:.0} MiB long), pause {:?} ms, stall p50 {:?} us p99 {:?} us, \
-             {:?} write faults; precopy {:>6.0} ms, {:>6.0} MiB{}",
+             {:?} write faults, {:?} guest passes during it; precopy {:>6.0} ms, \
+             {:>6.0} MiB{}",
             bg.total_ms,
             bg.allocated_mib,
             bg.len_mib,
@@ -527,6 +544,7 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
             bg.stall_p50_us,
             bg.stall_p99_us,
             bg.write_faults,
+            bg.passes,
             pre.total_ms,
             pre.allocated_mib,
             if pre.converged {
@@ -556,8 +574,9 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
     let note = match &qemu {
         Ok((_, v)) => format!(
             "{base_note}; value demovm background snapshot to file:, baseline {v} \
-             background snapshot to exec:cat > FILE, alternating; the guest printed \
-             during every save"
+             background snapshot to exec:cat > FILE, alternating; guest_passes_during: \
+             the passes over its 512 MiB the guest finished while the save ran (its \
+             progress); every guest printed on after its save"
         ),
         Err(why) => format!("{base_note}; no QEMU baseline: {why}"),
     };
@@ -579,6 +598,7 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
     row("total_time", "ms", &|s| Some(s.total_ms));
     row("file_allocated", "MiB", &|s| Some(s.allocated_mib));
     row("pause", "ms", &|s| s.pause_ms);
+    row("guest_passes_during", "passes", &|s| s.passes);
     if !vs_qemu {
         // QEMU reports no write-fault stalls: no baseline.
         row("stall_p50", "us", &|s| s.stall_p50_us);
@@ -809,5 +829,12 @@ mod tests {
             assert!(!is_final(&json!({ "status": s })), "{s}");
         }
         assert!(!is_final(&json!({})));
+    }
+
+    #[test]
+    fn passes_are_the_bs_after_the_mark() {
+        assert_eq!(passes_after(b"ab\r\nBBB", 0), 3);
+        assert_eq!(passes_after(b"ab\r\nBBB", 5), 2);
+        assert_eq!(passes_after(b"ab\r\nBBB", 99), 0);
     }
 }
