@@ -418,18 +418,26 @@ fn precopy_save(vm: &mut Vm, file: &Path) -> Result<Save, String> {
     })
 }
 
-/// One round of `demovm`: a background snapshot and then a precopy save of the same
-/// running guest.
-fn demovm_round(bin: &Path, sector: &Path, dir: &Path) -> Result<(Save, Save), String> {
+/// One round of `demovm`: a background snapshot and then, with `precopy`, a precopy
+/// save of the same running guest.
+fn demovm_round(
+    bin: &Path,
+    sector: &Path,
+    dir: &Path,
+    precopy: bool,
+) -> Result<(Save, Option<Save>), String> {
     let mut vm = Vm::start("demovm", dir, |q, s| demovm(bin, sector, MEM_MIB, q, s))?;
     vm.wait_serial("the guest's banner and one full pass", one_pass_done)?;
     let snap = dir.join("snapshot.bin");
     let bg = background_snapshot(&mut vm, &format!("file:{}", snap.display()), &snap)?;
     let _ = std::fs::remove_file(&snap);
+    if !precopy {
+        return Ok((bg, None));
+    }
     let pre_file = dir.join("precopy.bin");
     let pre = precopy_save(&mut vm, &pre_file)?;
     let _ = std::fs::remove_file(&pre_file);
-    Ok((bg, pre))
+    Ok((bg, Some(pre)))
 }
 
 /// One round of QEMU: a background snapshot through `exec:cat`.
@@ -530,13 +538,12 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
             theirs.push(s);
         }
         let dir = scratch.0.join(format!("demovm-{r}"));
-        let (bg, pre) = demovm_round(&bin, &sector, &dir)
+        let (bg, pre) = demovm_round(&bin, &sector, &dir, !vs_qemu)
             .map_err(|e| format!("snapshot round {r} (demovm): {e}"))?;
         eprintln!(
             "snapshot round {r}/{ROUNDS} demovm: background {:>6.0} ms, file {:>5.0} MiB \
              allocated ({:.0} MiB long), pause {:?} ms, stall p50 {:?} us p99 {:?} us, \
-             {:?} write faults, {:?} guest passes during it; precopy {:>6.0} ms, \
-             {:>6.0} MiB{}",
+             {:?} write faults, {:?} guest passes during it{}",
             bg.total_ms,
             bg.allocated_mib,
             bg.len_mib,
@@ -545,16 +552,19 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
             bg.stall_p99_us,
             bg.write_faults,
             bg.passes,
-            pre.total_ms,
-            pre.allocated_mib,
-            if pre.converged {
-                ""
-            } else {
-                " (cancelled: did not converge)"
-            }
+            pre.as_ref().map_or_else(String::new, |p| format!(
+                "; precopy {:>6.0} ms, {:>6.0} MiB{}",
+                p.total_ms,
+                p.allocated_mib,
+                if p.converged {
+                    ""
+                } else {
+                    " (cancelled: did not converge)"
+                }
+            ))
         );
         ours.push(bg);
-        pres.push(pre);
+        pres.extend(pre);
     }
     let kvm = if e2e::harness::kvm_is_pvm() {
         "KVM (PVM, kvm_pvm)"
