@@ -161,8 +161,8 @@ pub struct SnapshotOutcome {
 /// written it since the instant of the snapshot. Unprotection never comes
 /// page by page from the scan: a chunk is unprotected in one call.
 ///
-/// Every way out removes all write protection: [`release`]
-/// (BackgroundSnapshot::release), which dropping the snapshot also runs,
+/// Every way out removes all write protection:
+/// [`release`](BackgroundSnapshot::release), which dropping the snapshot also runs,
 /// unprotects every block (waking any writer), stops and joins the fault
 /// thread and unregisters the blocks, whether the save completed, was
 /// cancelled or failed.

@@ -25,7 +25,7 @@
 //! which frees host memory, is planned once `uffd-sys` offers it for guest memory.)
 //! While a postcopy migration runs, the destination fills pages on demand and a
 //! discard at the source would be lost or undo a page already placed; QEMU inhibits
-//! its balloon then, and so does this one: [`BalloonInhibit`] says when. The guest is
+//! its balloon then, and so does this one: [`BalloonInhibitor`] says when. The guest is
 //! told nothing either way. Other writes to the two ports (another size) and every
 //! read are not handled, and count as unhandled I/O like any other port.
 //!
