@@ -26,10 +26,10 @@
 //!   finished). The snapshot file is in the page cache, as it is right after a save.
 //!
 //! Every save is checked: it completed, and the guest printed on after it (no vCPU was
-//! left blocked); the passes the guest finished during the save are a figure
-//! (`guest_passes_during`), as is the write-fault count. Every restore is checked: completed, running, and
-//! printing. Rounds alternate the measured path and its baseline; the medians are
-//! reported.
+//! left blocked); the passes the guest finished during the save, per second of it,
+//! are a figure (`guest_pass_rate`), as is the write-fault count. Every restore is
+//! checked: completed, running, and printing. Rounds alternate the measured path and
+//! its baseline; the medians are reported.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -584,9 +584,10 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
     let note = match &qemu {
         Ok((_, v)) => format!(
             "{base_note}; value demovm background snapshot to file:, baseline {v} \
-             background snapshot to exec:cat > FILE, alternating; guest_passes_during: \
-             the passes over its 512 MiB the guest finished while the save ran (its \
-             progress); every guest printed on after its save"
+             background snapshot to exec:cat > FILE, alternating; guest_pass_rate: the \
+             passes over its 512 MiB the guest finished while the save ran, per second of \
+             the save (its progress, to within one pass); every guest printed on after its \
+             save"
         ),
         Err(why) => format!("{base_note}; no QEMU baseline: {why}"),
     };
@@ -608,7 +609,9 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
     row("total_time", "ms", &|s| Some(s.total_ms));
     row("file_allocated", "MiB", &|s| Some(s.allocated_mib));
     row("pause", "ms", &|s| s.pause_ms);
-    row("guest_passes_during", "passes", &|s| s.passes);
+    row("guest_pass_rate", "passes/s", &|s| {
+        s.passes.map(|p| p / (s.total_ms.max(1.0) / 1000.0))
+    });
     if !vs_qemu {
         // QEMU reports no write-fault stalls: no baseline.
         row("stall_p50", "us", &|s| s.stall_p50_us);
