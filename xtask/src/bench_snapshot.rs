@@ -26,7 +26,7 @@
 //!   finished). The snapshot file is in the page cache, as it is right after a save.
 //!
 //! Every save is checked: it completed, and the guest printed on after it (no vCPU was
-//! left blocked); the passes the guest finished during the save, per second of it,
+//! left blocked); the passes the guest finished during the save, per minute of it,
 //! are a figure (`guest_pass_rate`), as is the write-fault count. Every restore is
 //! checked: completed, running, and printing. Rounds alternate the measured path and
 //! its baseline; the medians are reported.
@@ -585,7 +585,7 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
         Ok((_, v)) => format!(
             "{base_note}; value demovm background snapshot to file:, baseline {v} \
              background snapshot to exec:cat > FILE, alternating; guest_pass_rate: the \
-             passes over its 512 MiB the guest finished while the save ran, per second of \
+             passes over its 512 MiB the guest finished while the save ran, per minute of \
              the save (its progress, to within one pass); every guest printed on after its \
              save"
         ),
@@ -609,8 +609,8 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
     row("total_time", "ms", &|s| Some(s.total_ms));
     row("file_allocated", "MiB", &|s| Some(s.allocated_mib));
     row("pause", "ms", &|s| s.pause_ms);
-    row("guest_pass_rate", "passes/s", &|s| {
-        s.passes.map(|p| p / (s.total_ms.max(1.0) / 1000.0))
+    row("guest_pass_rate", "passes/min", &|s| {
+        s.passes.map(|p| p / (s.total_ms.max(1.0) / 60_000.0))
     });
     if !vs_qemu {
         // QEMU reports no write-fault stalls: no baseline.
