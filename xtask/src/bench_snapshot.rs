@@ -15,7 +15,7 @@
 //!   baselines are left out and the reason is printed.
 //! - `snapshot.precopy_file_ab_512m_1g.*`: the same `demovm` guest, right after its
 //!   snapshot, saved by a dirty-logging (precopy) migration to a file: the time and
-//!   the file's size, beside the background snapshot's.
+//!   the file's size (median and worst round), beside the background snapshot's.
 //! - `snapshot.restore_{1g,4g}.*`: a snapshot of the guest (1 GiB, and 4 GiB less
 //!   1 MiB, [`BIG_MIB`], with the same 512 MiB touched) restored by a fresh `demovm --incoming file:PATH
 //!   --restore-mode lazy`, beside `--restore-mode eager` of the same file: the time
@@ -649,6 +649,15 @@ pub fn save_figures(vs_qemu: bool) -> Result<Vec<Report>, String> {
                 .baseline(median(ours.iter().map(f).collect()))
                 .note(pre_note.clone())
                 .into(),
+            );
+            // A dirty-logging save now and then chases the guest for long: show the
+            // worst round too, beside the background snapshot's worst.
+            let max = |v: &[Save]| v.iter().map(f).fold(0.0, f64::max);
+            out.push(
+                Figure::new(format!("{pre_prefix}.{name}_max"), max(&pres), unit)
+                    .baseline(max(&ours))
+                    .note(pre_note.clone())
+                    .into(),
             );
         }
     }
