@@ -15,11 +15,16 @@
 //!   sizes plus one `UFFDIO_COPY` ([`crate::bench_postcopy`]).
 //! - `dirty-sync`: the cost of one dirty-log sync of a 1 GiB KVM guest with the plain
 //!   bitmap, with manual protect and with the dirty ring ([`crate::bench_dirty`]).
+//! - `snapshot`: a running 1 GiB `ab` guest saved by a background snapshot (beside
+//!   QEMU's and a precopy save to a file), and lazy against eager restore
+//!   ([`crate::bench_snapshot`]).
 //! - `vs-qemu` (`--vs-qemu`): the same boot-sector guest live-migrated by QEMU and by
 //!   `demovm`, driven by the same QMP code ([`crate::bench_qemu`]).
 //! - `vs-qemu-postcopy` (also `--vs-qemu`): a random-writes and a running `ab` guest
 //!   moved in postcopy by QEMU and by `demovm`: blocktime, requests and total time
 //!   ([`crate::bench_qemu::postcopy`]).
+//! - `snapshot` rows are also part of `--vs-qemu`: background snapshots of the ab sector
+//!   by QEMU and by `demovm` ([`crate::bench_snapshot`]).
 //!
 //! Rounds alternate between the measured path and its baseline so machine noise hits
 //! both alike; the median round is reported. Figures are printed as each group
@@ -113,6 +118,8 @@ pub enum Group {
     Postcopy,
     /// One dirty-log sync of a KVM guest: bitmap, manual protect, ring.
     DirtySync,
+    /// Background snapshots of a running 1 GiB ab guest; lazy and eager restore.
+    Snapshot,
     /// The same guest live-migrated by QEMU and by demovm (as --vs-qemu).
     VsQemu,
     /// The same guests moved in postcopy by QEMU and by demovm (part of --vs-qemu).
@@ -120,12 +127,13 @@ pub enum Group {
 }
 
 /// The groups run when neither `--only` nor `--vs-qemu` is given.
-const DEFAULT_GROUPS: [Group; 5] = [
+const DEFAULT_GROUPS: [Group; 6] = [
     Group::Uffd,
     Group::Precopy,
     Group::Live,
     Group::Postcopy,
     Group::DirtySync,
+    Group::Snapshot,
 ];
 
 /// `cargo xtask bench`'s command line.
@@ -140,7 +148,8 @@ pub struct Args {
     pub only: Vec<Group>,
     /// Live-migrate the ab boot sector (512 MiB touched, 1 GiB guest) with QEMU and
     /// with demovm, alternating, 3 rounds each, driven by the same QMP code, in
-    /// precopy and then in postcopy (with the random-writes sector too); needs
+    /// precopy and then in postcopy (with the random-writes sector too), and
+    /// background-snapshot it to a file with both; needs
     /// qemu-system-x86_64 (Debian: apt-get install qemu-system-x86). Alone, it runs
     /// only this comparison.
     #[arg(long)]
@@ -206,7 +215,20 @@ pub fn main(a: &Args) -> Result<bool, String> {
             Group::Live => crate::bench_precopy::live_figures()?,
             Group::Postcopy => crate::bench_postcopy::figures()?,
             Group::DirtySync => crate::bench_dirty::figures(a.sync_mem, a.sync_dirty)?,
-            Group::VsQemu => crate::bench_qemu::figures()?,
+            Group::Snapshot => [
+                crate::bench_snapshot::save_figures(false)?,
+                crate::bench_snapshot::restore_figures()?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Group::VsQemu => [
+                crate::bench_qemu::figures()?,
+                crate::bench_snapshot::save_figures(true)?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             Group::VsQemuPostcopy => crate::bench_qemu::postcopy::figures()?,
         };
         for r in &reports {

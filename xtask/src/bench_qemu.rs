@@ -46,9 +46,9 @@ use crate::guests::show_size;
 pub mod postcopy;
 
 /// Memory the guest dirties, pass after pass.
-const TOUCH: u64 = 512 << 20;
+pub(crate) const TOUCH: u64 = 512 << 20;
 /// Guest memory in MiB.
-const MEM_MIB: u64 = 1024;
+pub(crate) const MEM_MIB: u64 = 1024;
 /// `max-bandwidth` for both VMMs: 1 GiB/s.
 pub const MAX_BANDWIDTH: u64 = 1 << 30;
 /// `downtime-limit` for both VMMs.
@@ -58,15 +58,15 @@ const ROUNDS: usize = 3;
 /// How often `query-migrate` is polled.
 const POLL: Duration = Duration::from_millis(50);
 /// The QEMU binary.
-const QEMU: &str = "qemu-system-x86_64";
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
 /// The Debian package that has it.
-const QEMU_PACKAGE: &str = "qemu-system-x86";
+pub(crate) const QEMU_PACKAGE: &str = "qemu-system-x86";
 /// Prefix of the figure names.
 const PREFIX: &str = "vs_qemu.ab_512m_1g";
 
 /// A VMM under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vmm {
+pub(crate) enum Vmm {
     Qemu,
     Demovm,
 }
@@ -81,15 +81,15 @@ impl Vmm {
 }
 
 /// What starts a VMM: its binary and the guest's boot sector.
-struct Launcher {
-    vmm: Vmm,
-    bin: PathBuf,
-    sector: PathBuf,
+pub(crate) struct Launcher {
+    pub(crate) vmm: Vmm,
+    pub(crate) bin: PathBuf,
+    pub(crate) sector: PathBuf,
 }
 
 impl Launcher {
     /// The command line of one process (`incoming`: the destination's listening URI).
-    fn command(&self, qmp: &Path, serial: &Path, incoming: Option<&str>) -> Command {
+    pub(crate) fn command(&self, qmp: &Path, serial: &Path, incoming: Option<&str>) -> Command {
         let mut cmd = Command::new(&self.bin);
         match self.vmm {
             Vmm::Qemu => {
@@ -262,14 +262,14 @@ impl Drop for Process {
     }
 }
 
-fn read_lossy(p: &Path) -> String {
+pub(crate) fn read_lossy(p: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default())
         .trim()
         .to_owned()
 }
 
 /// Whether `out` holds the `ab` banner and a `B` after it: one full pass.
-fn one_pass_done(out: &[u8]) -> bool {
+pub(crate) fn one_pass_done(out: &[u8]) -> bool {
     let banner = AB_BANNER.as_bytes();
     out.windows(banner.len())
         .position(|w| w == banner)
@@ -335,7 +335,7 @@ fn migrate_once(l: &Launcher, dir: &Path) -> Result<Round, String> {
 }
 
 /// The first line of `qemu-system-x86_64 --version`.
-fn qemu_version(bin: &Path) -> String {
+pub(crate) fn qemu_version(bin: &Path) -> String {
     Command::new(bin)
         .arg("--version")
         .output()
@@ -350,7 +350,7 @@ fn qemu_version(bin: &Path) -> String {
 }
 
 /// `name` found in a directory of `PATH`.
-fn in_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn in_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|d| d.join(name))
@@ -359,7 +359,7 @@ fn in_path(name: &str) -> Option<PathBuf> {
 }
 
 /// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {

@@ -24,6 +24,7 @@ mod bench_dirty;
 mod bench_postcopy;
 mod bench_precopy;
 mod bench_qemu;
+mod bench_snapshot;
 mod e2e;
 mod guests;
 mod qmp;

@@ -433,6 +433,19 @@ fn run_state_changes_are_atomic_under_concurrent_callers() {
     assert!(v.vcpus.running());
 }
 
+#[test]
+fn first_run_is_when_the_guest_first_ran_and_stays_so() {
+    let v = vm(16, Workload::Ab, [0, 0]);
+    assert_eq!(v.session.first_run(), None, "not run yet");
+    let before = std::time::SystemTime::now();
+    v.session.start().unwrap();
+    let first = v.session.first_run().expect("the guest ran");
+    assert!(first >= before, "{first:?} before the start {before:?}");
+    v.session.stop().unwrap();
+    v.session.cont().unwrap();
+    assert_eq!(v.session.first_run(), Some(first), "a later cont keeps it");
+}
+
 /// Whether userfaultfd works here; prints SKIPPED (or fails with
 /// REQUIRE_UFFD=1) when not.
 fn have_uffd(test: &str) -> bool {

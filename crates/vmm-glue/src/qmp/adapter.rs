@@ -4,7 +4,7 @@
 //!
 //! | command | session call |
 //! |---|---|
-//! | `query-status` | [`Session::run_state`] |
+//! | `query-status` | [`Session::run_state`]; `x-first-run-unix-us` is [`Session::first_run`] |
 //! | `stop`, `cont` | [`Session::stop`], [`Session::cont`] |
 //! | `migrate-set-capabilities`, `query-migrate-capabilities` | [`Session::set_capabilities`], [`Session::capabilities`] |
 //! | `migrate-set-parameters`, `query-migrate-parameters` | [`Session::update_parameters`], [`Session::parameters`] |
@@ -373,11 +373,19 @@ impl Handler for QmpAdapter {
             "query-status" => {
                 only(args, &[])?;
                 let rs = s.run_state();
-                Ok(json!({
+                let mut reply = json!({
                     "status": rs.as_str(),
                     "running": rs == RunState::Running,
                     "singlestep": false,
-                }))
+                });
+                if let Some(us) = s
+                    .first_run()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .and_then(|d| u64::try_from(d.as_micros()).ok())
+                {
+                    reply["x-first-run-unix-us"] = json!(us);
+                }
+                Ok(reply)
             }
             "stop" => only(args, &[]).and_then(|()| s.stop().map(none).map_err(session_err)),
             "cont" => only(args, &[]).and_then(|()| s.cont().map(none).map_err(session_err)),

@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use migration_ram::postcopy::{FaultStats, PostcopyIncoming};
 use migration_ram::snapshot::WriteFaultStats;
@@ -113,6 +113,8 @@ struct State {
     /// Whether the guest ever ran here (an incoming migration would overwrite
     /// it).
     guest_started: bool,
+    /// When the vCPUs were first told to run ([`Session::first_run`]).
+    first_run: Option<SystemTime>,
     /// Whether the destination starts the guest once loaded (`stop`/`cont`
     /// while in `inmigrate` change it).
     autostart: bool,
@@ -194,6 +196,7 @@ impl Session {
                 listen_uri: None,
                 rejected: 0,
                 guest_started: false,
+                first_run: None,
                 autostart: true,
                 before_switchover: None,
                 outgoing: false,
@@ -241,6 +244,17 @@ impl Session {
     /// The run state.
     pub fn run_state(&self) -> RunState {
         self.shared.state.lock().runstate
+    }
+
+    /// When the guest first ran in this session (first boot, the end of an
+    /// incoming migration, or the start of a lazy restore), by the wall
+    /// clock, so another process can compare it with its own clock readings
+    /// (a benchmark's time from process start to the first guest
+    /// instruction). It is read just before the vCPUs are told to run: the
+    /// first guest instruction follows within a thread wake-up. `None` until
+    /// then.
+    pub fn first_run(&self) -> Option<SystemTime> {
+        self.shared.state.lock().first_run
     }
 
     /// Starts the guest (first boot). The same as [`Session::cont`].
@@ -718,6 +732,7 @@ impl Shared {
             let prior = st.runstate;
             st.runstate = RunState::Running;
             st.guest_started = true;
+            st.first_run.get_or_insert_with(SystemTime::now);
             self.events.emit(&Event::Resume);
             prior
         };
