@@ -159,6 +159,7 @@ pub use retpath::{ReceivedBitmap, ReturnMessage, ReturnPathReader, ReturnPathWri
 pub use transport::{
     connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
     ConnectionHandle, Listener, ListenerCanceller, TransportError, MAX_PENDING_HELLOS,
+    POSTCOPY_BACKLOG,
 };
 pub use uri::{MigrationUri, UriError};
 

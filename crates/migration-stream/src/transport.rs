@@ -112,6 +112,15 @@ mod sockopt;
 pub use hello::MAX_PENDING_HELLOS;
 use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 
+/// The backlog bound for the main connection once postcopy starts, for
+/// [`ConnectionHandle::limit_backlog`] at both ends: a requested page then
+/// waits behind about this much of the background stream rather than the
+/// megabytes autotuned buffers hold. 128 KiB keeps a 10 Gbit/s link busy
+/// up to a round trip of about 100 us (the window caps the background
+/// stream at this much per round trip), and costs a page request about
+/// 0.1 ms at 1 GB/s.
+pub const POSTCOPY_BACKLOG: usize = 128 << 10;
+
 /// Why a connection could not be made or accepted.
 ///
 /// [`TransportError::kind`] says whose fault it is.

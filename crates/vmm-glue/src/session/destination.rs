@@ -18,7 +18,7 @@ use migration_ram::postcopy::{PageRequestSink, PostcopyIncoming};
 use migration_ram::{PrecopyLoader, RamBlocks};
 use migration_stream::{
     read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ErrorKind, Hello,
-    Record, ReturnMessage, ReturnPathWriter, Role, StreamReader,
+    Record, ReturnMessage, ReturnPathWriter, Role, StreamReader, POSTCOPY_BACKLOG,
 };
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -163,6 +163,12 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
                     postcopy(sh)?.discard(block, &ranges)?;
                 }
                 Record::Command(Command::Packaged(bytes)) => {
+                    // Postcopy: a page the guest waits for comes behind
+                    // what the socket buffers hold; keep that small (the
+                    // source does the same at its end).
+                    if let Err(e) = conn.handle.limit_backlog(POSTCOPY_BACKLOG) {
+                        log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+                    }
                     let state = received
                         .take()
                         .ok_or_else(|| SessionError::Protocol("a second package".into()))?;
