@@ -115,11 +115,14 @@ use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 /// The backlog bound for the main connection once postcopy starts, for
 /// [`ConnectionHandle::limit_backlog`] at both ends: a requested page then
 /// waits behind about this much of the background stream rather than the
-/// megabytes autotuned buffers hold. 128 KiB keeps a 10 Gbit/s link busy
-/// up to a round trip of about 100 us (the window caps the background
-/// stream at this much per round trip), and costs a page request about
-/// 0.1 ms at 1 GB/s.
-pub const POSTCOPY_BACKLOG: usize = 128 << 10;
+/// megabytes autotuned buffers hold. The window caps the background stream
+/// at about this much per round trip: 256 KiB keeps a 10 Gbit/s link busy
+/// up to a round trip of about 200 us, and is four segments on loopback
+/// (64 KiB MSS; with 128 KiB, two segments, the ab guest of `cargo xtask
+/// bench --only vs-qemu-postcopy` took more faults, on noisy figures). A
+/// requested page then waits behind up to about twice this (the window
+/// and the unsent low watermark): about 0.5 ms at 1 GB/s.
+pub const POSTCOPY_BACKLOG: usize = 256 << 10;
 
 /// Why a connection could not be made or accepted.
 ///
