@@ -165,6 +165,11 @@ fn destination(
     listening: mpsc::Sender<()>,
 ) -> Result<u64, String> {
     let conn = listener.accept().map_err(e)?;
+    // As the session does for postcopy: a bounded backlog, so a requested page
+    // does not queue behind megabytes of background pages.
+    conn.handle
+        .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
+        .map_err(e)?;
     let blocks = blocks(&mem)?;
     let mut pc = PostcopyIncoming::new(Arc::clone(&mem), Arc::clone(&blocks)).map_err(e)?;
     let mut loader = PrecopyLoader::new(Arc::clone(&mem), blocks, Arc::new(RamStats::new()));
@@ -275,6 +280,9 @@ fn remote_faults(src: &Arc<GuestMemoryMmap>, traffic: Traffic) -> Result<Round, 
             s.spawn(move || destination(listener, dst, listening_tx))
         };
         let conn = connect(&uri, Role::Main).map_err(e)?;
+        conn.handle
+            .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
+            .map_err(e)?;
         let mut saver = PrecopySaver::new(
             Arc::clone(src),
             Arc::clone(&blocks),

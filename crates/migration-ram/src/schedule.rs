@@ -11,7 +11,7 @@
 //! | scheduler | order | requests |
 //! |-----------|-------|----------|
 //! | [`LinearScan`] (default) | block by block, chunk by chunk (1 MiB), one round per pass | refused ([`Error::RequestsUnsupported`]) |
-//! | [`RequestFirst`] | requested host pages first, one batch each; then the scan, resumed just after the last request | served on [`Channel::Preempt`] if enabled, else [`Channel::Main`] |
+//! | [`RequestFirst`] | requested host pages first, one batch each; then the scan (64 KiB chunks, so a request waits for little), resumed just after the last request | served on [`Channel::Preempt`] if enabled, else [`Channel::Main`] |
 //!
 //! # Passes and rounds
 //!
@@ -83,7 +83,7 @@ use crate::bitmap::TakenPages;
 use crate::block::{RamBlock, RamBlocks};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
-use crate::precopy::chunk_pages;
+use crate::precopy::{chunk_pages_of, CHUNK_BYTES, POSTCOPY_CHUNK_BYTES};
 use crate::stats::RamStats;
 
 /// Pages taken from one block's dirty bitmap, to be written on one channel.
@@ -151,6 +151,8 @@ pub struct LinearScan {
     cursor: Pos,
     wrapped: bool,
     done: bool,
+    /// Chunk size in bytes.
+    chunk_bytes: u64,
 }
 
 impl Default for LinearScan {
@@ -160,14 +162,26 @@ impl Default for LinearScan {
 }
 
 impl LinearScan {
-    /// A scan at the start of a pass.
+    /// A scan at the start of a pass, in chunks of 1 MiB.
     pub fn new() -> Self {
+        Self::with_chunk_bytes(CHUNK_BYTES)
+    }
+
+    /// A scan at the start of a pass, in chunks of `bytes` (rounded down to
+    /// whole pages; at least one page and at most
+    /// [`TAKE_MAX_PAGES`](crate::bitmap::TAKE_MAX_PAGES)).
+    fn with_chunk_bytes(bytes: u64) -> Self {
         LinearScan {
             start: ORIGIN,
             cursor: ORIGIN,
             wrapped: false,
             done: false,
+            chunk_bytes: bytes,
         }
+    }
+
+    fn chunk_pages(&self, page_size: u32) -> u64 {
+        chunk_pages_of(self.chunk_bytes, page_size)
     }
 
     /// Restarts the round just after page `page` of block `block`: it runs
@@ -178,7 +192,7 @@ impl LinearScan {
             return;
         };
         let at = page.saturating_add(1).min(b.pages());
-        let chunk = chunk_pages(b.page_size());
+        let chunk = self.chunk_pages(b.page_size());
         self.start = Pos {
             block,
             page: at - at % chunk,
@@ -196,7 +210,7 @@ impl LinearScan {
 
 impl PageScheduler for LinearScan {
     fn new_pass(&mut self) {
-        *self = LinearScan::new();
+        *self = LinearScan::with_chunk_bytes(self.chunk_bytes);
     }
 
     fn next(&mut self, blocks: &RamBlocks) -> Option<Batch> {
@@ -242,7 +256,7 @@ impl PageScheduler for LinearScan {
             };
             // Chunks are aligned, and so is the round's start: a chunk never
             // straddles it.
-            let chunk = chunk_pages(block.page_size());
+            let chunk = self.chunk_pages(block.page_size());
             let taken = block.dirty().take_range(page - page % chunk, chunk);
             self.cursor.page = taken.end().max(page + 1);
             if !taken.is_empty() {
@@ -330,7 +344,7 @@ impl RequestFirst {
     /// preempt channel.
     pub fn new(preempt: bool) -> Self {
         RequestFirst {
-            scan: LinearScan::new(),
+            scan: LinearScan::with_chunk_bytes(POSTCOPY_CHUNK_BYTES),
             preempt,
             queue: VecDeque::new(),
             incoming: None,
@@ -734,7 +748,13 @@ mod tests {
             assert_eq!((third.block, third.channel), (1, Channel::Main));
             assert_eq!(third.pages.iter().next(), Some(0));
             let rest = drain(&mut s, &b);
-            assert_eq!(rest.first().map(|r| (r.0, r.1)), Some((0, 0)));
+            // Background chunks are 64 KiB (16 pages): block 1 goes on from
+            // page 16, then block 0 from its start.
+            assert_eq!(third.pages.count(), 15);
+            assert_eq!(rest.first().map(|r| (r.0, r.1)), Some((1, 16)));
+            let wrapped = rest.iter().position(|r| r.0 == 0).unwrap();
+            assert_eq!(rest[wrapped].1, 0);
+            assert!(rest[wrapped..].iter().all(|r| r.0 == 0));
             assert!(rest.iter().all(|r| r.2 == Channel::Main));
             assert_eq!(b.dirty_pages(), 0, "every page went once");
             let total = 1 + 1 + third.pages.count() + rest.len() as u64;
@@ -754,18 +774,19 @@ mod tests {
         blk.dirty().set_all();
         let mut s = RequestFirst::new(false);
         let batch = s.next(&b).unwrap();
-        assert_eq!(batch.pages.start(), 0);
+        // Background chunks are 64 KiB: 16 pages.
+        assert_eq!((batch.pages.start(), batch.pages.count()), (0, 16));
         s.request(&b, BlockId(0), 600).unwrap();
         assert_eq!(
             s.next(&b).unwrap().pages.iter().collect::<Vec<_>>(),
             vec![600]
         );
-        // The chunk of page 601 (512..768), less page 600.
+        // The chunk of page 601 (592..608), less page 600.
         let next = s.next(&b).unwrap();
-        assert_eq!((next.pages.start(), next.pages.count()), (512, 255));
+        assert_eq!((next.pages.start(), next.pages.count()), (592, 15));
         let rest = drain(&mut s, &b);
-        assert_eq!(rest.first().map(|r| r.1), Some(768));
-        assert_eq!(rest.len(), 1024 - 256 - 1 - 255);
+        assert_eq!(rest.first().map(|r| r.1), Some(608));
+        assert_eq!(rest.len(), 1024 - 16 - 1 - 15);
         assert_eq!(blk.dirty().count(), 0);
     }
 
@@ -793,7 +814,8 @@ mod tests {
         let next = s.next(&b).unwrap();
         assert!(!next.requested);
         assert_eq!(next.pages.start(), 0);
-        assert_eq!(next.pages.count(), 255);
+        // Its 64 KiB chunk (0..16), less page 9.
+        assert_eq!(next.pages.count(), 15);
     }
 
     #[test]

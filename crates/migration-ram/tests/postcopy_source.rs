@@ -545,13 +545,14 @@ fn requests_from_other_threads_go_first_in_order_and_the_scan_resumes_after_them
 
     // Faults before the saver starts: one page asked twice.
     request_from_another_thread(&requester, &[(1, 700), (0, 3), (1, 700), (1, 10)]);
-    // More while it sends: after the fifth chunk, one page it already
-    // sent, then two it has not.
+    // More while it sends: after the fifth flush (the second background
+    // chunk, 64 KiB in postcopy), one page it already sent, then two it has
+    // not.
     let mut ch = Hooked::new();
     let r = requester.clone();
     ch.on_flush = Some(Box::new(move |n| {
         if n == 5 {
-            request_from_another_thread(&r, &[(1, 300), (1, 600), (0, 100)]);
+            request_from_another_thread(&r, &[(1, 20), (1, 600), (0, 100)]);
         }
     }));
     let mut w = StreamWriter::new(ch);
@@ -562,13 +563,13 @@ fn requests_from_other_threads_go_first_in_order_and_the_scan_resumes_after_them
     let sent = pages_in(&records(&postcopy_part, s.saver.blocks()));
     let mut expected = vec![(1, 700), (0, 3), (1, 10)];
     // The scan from the chunk of high page 11: the first two chunks.
-    expected.extend((0..256).filter(|&p| p != 10).map(|p| (1, p)));
-    expected.extend((256..512).map(|p| (1, p)));
-    // The requests that came meanwhile; high page 300 went already.
+    expected.extend((0..32).filter(|&p| p != 10).map(|p| (1, p)));
+    // The requests that came meanwhile; high page 20 went already.
     expected.extend([(1, 600), (0, 100)]);
-    // The scan from the chunk of low page 101, round to the end.
-    expected.extend((0..160).filter(|&p| p != 3 && p != 100).map(|p| (0, p)));
-    expected.extend((512..768).filter(|&p| p != 600 && p != 700).map(|p| (1, p)));
+    // The scan from the chunk of low page 101 (96..112), round to the end.
+    expected.extend((96..160).filter(|&p| p != 100).map(|p| (0, p)));
+    expected.extend((32..768).filter(|&p| p != 600 && p != 700).map(|p| (1, p)));
+    expected.extend((0..96).filter(|&p| p != 3).map(|p| (0, p)));
     assert_eq!(sent.len(), expected.len());
     assert_eq!(sent, expected);
     assert_eq!(out.pages_sent, TOTAL_LO + 768);
@@ -750,10 +751,11 @@ fn a_hostile_request_fails_the_migration_with_a_protocol_error_and_touches_nothi
         "range 0x300000+0x1000 is outside RAM block #1 of size 0x300000"
     );
     // The request queued before the first failure went first, then the
-    // scan after it; every other page is still to send.
+    // scan after it (one 64 KiB chunk, less the requested page); every
+    // other page is still to send.
     let sent = pages_in(&records(&ch.get_ref().bytes, &blocks));
     assert_eq!(sent[0], (1, 4));
-    assert_eq!(sent.len(), 256);
+    assert_eq!(sent.len(), 16);
     let mut left = dirty_set(&blocks);
     left.extend(sent);
     left.sort_unstable();
@@ -793,15 +795,16 @@ fn nothing_is_lost_when_a_postcopy_write_fails_mid_chunk() {
     w.write_command(&listen_and_run()).unwrap();
     let switch_part = w.into_inner().unwrap();
 
-    // The link breaks 1.5 MB into postcopy: in the second high chunk.
+    // The link breaks 1.5 MB into postcopy: in the 23rd high chunk (64 KiB
+    // of pages, 65.7 kB with their heads, after the two low pages).
     let mut broken = Hooked::new();
     broken.limit = Some(1_500_000);
     let mut ch = StreamWriter::new(broken);
     let err = s.saver.postcopy_send(&mut ch).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Link, "{err:?}");
     let blocks = s.saver.blocks().clone();
-    // The two low pages and the first high chunk went.
-    assert_eq!(blocks.dirty_pages(), 768 - 256);
+    // The two low pages and the first 22 high chunks went.
+    assert_eq!(blocks.dirty_pages(), 768 - 22 * 16);
 
     // What reached the destination, up to the cut: every page it lacks
     // is still dirty at the source, and every page it has is current.
@@ -817,7 +820,7 @@ fn nothing_is_lost_when_a_postcopy_write_fails_mid_chunk() {
     // A retry on a new channel (as recovery will) sends the rest.
     let mut retry = StreamWriter::new(Vec::new());
     let out = s.saver.postcopy_send(&mut retry).unwrap();
-    assert_eq!(out.pages_sent, 768 - 256);
+    assert_eq!(out.pages_sent, 768 - 22 * 16);
     retry.write_complete().unwrap();
     assert_eq!(d.load(&retry.into_inner().unwrap()), Stop::Complete);
     assert_same(&src, &d.mem);

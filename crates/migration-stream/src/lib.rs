@@ -2,8 +2,9 @@
 //!
 //! This crate is the byte layer under `migration-ram`: it encodes and
 //! decodes everything the source and destination of a migration say to each
-//! other, and opens the connections they say it over. It has no unsafe code
-//! and no KVM; the only threads it starts are the scoped ones
+//! other, and opens the connections they say it over. Its only unsafe code
+//! is one `setsockopt` call (in `transport/sockopt.rs`, for the socket
+//! options the standard library lacks), and it has no KVM; the only threads it starts are the scoped ones
 //! [`Listener::accept_hello`] reads hellos on, all joined before it returns.
 //! It treats every byte it reads as hostile. The complete format, with byte
 //! tables, is in `docs/wire-format.md`. It also defines the snapshot file
@@ -166,6 +167,7 @@ pub use snapshot::{
 pub use transport::{
     connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
     ConnectionHandle, Listener, ListenerCanceller, TransportError, MAX_PENDING_HELLOS,
+    POSTCOPY_BACKLOG,
 };
 pub use uri::{MigrationUri, UriError};
 

@@ -13,7 +13,7 @@ use crate::block::{RamBlock, RamBlocks};
 use crate::error::{Error, Result};
 use crate::placer::PagePlacer;
 use crate::postcopy::{PageRequestSink, PostcopyIncoming};
-use crate::precopy::chunk_pages;
+use crate::precopy::{chunk_pages_of, CHUNK_BYTES};
 use crate::stats::{Phase, RamStats};
 
 /// What a restore did.
@@ -100,11 +100,11 @@ pub fn restore_eager(
     stats.set_total(total);
     stats.set_remaining(total);
     let max_page = blocks.max_page_size();
-    let mut buf = vec![0u8; (chunk_pages(max_page) * u64::from(max_page)) as usize];
+    let mut buf = vec![0u8; (chunk_pages_of(CHUNK_BYTES, max_page) * u64::from(max_page)) as usize];
     let mut out = RestoreOutcome::default();
     let mut remaining = total;
     for (index, block) in blocks.iter().enumerate() {
-        let per_chunk = chunk_pages(block.page_size());
+        let per_chunk = chunk_pages_of(CHUNK_BYTES, block.page_size());
         let mut page = 0;
         while page < block.pages() {
             if cancel.load(Ordering::Relaxed) {

@@ -19,7 +19,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::block::{HostMap, RamBlock, RamBlocks};
 use crate::error::{Error, Result};
 use crate::postcopy::{block_backing, latency_bucket, LATENCY_BUCKETS};
-use crate::precopy::{chunk_pages, is_zero};
+use crate::precopy::{chunk_pages_of, is_zero, CHUNK_BYTES};
 use crate::rate::RateLimiter;
 use crate::stats::{Params, Phase, RamStats};
 use crate::GuestMemoryMmap;
@@ -515,11 +515,12 @@ impl Saver<'_> {
     ) -> Result<()> {
         let s = self.shared;
         let max_page = s.blocks.max_page_size();
-        let mut buf = vec![0u8; (chunk_pages(max_page) * u64::from(max_page)) as usize];
+        let mut buf =
+            vec![0u8; (chunk_pages_of(CHUNK_BYTES, max_page) * u64::from(max_page)) as usize];
         let mut limiter = RateLimiter::new();
         for (index, block) in s.blocks.iter().enumerate() {
             let ps = u64::from(block.page_size());
-            let per_chunk = chunk_pages(block.page_size());
+            let per_chunk = chunk_pages_of(CHUNK_BYTES, block.page_size());
             let host = s.map.host(index);
             let mut claimed = vec![false; per_chunk as usize];
             let mut page = 0;

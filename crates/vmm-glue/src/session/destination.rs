@@ -20,7 +20,7 @@ use migration_ram::snapshot::{restore_eager, LazyRestore};
 use migration_ram::{CopyPlacer, PrecopyLoader, RamBlocks};
 use migration_stream::{
     read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ErrorKind, Hello,
-    Record, ReturnMessage, ReturnPathWriter, Role, SnapshotReader, StreamReader,
+    Record, ReturnMessage, ReturnPathWriter, Role, SnapshotReader, StreamReader, POSTCOPY_BACKLOG,
 };
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -172,6 +172,12 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
                     postcopy(sh)?.discard(block, &ranges)?;
                 }
                 Record::Command(Command::Packaged(bytes)) => {
+                    // Postcopy: a page the guest waits for comes behind
+                    // what the socket buffers hold; keep that small (the
+                    // source does the same at its end).
+                    if let Err(e) = conn.handle.limit_backlog(POSTCOPY_BACKLOG) {
+                        log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+                    }
                     let state = received
                         .take()
                         .ok_or_else(|| SessionError::Protocol("a second package".into()))?;

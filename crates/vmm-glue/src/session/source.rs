@@ -23,7 +23,7 @@ use migration_ram::{Keepalive, PageRequester, PeerLiveness, PrecopySaver, RamBlo
 use migration_stream::ErrorKind;
 use migration_stream::{
     connect, read_preamble, AdviseFlags, BoxedWriter, Command, ConnectionHandle, Hello,
-    MigrationId, ReturnMessage, ReturnPathReader, Role, StreamWriter,
+    MigrationId, ReturnMessage, ReturnPathReader, Role, StreamWriter, POSTCOPY_BACKLOG,
 };
 
 use parking_lot::Mutex;
@@ -317,6 +317,12 @@ fn switch_to_postcopy<W: std::io::Write>(
         switch.discarded_ranges,
         switch.remaining_pages
     );
+    // A requested page waits behind what the socket buffers hold of the
+    // background stream: keep that small from here on (the destination
+    // does the same at its end).
+    if let Err(e) = ch.handle.limit_backlog(POSTCOPY_BACKLOG) {
+        log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+    }
     // Requests may come as soon as the destination runs.
     *ch.requests.lock() = Some(saver.page_requester());
     let mut package = StreamWriter::new(Vec::new());
