@@ -315,6 +315,60 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
+/// Free 2 MiB huge pages the hugetlbfs scenarios need (source and destination).
+const E2E_HUGE_PAGES: u64 = 8;
+
+/// Huge pages reserved for this run (as root, when fewer are free), given
+/// back when dropped. Without them the hugetlbfs scenarios say SKIPPED and
+/// why.
+struct HugePages {
+    old: Option<u64>,
+}
+
+impl HugePages {
+    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn free() -> Option<u64> {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn reserve(want: u64) -> HugePages {
+        let free = Self::free().unwrap_or(0);
+        let old = std::fs::read_to_string(Self::NR)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        let Some(old) = old.filter(|_| free < want) else {
+            return HugePages { old: None };
+        };
+        if std::fs::write(Self::NR, (old + want - free).to_string()).is_err() {
+            return HugePages { old: None };
+        }
+        eprintln!(
+            "reserved huge pages for the hugetlbfs scenarios: {} free (vm.nr_hugepages {old} -> {}, \
+             given back at the end)",
+            Self::free().unwrap_or(0),
+            old + want - free
+        );
+        HugePages { old: Some(old) }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(old) = self.old {
+            if let Err(e) = std::fs::write(Self::NR, old.to_string()) {
+                eprintln!("cannot give back the huge pages (vm.nr_hugepages = {old}): {e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,59 +476,5 @@ mod tests {
         assert_eq!(v["status"], "failed");
         assert_eq!(v["total_ms"], serde_json::Value::Null);
         assert_eq!(v["note"], "why");
-    }
-}
-
-/// Free 2 MiB huge pages the hugetlbfs scenarios need (source and destination).
-const E2E_HUGE_PAGES: u64 = 8;
-
-/// Huge pages reserved for this run (as root, when fewer are free), given
-/// back when dropped. Without them the hugetlbfs scenarios say SKIPPED and
-/// why.
-struct HugePages {
-    old: Option<u64>,
-}
-
-impl HugePages {
-    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
-
-    fn free() -> Option<u64> {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("HugePages_Free:"))?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    fn reserve(want: u64) -> HugePages {
-        let free = Self::free().unwrap_or(0);
-        let old = std::fs::read_to_string(Self::NR)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok());
-        let Some(old) = old.filter(|_| free < want) else {
-            return HugePages { old: None };
-        };
-        if std::fs::write(Self::NR, (old + want - free).to_string()).is_err() {
-            return HugePages { old: None };
-        }
-        eprintln!(
-            "reserved huge pages for the hugetlbfs scenarios: {} free (vm.nr_hugepages {old} -> {}, \
-             given back at the end)",
-            Self::free().unwrap_or(0),
-            old + want - free
-        );
-        HugePages { old: Some(old) }
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        if let Some(old) = self.old {
-            if let Err(e) = std::fs::write(Self::NR, old.to_string()) {
-                eprintln!("cannot give back the huge pages (vm.nr_hugepages = {old}): {e}");
-            }
-        }
     }
 }
