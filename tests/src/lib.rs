@@ -14,6 +14,7 @@
 
 pub mod control;
 pub mod harness;
+pub mod linux;
 pub mod migration;
 pub mod postcopy;
 pub mod proxy;
