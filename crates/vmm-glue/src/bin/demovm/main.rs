@@ -182,6 +182,18 @@ fn main() -> ExitCode {
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let events = EventSink::new();
     forward_events(session, events.clone());
+    // Listening (or running) before QMP answers: a client that connects
+    // as soon as the socket appears sees the incoming address.
+    let started = match args.incoming.as_deref() {
+        Some("defer") => session.defer_incoming(),
+        Some(uri) => session.incoming(uri),
+        None if args.paused => Ok(()),
+        None => session.start(),
+    };
+    if let Err(e) = started {
+        eprintln!("demovm: {}", e.describe());
+        return ExitCode::FAILURE;
+    }
     let server = match &args.qmp {
         Some(path) => {
             let quit = quit_tx.clone();
@@ -210,16 +222,6 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    let started = match args.incoming.as_deref() {
-        Some("defer") => session.defer_incoming(),
-        Some(uri) => session.incoming(uri),
-        None if args.paused => Ok(()),
-        None => session.start(),
-    };
-    if let Err(e) = started {
-        eprintln!("demovm: {}", e.describe());
-        return ExitCode::FAILURE;
-    }
     // Runs until QMP `quit` (or until killed).
     let _ = quit_rx.recv();
     // The QMP server first (it holds the session), then the session and the
