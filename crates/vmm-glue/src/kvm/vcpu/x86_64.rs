@@ -38,6 +38,14 @@
 //! deadline MSR sticks only once the LAPIC timer is in TSC-deadline mode
 //! and is compared with the guest TSC, so it follows both.
 //!
+//! The kvmclock wall-clock MSRs (`MSR_KVM_WALL_CLOCK`, `_NEW`) are saved
+//! but not written back: KVM takes a write to them as "write the host's
+//! wall clock into guest memory at this address now" (`kvm_write_wall_clock`),
+//! a command the guest gave once at boot, not state. Replaying it would
+//! change a guest page behind the migration's back (a stopped guest's RAM
+//! would no longer equal the source's), and the guest never reads that
+//! page again.
+//!
 //! # What a destination refuses
 //!
 //! Before touching any vCPU, a restore refuses with
@@ -104,6 +112,10 @@ const HEADER: &str = "kvm.vcpus";
 #[cfg(test)]
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// kvmclock's wall clock, old and new numbers: written by the guest at boot,
+/// not restored (see the module documentation).
+const MSR_KVM_WALL_CLOCK: u32 = 0x11;
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -917,7 +929,13 @@ pub(crate) fn restore(core: &mut VcpuCore, s: VcpuState) -> Result<(), StateErro
     fd.set_lapic(&s.lapic)
         .map_err(host_err(core, "KVM_SET_LAPIC"))?;
     set_tsc_khz(core, s.tsc_khz)?;
-    for chunk in msr_chunks(&s.msrs, |e| e.index) {
+    let msrs: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .filter(|e| !matches!(e.index, MSR_KVM_WALL_CLOCK | MSR_KVM_WALL_CLOCK_NEW))
+        .copied()
+        .collect();
+    for chunk in msr_chunks(&msrs, |e| e.index) {
         let msrs = msrs_of(&chunk, &name(i, "msrs"))?;
         let n = fd.set_msrs(&msrs).map_err(host_err(core, "KVM_SET_MSRS"))?;
         if n != chunk.len() {
