@@ -327,13 +327,7 @@ impl Console {
 
     /// The highest `workload: pass N` printed from `from` on.
     pub fn last_pass(&self, from: usize) -> Option<u64> {
-        self.text(from)
-            .lines()
-            .filter_map(|l| {
-                let rest = &l[l.find("workload: pass ")? + "workload: pass ".len()..];
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .max()
+        Some(last_pass(&self.text(from))).filter(|&n| n > 0)
     }
 
     /// Waits for a workload pass after `after`, printed from `from` on.
@@ -374,6 +368,17 @@ impl Console {
         }
         Ok(bad)
     }
+}
+
+/// The highest `workload: pass N` in `text`, 0 if none.
+pub fn last_pass(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("workload: pass ")? + "workload: pass ".len()..];
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn unix_now() -> f64 {
@@ -482,8 +487,9 @@ pub fn live() -> Result<Outcome, Failure> {
     expect(status(&d) == "completed", || format!("destination: {d}"))?;
     let rs = dst.vm.run_status()?;
     expect(rs == "running", || format!("destination run state {rs}"))?;
-    csrc.drain_for(Duration::from_millis(200))?;
-    let pass = csrc.last_pass(0).unwrap_or(0);
+    // The source's last pass, from its log file (its console client may be
+    // gone with the guest).
+    let pass = last_pass(&std::fs::read_to_string(&src.vm.serial).unwrap_or_default());
     let next = cdst.wait_pass_after(0, pass)?;
     let answer = cdst.echo(&token("dst"))?;
     let (off1, err1) = cdst.clock_offset()?;
