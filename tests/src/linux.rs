@@ -470,10 +470,10 @@ pub fn live() -> Result<Outcome, Failure> {
     let mut src = start("src", &image, None)?;
     let mut csrc = boot(&src)?;
     csrc.echo(&token("src"))?;
-    let (off0, err0) = csrc.clock_offset()?;
     let mut dst = start("dst", &image, Some("tcp:127.0.0.1:0"))?;
     let mut cdst = Console::connect(&dst)?;
     let uri = dst.vm.incoming_uri()?;
+    let (off0, err0) = csrc.clock_offset()?;
     // The workload dirties 64 MiB about five times a second: a downtime limit
     // that lets the last pass carry it.
     src.vm.qmp.cmd(
@@ -496,10 +496,12 @@ pub fn live() -> Result<Outcome, Failure> {
     let downtime = q.get("downtime").and_then(Value::as_u64).unwrap_or(0) as f64 / 1000.0;
     let jump = off1 - off0;
     let margin = 1.0 + err0 + err1;
+    let total = field(&q, "total-time") as f64 / 1000.0;
     expect(jump.abs() <= downtime + margin, || {
         format!(
             "the guest's clock jumped by {jump:.3} s across the migration, more than the \
-             downtime {downtime:.3} s + {margin:.3} s"
+             downtime {downtime:.3} s + {margin:.3} s (guest - host clock: {off0:.3} s before, \
+             {off1:.3} s after; migration total time {total:.3} s)"
         )
     })?;
     let watch = std::env::var(WATCH_ENV)
