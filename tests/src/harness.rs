@@ -170,7 +170,8 @@ pub struct VmOpts<'a> {
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: usize,
-    /// `builtin:ab`, `builtin:random`, ...
+    /// `builtin:ab`, `builtin:random`, ...; empty: no `--guest` (a Linux
+    /// guest's `--kernel` is in `extra`).
     pub guest: &'a str,
     /// `--incoming` value, if any.
     pub incoming: Option<&'a str>,
@@ -217,8 +218,6 @@ impl DemoVm {
             .arg(format!("{}M", o.mem_mib))
             .arg("--vcpus")
             .arg(o.vcpus.to_string())
-            .arg("--guest")
-            .arg(o.guest)
             .arg("--qmp")
             .arg(&qmp_path)
             .arg("--serial")
@@ -232,6 +231,9 @@ impl DemoVm {
             .stderr(Stdio::from(
                 std::fs::File::create(dir.join("stderr.log")).map_err(|e| e.to_string())?,
             ));
+        if !o.guest.is_empty() {
+            cmd.arg("--guest").arg(o.guest);
+        }
         if let Some(i) = o.incoming {
             cmd.arg("--incoming").arg(i);
         }

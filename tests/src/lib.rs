@@ -5,6 +5,9 @@
 //!   stopped guest over TCP and Unix sockets, a live `ab` guest, a non-converging
 //!   `random` guest cancelled and migrated again, a destination killed mid-way, a
 //!   file save and restore, and hostile peers feeding the destination bad streams.
+//! - [`linux`]: a Linux guest (2 vCPUs, 256 MiB, a workload dirtying 64 MiB)
+//!   stopped then migrated, migrated live (console, clock, stalls checked on the
+//!   destination), and with its destination killed mid-way.
 //! - [`uffd`]: the userfaultfd mechanisms the postcopy and snapshot work builds on:
 //!   `uffd-postcopy` (a 64 MiB destination filled in the background while two threads
 //!   fault on random pages, each page placed once) and `uffd-snapshot` (a write-protect
@@ -14,6 +17,7 @@
 
 pub mod control;
 pub mod harness;
+pub mod linux;
 pub mod migration;
 pub mod postcopy;
 pub mod proxy;
@@ -113,6 +117,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("snapshot-random", snapshots::random_consistent),
     ("snapshot-cancel-disk-full", snapshots::cancel_and_disk_full),
     ("snapshot-bad-file", snapshots::bad_file),
+    ("linux-precopy-stopped", linux::stopped),
+    ("linux-precopy-live", linux::live),
+    ("linux-precopy-dest-killed", linux::dest_killed),
     ("uffd-postcopy", uffd::postcopy),
     ("uffd-snapshot", uffd::snapshot),
 ];

@@ -10,6 +10,8 @@
 //!   with `demovm`, side by side.
 //! - `guests [--touch SIZE] [--out DIR]`: writes the boot-sector guests (`guests/` as
 //!   committed, with no options).
+//! - `linux-guest [--out DIR]`: the Linux test guest (Debian's kernel, busybox and our
+//!   workload in an initramfs), fetched with `apt-get download` and cached.
 //! - `ci`: what CI runs (`.ci/run`): fmt, clippy, doc and the tests.
 //! - `qmp SOCKET COMMAND [JSON-ARGS] [--events]`: one QMP command against a running
 //!   `demovm`, its `return` printed as pretty JSON.
@@ -27,6 +29,7 @@ mod bench_qemu;
 mod bench_snapshot;
 mod e2e;
 mod guests;
+mod linux_guest;
 mod qmp;
 
 use std::process::ExitCode;
@@ -52,6 +55,9 @@ enum Command {
     /// Writes the boot-sector guests (ab.bin, random.bin); with no options, guests/ as
     /// committed.
     Guests(guests::Args),
+    /// Fetches Debian's kernel and busybox-static and builds the Linux test guest
+    /// (bzImage and initramfs in target/linux-guest, cached).
+    LinuxGuest(linux_guest::Args),
     /// What CI runs (.ci/run): fmt, clippy, doc and the tests.
     Ci,
     /// One QMP command against a running demovm; prints its `return` as pretty JSON.
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
         Command::E2e(a) => e2e::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Guests(a) => guests::main(a),
+        Command::LinuxGuest(a) => linux_guest::main(a),
         Command::Ci => ci(),
         Command::Qmp(a) => qmp::main(a),
     };

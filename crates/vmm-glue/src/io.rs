@@ -1,5 +1,6 @@
 //! The I/O bus between vCPUs and the VMM's devices: what a vCPU's port and
-//! MMIO accesses reach, whatever runs the vCPU (KVM or the soft stand-in).
+//! MMIO accesses reach, whatever runs the vCPU (KVM or the soft stand-in),
+//! and the interrupt lines through which devices reach the guest.
 
 /// Port and MMIO accesses of the guest, served by the VMM's devices.
 ///
@@ -37,4 +38,15 @@ impl IoHandler for NoDevices {
     fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
         false
     }
+}
+
+/// An interrupt line a device raises (an edge: each call is one interrupt).
+///
+/// With KVM, [`KvmVm::irqfd`](crate::kvm::KvmVm::irqfd) gives one that
+/// injects a GSI through the in-kernel irqchip without a vCPU exit. Called
+/// with the device's lock held, possibly on a vCPU thread: it must not
+/// block.
+pub trait Interrupt: Send + Sync {
+    /// Raises the interrupt once.
+    fn trigger(&self) -> std::io::Result<()>;
 }

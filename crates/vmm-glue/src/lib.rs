@@ -9,7 +9,12 @@
 //!   the VMM's guest RAM, vCPU threads with their run loop and kicking, boot
 //!   helpers, the whole x86 vCPU and VM state as versioned sections, and KVM
 //!   dirty logging (bitmap with manual protect, dirty ring).
-//! - [`io`]: the port and MMIO bus between vCPUs and the VMM's devices.
+//! - [`io`]: the port and MMIO bus between vCPUs and the VMM's devices, and
+//!   interrupt lines.
+//! - [`boot`]: booting a Linux bzImage (linux-loader, zero page, e820, MP
+//!   table) on a PC layout.
+//! - [`serial`]: a 16550 UART (vm-superio) with an interrupt line, a log
+//!   file and a Unix-socket terminal, migrating as a device section.
 //! - [`soft`]: software vCPUs running the built-in guest workloads on host
 //!   threads, for hosts without KVM (said loudly wherever they are used).
 //! - [`guest`]: the test guests: built-in 64-bit workloads and boot sectors,
@@ -23,12 +28,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod boot;
 pub mod guest;
 pub mod io;
 #[allow(unsafe_code)]
 pub mod kvm;
 mod logger;
 pub mod qmp;
+pub mod serial;
 pub mod session;
 pub mod soft;
 pub mod verify;

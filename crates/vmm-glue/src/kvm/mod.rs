@@ -61,7 +61,7 @@ pub use vcpu::x86_64::{
     LONG_MODE_TABLES_END,
 };
 pub use vcpu::{IoHandler, KvmVcpus, UnhandledIo};
-pub use vm::{KvmVm, KvmVmConfig};
+pub use vm::{KvmIrq, KvmVm, KvmVmConfig};
 
 /// The path of the KVM device.
 pub const DEV_KVM: &str = "/dev/kvm";

@@ -59,6 +59,8 @@ use crate::session::{ExitHandler, GuestExit, Section, StateError, Vcpus};
 
 pub use x86_64::LongModeEntry;
 
+use crate::boot::linux::LinuxEntry;
+
 pub use crate::io::IoHandler;
 use crate::io::NoDevices;
 
@@ -470,6 +472,25 @@ impl KvmVcpus {
         x86_64::write_long_mode_tables(&self.vm.mem)?;
         for (i, &entry) in entries.iter().enumerate() {
             self.on_vcpu(i, "boot", move |core| x86_64::boot_long_mode(core, entry))??;
+        }
+        self.clear_stopped();
+        Ok(())
+    }
+
+    /// Sets the vCPUs up for the Linux 64-bit boot protocol, after
+    /// [`crate::boot::linux::load`] wrote the kernel and its tables: vCPU 0
+    /// in long mode on an identity map of the first 4 GiB with the GDT the
+    /// protocol asks for (`__BOOT_CS` = `0x10`, `__BOOT_DS` = `0x18`, at
+    /// [`x86_64::LONG_MODE_GDT`]), RIP = the 64-bit entry, RSI = the zero
+    /// page, interrupts off; the other vCPUs wait for the INIT/SIPI the
+    /// kernel sends them. Every vCPU gets the boot MSRs and FPU state. Call
+    /// it paused, before the first resume; the VMM keeps
+    /// [`x86_64::LONG_MODE_GDT`] to [`x86_64::LONG_MODE_TABLES_END`] free.
+    pub fn boot_linux(&self, entry: LinuxEntry) -> Result<(), KvmError> {
+        x86_64::write_linux_tables(&self.vm.mem)?;
+        self.on_vcpu(0, "boot", move |core| x86_64::boot_linux_bsp(core, entry))??;
+        for i in 1..self.count_vcpus() {
+            self.on_vcpu(i, "boot", x86_64::boot_linux_ap)??;
         }
         self.clear_stopped();
         Ok(())

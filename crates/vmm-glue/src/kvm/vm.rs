@@ -352,11 +352,56 @@ impl KvmVm {
         ]))
     }
 
+    /// An interrupt line on `gsi` through an irqfd (`KVM_IRQFD`): each
+    /// [`Interrupt::trigger`](crate::io::Interrupt::trigger) injects one
+    /// edge into the in-kernel irqchip (GSIs 0 to 15 reach both the PIC and
+    /// the IOAPIC pin of that number, 16 to 23 the IOAPIC), without a vCPU
+    /// exit or a lock of the VMM. The line stays registered as long as the
+    /// VM lives.
+    pub fn irqfd(&self, gsi: u32) -> Result<Arc<KvmIrq>, KvmError> {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            KvmError::Ioctl {
+                op: "eventfd for an irqfd".into(),
+                source,
+            }
+        })?;
+        self.shared
+            .fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| KvmError::ioctl(format!("KVM_IRQFD on GSI {gsi}"), e))?;
+        Ok(Arc::new(KvmIrq { evt, gsi }))
+    }
+
     /// The VM-wide state sections, in load order: `kvm.pit`, `kvm.clock`,
     /// `kvm.pic0`, `kvm.pic1`, `kvm.ioapic` (see [`x86_64`]). A session
     /// loads them before the vCPU state, and the vCPUs run only after both.
     pub fn device_states(&self) -> Vec<Arc<dyn DeviceState>> {
         x86_64::device_states(&self.shared, &self.vcpus)
+    }
+}
+
+/// An interrupt line of a [`KvmVm`] (see [`KvmVm::irqfd`]).
+#[derive(Debug)]
+pub struct KvmIrq {
+    evt: vmm_sys_util::eventfd::EventFd,
+    gsi: u32,
+}
+
+impl KvmIrq {
+    /// The GSI it raises.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
+
+impl crate::io::Interrupt for KvmIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        match self.evt.write(1) {
+            Ok(()) => Ok(()),
+            // The counter is full: interrupts are pending anyway.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! The VM of `demovm`, built only from the public API of `vmm-glue`, as any
 //! VMM would build its own: guest memory like a small PC on the backend asked
-//! for ([`crate::memory`]), vCPUs on KVM (or the soft stand-in), COM1, the
-//! balloon ([`crate::balloon`]), and a migration session over all of it.
+//! for ([`crate::memory`]), vCPUs on KVM (or the soft stand-in), COM1 with its
+//! interrupt on KVM, the balloon ([`crate::balloon`]), the guest (a built-in
+//! workload, a boot sector or a Linux kernel), and a migration session over
+//! all of it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,18 +13,19 @@ use migration_ram::{DirtyLog, VmmDirtyLog};
 use serde_json::{json, Map, Value};
 use uffd_sys::host_memory::MlockMode;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_glue::boot::linux::{self as linux_boot, LinuxImage};
 use vmm_glue::guest::{self, boot_sector, builtin, Workload};
 use vmm_glue::io::IoHandler;
 use vmm_glue::kvm::{self, KvmVcpus, KvmVm, KvmVmConfig, LongModeEntry};
 use vmm_glue::qmp::adapter::QmpExtension;
 use vmm_glue::qmp::server::QmpError;
+use vmm_glue::serial::{Serial, SerialConfig, COM1_IRQ};
 use vmm_glue::session::{DeviceState, GuestRam, Machine, Session, Vcpus};
 use vmm_glue::soft::SoftVcpus;
 use vmm_glue::verify;
 
 use crate::balloon::{Balloon, OperatorInhibit};
 use crate::memory::{self, MemBackend, RegionInfo, HIGH_RAM_START};
-use crate::serial::Com1;
 
 /// What the guest runs.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub enum GuestSpec {
     Builtin(Workload),
     /// A boot sector, started in real mode at 0000:7c00 (KVM only).
     BootSector(PathBuf),
+    /// A Linux bzImage through the 64-bit boot protocol (KVM only).
+    Linux(LinuxImage),
 }
 
 impl GuestSpec {
@@ -50,6 +55,7 @@ impl std::fmt::Display for GuestSpec {
         match self {
             GuestSpec::Builtin(w) => write!(f, "builtin:{}", w.name()),
             GuestSpec::BootSector(p) => write!(f, "{}", p.display()),
+            GuestSpec::Linux(l) => write!(f, "linux:{}", l.kernel.display()),
         }
     }
 }
@@ -75,8 +81,8 @@ pub struct Config {
     pub vcpus: usize,
     /// The guest.
     pub guest: GuestSpec,
-    /// Where COM1 output goes.
-    pub serial: Option<PathBuf>,
+    /// COM1's backends.
+    pub serial: SerialConfig,
     /// The accelerator asked for.
     pub accel: Accel,
     /// Dirty ring entries per vCPU (KVM), or the dirty bitmap.
@@ -91,7 +97,7 @@ pub struct Config {
 
 /// COM1 and the balloon, on the port bus.
 struct Bus {
-    com1: Arc<Com1>,
+    com1: Arc<Serial>,
     balloon: Arc<Balloon>,
 }
 
@@ -141,7 +147,7 @@ pub struct GuestInfo {
     pub mem_backend: MemBackend,
     /// The RAM regions.
     pub ram: Vec<RegionInfo>,
-    com1: Arc<Com1>,
+    com1: Arc<Serial>,
     balloon: Arc<Balloon>,
     /// The operator's balloon inhibitor (`x-balloon-inhibit`).
     inhibit: Arc<OperatorInhibit>,
@@ -309,10 +315,7 @@ pub fn build(c: &Config) -> Result<Demo, String> {
         }
         ram = ram.with_locked(MlockMode::Populate);
     }
-    let com1 = Arc::new(
-        Com1::new(c.serial.as_deref())
-            .map_err(|e| format!("cannot open the serial output file: {e}"))?,
-    );
+    let com1 = Arc::new(Serial::com1(&c.serial).map_err(|e| format!("COM1: {e}"))?);
     // One inhibitor: the session holds it while postcopy runs, the operator
     // through x-balloon-inhibit.
     let inhibitor = Arc::new(BalloonInhibitor::new());
@@ -345,6 +348,10 @@ pub fn build(c: &Config) -> Result<Demo, String> {
         let vm = KvmVm::new(&ram, config).map_err(|e| vmm_glue::error_chain(&e))?;
         let vcpus = vm.vcpus();
         vcpus.set_io_handler(Arc::clone(&bus));
+        // COM1's interrupt; the built-in guests and boot sectors poll and
+        // never enable it.
+        let irq = vm.irqfd(COM1_IRQ).map_err(|e| vmm_glue::error_chain(&e))?;
+        com1.connect_interrupt(irq);
         let kerr = |e: kvm::KvmError| vmm_glue::error_chain(&e);
         if !c.incoming {
             match (&c.guest, &sector) {
@@ -368,6 +375,18 @@ pub fn build(c: &Config) -> Result<Demo, String> {
                     vcpus.boot_real_mode().map_err(kerr)?;
                 }
                 (GuestSpec::BootSector(_), None) => {}
+                (GuestSpec::Linux(image), _) => {
+                    let loaded = linux_boot::load(&mem, image, c.vcpus)
+                        .map_err(|e| vmm_glue::error_chain(&e))?;
+                    log::info!(
+                        "Linux loaded: kernel {:#x}..{:#x} (boot protocol {:#06x}), initrd {:?}",
+                        loaded.kernel.0,
+                        loaded.kernel.1,
+                        loaded.protocol,
+                        loaded.initrd
+                    );
+                    vcpus.boot_linux(loaded.entry).map_err(kerr)?;
+                }
             }
         }
         devices.extend(vm.device_states());
@@ -387,7 +406,8 @@ pub fn build(c: &Config) -> Result<Demo, String> {
     } else {
         let GuestSpec::Builtin(w) = c.guest else {
             return Err(format!(
-                "boot-sector guests need KVM ({}); soft vCPUs run only the built-in guests",
+                "boot-sector and Linux guests need KVM ({}); soft vCPUs run only the built-in \
+                 guests",
                 accel_note.as_deref().unwrap_or("soft vCPUs asked for")
             ));
         };

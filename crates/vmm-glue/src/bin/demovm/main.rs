@@ -2,22 +2,25 @@
 //!
 //! It is the library's first user and uses only its public API, as a
 //! third-party VMM would: it builds guest memory ([`memory`]: anonymous, memfd
-//! or hugetlbfs), COM1, a balloon ([`balloon`]) and vCPUs ([`machine`]), hands
+//! or hugetlbfs), COM1 (`vmm_glue::serial`), a balloon ([`balloon`]) and vCPUs
+//! ([`machine`]) with the guest (a built-in workload, a boot sector or a Linux
+//! kernel through `vmm_glue::boot`), hands
 //! them to a `vmm_glue::session::Session`, and serves QMP through
 //! `vmm_glue::qmp::adapter` over `vmm_glue::qmp::server`.
 
 mod balloon;
 mod machine;
 mod memory;
-mod serial;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 
 use clap::Parser;
+use vmm_glue::boot::linux::{LinuxImage, DEFAULT_CMDLINE};
 use vmm_glue::qmp::adapter::{forward_events, QmpAdapter};
 use vmm_glue::qmp::server::{Config as QmpConfig, EventSink, Greeting, Server};
+use vmm_glue::serial::SerialConfig;
 use vmm_glue::session::RestoreMode;
 use vmm_glue::Logger;
 
@@ -43,12 +46,24 @@ struct Args {
     /// 512-byte boot sector FILE.
     #[arg(long, default_value = "builtin:ab", value_parser = GuestSpec::parse)]
     guest: GuestSpec,
+    /// Boot this Linux bzImage (64-bit boot protocol, KVM only) instead of
+    /// --guest.
+    #[arg(long, value_name = "BZIMAGE", conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// The initrd (initramfs) for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel.
+    #[arg(long, value_name = "ARGS", requires = "kernel", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
     /// The QMP socket to serve.
     #[arg(long)]
     qmp: Option<PathBuf>,
-    /// Where COM1 output goes (a file, appended to).
-    #[arg(long)]
-    serial: Option<PathBuf>,
+    /// COM1: FILE (its output appended to it), or unix:PATH (a listening
+    /// socket: a client reads the output and types into the guest). Give
+    /// both a file and a socket by repeating it.
+    #[arg(long, value_name = "FILE|unix:PATH", value_parser = SerialArg::parse)]
+    serial: Vec<SerialArg>,
     /// Wait for an incoming migration: tcp:HOST:PORT, unix:PATH, file:PATH, or
     /// defer (then QMP migrate-incoming).
     #[arg(long, value_name = "URI")]
@@ -87,7 +102,41 @@ RAM: anon and memfd lay out pc.ram.low [0, 640K) and pc.ram [1M, top) in 4 KiB p
 hugetlbfs lays out pc.ram.low, pc.ram.mid [1M, 2M) and pc.ram [2M, top) in 2 MiB pages,
 so source and destination of a migration must use the same --mem-backend.
 Balloon: ports 0x600 (page frame) and 0x604 (page count) give guest pages back;
-QMP x-guest-info shows its counters, x-balloon-inhibit drops requests.";
+QMP x-guest-info shows its counters, x-balloon-inhibit drops requests.
+Linux (--kernel): an MP table for the vCPUs and the IOAPIC, no ACPI, no PCI; COM1
+(ttyS0) on IRQ 4 is the console; the default --cmdline suits that machine.";
+
+/// One `--serial` backend.
+#[derive(Debug, Clone)]
+enum SerialArg {
+    File(PathBuf),
+    Socket(PathBuf),
+}
+
+impl SerialArg {
+    fn parse(s: &str) -> Result<SerialArg, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a socket path".into()),
+            Some(p) => Ok(SerialArg::Socket(p.into())),
+            None if s.is_empty() => Err("an empty serial file name".into()),
+            None => Ok(SerialArg::File(s.into())),
+        }
+    }
+}
+
+/// COM1's backends from the `--serial` options: at most one file and one
+/// socket.
+fn serial_config(args: &[SerialArg]) -> Result<SerialConfig, String> {
+    let mut c = SerialConfig::new();
+    for a in args {
+        match a {
+            SerialArg::File(p) if c.log.is_none() => c = c.with_log(p),
+            SerialArg::Socket(p) if c.socket.is_none() => c = c.with_socket(p),
+            _ => return Err("--serial takes at most one file and one unix: socket".into()),
+        }
+    }
+    Ok(c)
+}
 
 /// `--restore-mode`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -108,12 +157,29 @@ impl From<RestoreModeArg> for RestoreMode {
 fn main() -> ExitCode {
     Logger::install_from_env("DEMOVM_LOG");
     let args = Args::parse();
+    let serial = match serial_config(&args.serial) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("demovm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let guest = match &args.kernel {
+        Some(k) => {
+            let mut image = LinuxImage::new(k).with_cmdline(&args.cmdline);
+            if let Some(i) = &args.initrd {
+                image = image.with_initrd(i);
+            }
+            GuestSpec::Linux(image)
+        }
+        None => args.guest.clone(),
+    };
     let config = Config {
         mem: args.mem,
         mem_backend: args.mem_backend,
         vcpus: usize::from(args.vcpus),
-        guest: args.guest.clone(),
-        serial: args.serial.clone(),
+        guest,
+        serial,
         accel: args.accel,
         dirty_ring: args.dirty_ring,
         mlock: args.mlock,
@@ -144,6 +210,27 @@ fn main() -> ExitCode {
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let events = EventSink::new();
     forward_events(session, events.clone());
+    // Listening (or running) before QMP answers: a client that connects
+    // as soon as the socket appears sees the incoming address.
+    // -S: an incoming guest stays paused once loaded, until QMP `cont`.
+    session.set_autostart(!args.paused);
+    let started = match (args.incoming.as_deref(), args.restore_mode) {
+        (Some(uri), Some(mode)) => match uri.strip_prefix("file:") {
+            Some(path) => session.restore(std::path::Path::new(path), mode.into()),
+            None => {
+                eprintln!("demovm: --restore-mode needs --incoming file:PATH (a snapshot file)");
+                return ExitCode::FAILURE;
+            }
+        },
+        (Some("defer"), None) => session.defer_incoming(),
+        (Some(uri), None) => session.incoming(uri),
+        (None, _) if args.paused => Ok(()),
+        (None, _) => session.start(),
+    };
+    if let Err(e) = started {
+        eprintln!("demovm: {}", e.describe());
+        return ExitCode::FAILURE;
+    }
     let server = match &args.qmp {
         Some(path) => {
             let quit = quit_tx.clone();
@@ -172,25 +259,6 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    // -S: an incoming guest stays paused once loaded, until QMP `cont`.
-    session.set_autostart(!args.paused);
-    let started = match (args.incoming.as_deref(), args.restore_mode) {
-        (Some(uri), Some(mode)) => match uri.strip_prefix("file:") {
-            Some(path) => session.restore(std::path::Path::new(path), mode.into()),
-            None => {
-                eprintln!("demovm: --restore-mode needs --incoming file:PATH (a snapshot file)");
-                return ExitCode::FAILURE;
-            }
-        },
-        (Some("defer"), None) => session.defer_incoming(),
-        (Some(uri), None) => session.incoming(uri),
-        (None, _) if args.paused => Ok(()),
-        (None, _) => session.start(),
-    };
-    if let Err(e) = started {
-        eprintln!("demovm: {}", e.describe());
-        return ExitCode::FAILURE;
-    }
     // Runs until QMP `quit` (or until killed).
     let _ = quit_rx.recv();
     // The QMP server first (it holds the session), then the session and the

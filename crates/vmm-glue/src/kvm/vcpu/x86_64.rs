@@ -38,6 +38,14 @@
 //! deadline MSR sticks only once the LAPIC timer is in TSC-deadline mode
 //! and is compared with the guest TSC, so it follows both.
 //!
+//! The kvmclock wall-clock MSRs (`MSR_KVM_WALL_CLOCK`, `_NEW`) are saved
+//! but not written back: KVM takes a write to them as "write the host's
+//! wall clock into guest memory at this address now" (`kvm_write_wall_clock`),
+//! a command the guest gave once at boot, not state. Replaying it would
+//! change a guest page behind the migration's back (a stopped guest's RAM
+//! would no longer equal the source's), and the guest never reads that
+//! page again.
+//!
 //! # What a destination refuses
 //!
 //! Before touching any vCPU, a restore refuses with
@@ -58,6 +66,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::VcpuCore;
+use crate::boot::linux::LinuxEntry;
 use crate::kvm::vm::VmShared;
 use crate::kvm::wire::{Reader, Writer};
 use crate::kvm::{errno_to_io, KvmError};
@@ -103,6 +112,10 @@ const HEADER: &str = "kvm.vcpus";
 #[cfg(test)]
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// kvmclock's wall clock, old and new numbers: written by the guest at boot,
+/// not restored (see the module documentation).
+const MSR_KVM_WALL_CLOCK: u32 = 0x11;
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -343,18 +356,57 @@ const GDT: [u64; 5] = [
     0,
 ];
 
+/// The GDT the Linux 64-bit boot protocol asks for: `__BOOT_CS` = `0x10`
+/// (64-bit code), `__BOOT_DS` = `0x18` (data), both flat; a TSS at `0x20`.
+const LINUX_GDT: [u64; 6] = [0, 0, GDT[1], GDT[2], GDT[3], 0];
+
+/// The selectors a long-mode vCPU starts with.
+#[derive(Clone, Copy)]
+struct Selectors {
+    cs: u16,
+    ds: u16,
+    tr: u16,
+    /// GDT entries (8 bytes each).
+    gdt_entries: usize,
+}
+
+/// [`GDT`]'s selectors.
+const BUILTIN_SELECTORS: Selectors = Selectors {
+    cs: 0x08,
+    ds: 0x10,
+    tr: 0x18,
+    gdt_entries: GDT.len(),
+};
+
+/// [`LINUX_GDT`]'s selectors.
+const LINUX_SELECTORS: Selectors = Selectors {
+    cs: 0x10,
+    ds: 0x18,
+    tr: 0x20,
+    gdt_entries: LINUX_GDT.len(),
+};
+
 /// Writes the GDT and the identity-map page tables (PML4, PDPT, 4 PDs of
 /// 2 MiB pages: all of the first 4 GiB) at [`LONG_MODE_GDT`] and
 /// [`LONG_MODE_PAGE_TABLES`]. Every entry has its accessed (and, for
 /// pages, dirty) bit set, so the CPU never writes the tables or the GDT:
 /// they stay out of the dirty log.
 pub fn write_long_mode_tables(mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    write_tables(mem, &GDT)
+}
+
+/// [`write_long_mode_tables`] with the Linux boot protocol's GDT.
+pub(crate) fn write_linux_tables(mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    write_tables(mem, &LINUX_GDT)
+}
+
+fn write_tables(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), KvmError> {
     let write = |what: &'static str, addr: u64, words: &[u64]| {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(|source| KvmError::GuestMemory { what, addr, source })
     };
-    write("the long-mode GDT", LONG_MODE_GDT, &GDT)?;
+    write("the long-mode GDT", LONG_MODE_GDT, gdt)?;
     let table = PTE_PRESENT | PTE_WRITE | PTE_ACCESSED;
     write("the PML4", PML4, &[PDPT | table])?;
     let pdpt: Vec<u64> = (0..4).map(|i| (PD + i * 0x1000) | table).collect();
@@ -389,12 +441,50 @@ fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
 /// own), the entry's RIP, RSP and argument registers, interrupts off, MP
 /// state runnable (an AP needs no INIT/SIPI).
 pub(crate) fn boot_long_mode(core: &mut VcpuCore, entry: LongModeEntry) -> Result<(), KvmError> {
+    let [rdi, rsi, rdx, rcx] = entry.args;
+    let regs = kvm_regs {
+        rip: entry.rip,
+        rsp: entry.rsp,
+        rdi,
+        rsi,
+        rdx,
+        rcx,
+        rflags: 2,
+        ..Default::default()
+    };
+    set_long_mode(core, BUILTIN_SELECTORS, &regs)
+}
+
+/// The Linux 64-bit boot protocol on the boot vCPU: long mode on the
+/// identity map, CS = `__BOOT_CS`, DS = ES = SS = `__BOOT_DS`, RSI = the
+/// zero page, interrupts off, runnable.
+pub(crate) fn boot_linux_bsp(core: &mut VcpuCore, entry: LinuxEntry) -> Result<(), KvmError> {
+    let regs = kvm_regs {
+        rip: entry.rip,
+        rsp: entry.rsp,
+        rbp: entry.rsp,
+        rsi: entry.zero_page,
+        rflags: 2,
+        ..Default::default()
+    };
+    set_long_mode(core, LINUX_SELECTORS, &regs)
+}
+
+/// A Linux application processor: the boot MSRs and FPU state, and its MP
+/// state left as KVM made it (waiting for INIT/SIPI, which the kernel
+/// sends through its LAPIC).
+pub(crate) fn boot_linux_ap(core: &mut VcpuCore) -> Result<(), KvmError> {
+    set_boot_fpu(core)?;
+    set_boot_msrs(core)
+}
+
+fn set_long_mode(core: &mut VcpuCore, sel: Selectors, regs: &kvm_regs) -> Result<(), KvmError> {
     let mut sregs = core
         .fd
         .get_sregs()
         .map_err(ioctl_err(core, "KVM_GET_SREGS"))?;
-    sregs.cs = segment(0x08, 0xb, true);
-    let data = segment(0x10, 0x3, false);
+    sregs.cs = segment(sel.cs, 0xb, true);
+    let data = segment(sel.ds, 0x3, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -403,13 +493,13 @@ pub(crate) fn boot_long_mode(core: &mut VcpuCore, entry: LongModeEntry) -> Resul
     sregs.tr = kvm_segment {
         base: 0,
         limit: 0x67,
-        selector: 0x18,
+        selector: sel.tr,
         type_: 0xb,
         present: 1,
         ..Default::default()
     };
     sregs.gdt.base = LONG_MODE_GDT;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = (sel.gdt_entries * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     // PE, MP, ET, NE, PG.
@@ -422,19 +512,8 @@ pub(crate) fn boot_long_mode(core: &mut VcpuCore, entry: LongModeEntry) -> Resul
     core.fd
         .set_sregs(&sregs)
         .map_err(ioctl_err(core, "KVM_SET_SREGS"))?;
-    let [rdi, rsi, rdx, rcx] = entry.args;
-    let regs = kvm_regs {
-        rip: entry.rip,
-        rsp: entry.rsp,
-        rdi,
-        rsi,
-        rdx,
-        rcx,
-        rflags: 2,
-        ..Default::default()
-    };
     core.fd
-        .set_regs(&regs)
+        .set_regs(regs)
         .map_err(ioctl_err(core, "KVM_SET_REGS"))?;
     set_boot_fpu(core)?;
     set_boot_msrs(core)?;
@@ -850,7 +929,13 @@ pub(crate) fn restore(core: &mut VcpuCore, s: VcpuState) -> Result<(), StateErro
     fd.set_lapic(&s.lapic)
         .map_err(host_err(core, "KVM_SET_LAPIC"))?;
     set_tsc_khz(core, s.tsc_khz)?;
-    for chunk in msr_chunks(&s.msrs, |e| e.index) {
+    let msrs: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .filter(|e| !matches!(e.index, MSR_KVM_WALL_CLOCK | MSR_KVM_WALL_CLOCK_NEW))
+        .copied()
+        .collect();
+    for chunk in msr_chunks(&msrs, |e| e.index) {
         let msrs = msrs_of(&chunk, &name(i, "msrs"))?;
         let n = fd.set_msrs(&msrs).map_err(host_err(core, "KVM_SET_MSRS"))?;
         if n != chunk.len() {

@@ -42,6 +42,8 @@ const _: () = assert!(std::mem::size_of::<kvm_irqchip>() == 520);
 
 /// CPUID leaf 1 ECX bit 24: TSC deadline timer.
 pub(crate) const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID leaf 1 ECX bit 31: running under a hypervisor.
+pub(crate) const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
 
 /// Fails when the TSS (3 pages) or identity-map page is above 4 GiB or
 /// overlaps a RAM slot.
@@ -104,14 +106,18 @@ pub(crate) fn setup_vm(fd: &VmFd, config: &KvmVmConfig) -> Result<(), KvmError> 
 
 /// The CPUID the vCPUs get: `KVM_GET_SUPPORTED_CPUID`, with the TSC-deadline
 /// bit set when `KVM_CAP_TSC_DEADLINE_TIMER` says the in-kernel LAPIC has
-/// it (KVM always reports that bit as 0).
+/// it (KVM always reports that bit as 0), and the hypervisor bit set, so a
+/// guest kernel looks for KVM's leaves (`0x4000_0000`: kvmclock, PV EOI,
+/// steal time) as it does under QEMU, Firecracker and Cloud Hypervisor.
 pub(crate) fn vm_cpuid(kvm: &Kvm) -> Result<CpuId, KvmError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| KvmError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-    if kvm.check_extension_raw(KVM_CAP_TSC_DEADLINE_TIMER.into()) > 0 {
-        for e in cpuid.as_mut_slice() {
-            if e.function == 1 {
+    let deadline = kvm.check_extension_raw(KVM_CAP_TSC_DEADLINE_TIMER.into()) > 0;
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx |= CPUID_1_ECX_HYPERVISOR;
+            if deadline {
                 e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
             }
         }
