@@ -57,6 +57,15 @@ pub fn main(a: &Args) -> Result<bool, String> {
         demovm.display()
     );
     let _huge = HugePages::reserve(E2E_HUGE_PAGES);
+    // The Linux rows need the guest image: made (or found cached) here, so a
+    // fresh machine needs no extra step; where it cannot be made, those rows
+    // say SKIPPED and why.
+    let linux = chosen.iter().any(|(n, _)| n.starts_with("linux-"));
+    if linux && std::env::var_os(e2e::linux::KERNEL_ENV).is_none() {
+        if let Err(why) = crate::linux_guest::build(&e2e::linux::default_dir()) {
+            eprintln!("no Linux guest image: {why}");
+        }
+    }
     let n = chosen.len();
     let mut rows = Vec::with_capacity(n);
     for (i, (name, run)) in chosen.into_iter().enumerate() {
