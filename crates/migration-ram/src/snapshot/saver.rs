@@ -147,8 +147,8 @@ pub struct SnapshotOutcome {
 ///  (blocks in the kernel) --> reads a batch of faults          per chunk of 1 MiB:
 ///                             per fault: captured bit           take the captured bits
 ///                             newly set? copy the page,         not yet taken, copy those
-///                             UFFDIO_WRITEPROTECT(off)          pages, unprotect the chunk
-///  runs on  <---------------  on the page (wakes the writer),   in one call, write them to
+///                             UFFDIO_WRITEPROTECT(off)          pages, unprotect the runs
+///  runs on  <---------------  on the page (wakes the writer),   it took, write them to
 ///                             queue the copy  - - - - - - - ->  the sink; before each chunk
 ///                                                               and while the rate limiter
 ///                                                               waits, the queued copies go
@@ -157,9 +157,11 @@ pub struct SnapshotOutcome {
 ///
 /// A page's captured bit is taken before its bytes are read, by whichever of
 /// the scan and the fault thread comes first, and a page is unprotected only
-/// after it was read: so each page is read once, while nobody can have
-/// written it since the instant of the snapshot. Unprotection never comes
-/// page by page from the scan: a chunk is unprotected in one call.
+/// after it was read, by whoever took its bit: so each page is read once,
+/// while nobody can have written it since the instant of the snapshot. The
+/// scan never unprotects a page the fault thread took (that page may not be
+/// read yet), and never page by page: each run of pages it took, in one call
+/// (the whole chunk when the fault thread took none of it).
 ///
 /// Every way out removes all write protection:
 /// [`release`](BackgroundSnapshot::release), which dropping the snapshot also runs,
@@ -542,15 +544,24 @@ impl Saver<'_> {
                     let len = (n * ps) as usize;
                     let data = &mut buf[..len];
                     block_read(s, block, page, data)?;
-                    // Read: the chunk may be written again, in one call.
-                    s.uffd
-                        .write_unprotect(host + page * ps, n * ps, Wake::Yes)
-                        .map_err(Shared::memory_error(
-                            block,
-                            "UFFDIO_WRITEPROTECT(off)",
-                            page * ps,
-                            n * ps,
-                        ))?;
+                    // Read: the pages this scan claimed may be written again,
+                    // a run of them per call (the whole chunk unless the
+                    // fault thread claimed some). A page the fault thread
+                    // claimed stays protected until it has read it: a write
+                    // let through here could land before that read.
+                    let mut i = 0;
+                    while i < n as usize {
+                        if !claimed[i] {
+                            i += 1;
+                            continue;
+                        }
+                        let run = claimed[i..n as usize].iter().take_while(|c| **c).count();
+                        let (at, len) = ((page + i as u64) * ps, run as u64 * ps);
+                        s.uffd.write_unprotect(host + at, len, Wake::Yes).map_err(
+                            Shared::memory_error(block, "UFFDIO_WRITEPROTECT(off)", at, len),
+                        )?;
+                        i += run;
+                    }
                     self.write_claimed(index, block, page, data, &claimed[..n as usize])?;
                     let sink = &mut *self.sink;
                     let stats = self.stats;
