@@ -315,8 +315,10 @@ impl Console {
         let from = self.len();
         let before = unix_now();
         self.type_line("workload now")?;
+        // Only a whole line: a partial `now 17961` parses too.
         let guest = self.wait_for(from, "the guest's clock (`workload now`)", |t| {
-            t.lines()
+            t.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .find_map(|l| l.trim().strip_prefix("now ")?.parse::<f64>().ok())
         })?;
         let after = unix_now();

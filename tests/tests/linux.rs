@@ -35,13 +35,7 @@ fn linux_stopped_guest_migrated_with_equal_ram() {
     run("linux-precopy-stopped", e2e::linux::stopped);
 }
 
-/// Ignored: it migrates, the workload goes on and the destination's shell
-/// answers, but the guest's clock falls seconds behind the host's after the
-/// switch (more than the downtime), in most runs in kvm-box. Run it with
-/// `--ignored` to see; it stays a failure until kvmclock is carried as QEMU
-/// does where KVM has no stable master clock.
 #[test]
-#[ignore = "known defect: the guest clock falls seconds behind after a live migration in kvm-box"]
 fn linux_guest_under_load_migrated_live_keeps_console_clock_and_timers() {
     run("linux-precopy-live", e2e::linux::live);
 }

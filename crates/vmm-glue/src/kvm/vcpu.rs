@@ -496,6 +496,20 @@ impl KvmVcpus {
         Ok(())
     }
 
+    /// The latest kvmclock time (ns) any vCPU's guest reads now from its
+    /// pvclock page (see [`x86_64::pvclock_now`]); `None` when no vCPU has
+    /// one. The vCPUs must be parked.
+    pub(crate) fn pvclock_max(&self) -> Result<Option<u64>, StateError> {
+        let mut max = None;
+        for i in 0..self.count_vcpus() {
+            let ns = self
+                .on_vcpu(i, "read its pvclock", x86_64::pvclock_now)
+                .map_err(|e| to_state_error(&e))??;
+            max = max.max(ns);
+        }
+        Ok(max)
+    }
+
     /// Runs `f` on vCPU `index`'s thread, which must be parked.
     pub(crate) fn on_vcpu<R: Send + 'static>(
         &self,

@@ -109,13 +109,16 @@ const PIECES: [&str; 11] = [
 /// Name of the header section.
 const HEADER: &str = "kvm.vcpus";
 
-#[cfg(test)]
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// kvmclock's wall clock, old and new numbers: written by the guest at boot,
 /// not restored (see the module documentation).
 const MSR_KVM_WALL_CLOCK: u32 = 0x11;
 const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+/// kvmclock's per-vCPU time page, new and old numbers: bit 0 enables it,
+/// the other bits are the page's guest physical address.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -591,6 +594,72 @@ fn msrs_of(entries: &[kvm_msr_entry], what: &str) -> Result<Msrs, StateError> {
         .map_err(|e| StateError::malformed(what, format!("{} MSRs: {e:?}", entries.len())))
 }
 
+/// The kvmclock time (ns) the guest reads on this vCPU now: its pvclock
+/// page (`struct pvclock_vcpu_time_info`, found through
+/// `MSR_KVM_SYSTEM_TIME_NEW` or the old `MSR_KVM_SYSTEM_TIME`) evaluated at
+/// the vCPU's current TSC, the way the guest does. `None` when the guest
+/// enabled no page or the page is outside guest RAM.
+pub(crate) fn pvclock_now(core: &mut VcpuCore) -> Result<Option<u64>, StateError> {
+    let entries: Vec<kvm_msr_entry> = [MSR_IA32_TSC, MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_SYSTEM_TIME]
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = msrs_of(&entries, "pvclock MSRs")?;
+    // A host without one of the kvmclock MSRs stops early: what was read
+    // still counts.
+    let n = core
+        .fd
+        .get_msrs(&mut msrs)
+        .map_err(host_err(core, "KVM_GET_MSRS"))?;
+    let got = &msrs.as_slice()[..n];
+    let Some(tsc) = got.first().map(|e| e.data) else {
+        return Ok(None);
+    };
+    let Some(page) = got[1..].iter().map(|e| e.data).find(|d| d & 1 != 0) else {
+        return Ok(None);
+    };
+    // version u32, pad u32, tsc_timestamp u64, system_time u64,
+    // tsc_to_system_mul u32, tsc_shift i8, flags u8, pad [u8; 2].
+    let mut b = [0u8; 32];
+    if core
+        .vm
+        .mem
+        .read_slice(&mut b, GuestAddress(page & !1))
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let tsc_timestamp = u64_at(8);
+    let system_time = u64_at(16);
+    let mul = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+    let shift = b[28] as i8;
+    Ok(Some(pvclock_scale(
+        tsc,
+        tsc_timestamp,
+        system_time,
+        mul,
+        shift,
+    )))
+}
+
+/// `system_time + ((tsc - tsc_timestamp) << shift) * mul / 2^32`, the
+/// guest's pvclock formula; a TSC behind the page's timestamp (a guest that
+/// set its TSC back) counts as no time since, not as a wrapped huge delta.
+fn pvclock_scale(tsc: u64, tsc_timestamp: u64, system_time: u64, mul: u32, shift: i8) -> u64 {
+    let mut delta = tsc.saturating_sub(tsc_timestamp);
+    if shift < 0 {
+        delta >>= u32::from(shift.unsigned_abs()).min(63);
+    } else {
+        delta <<= u32::from(shift.unsigned_abs()).min(63);
+    }
+    let scaled = (u128::from(delta) * u128::from(mul)) >> 32;
+    system_time.wrapping_add(scaled as u64)
+}
+
 /// Saves this vCPU's state (see the module documentation for the order).
 pub(crate) fn save(core: &mut VcpuCore) -> Result<Vec<Section>, StateError> {
     let i = core.index;
@@ -1028,6 +1097,16 @@ mod tests {
         assert_eq!(chunks.last().unwrap(), &vec![MSR_IA32_TSC_DEADLINE]);
         assert!(chunks.iter().all(|c| c.len() <= KVM_MAX_MSR_ENTRIES));
         assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), list.len());
+    }
+
+    #[test]
+    fn pvclock_scale_follows_the_guest_formula() {
+        // 1 GHz TSC: mul 2^31 with shift 1 is one ns per cycle.
+        assert_eq!(pvclock_scale(1_500, 500, 7_000, 1 << 31, 1), 8_000);
+        // Shift -1 halves the delta first.
+        assert_eq!(pvclock_scale(2_500, 500, 0, 1 << 31, -1), 500);
+        // A TSC behind the page's timestamp gives the page's time.
+        assert_eq!(pvclock_scale(400, 500, 7_000, 1 << 31, 1), 7_000);
     }
 
     #[test]

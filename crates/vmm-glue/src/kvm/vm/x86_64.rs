@@ -18,9 +18,15 @@
 //! then the irqchips), all before the vCPUs run. The clock is loaded with
 //! `flags = 0`: kvmclock goes on from the value it had when the source
 //! paused, so guest time neither jumps back nor forward over the downtime.
+//! When `KVM_GET_CLOCK` lacks `KVM_CLOCK_TSC_STABLE` (no master clock: each
+//! vCPU's pvclock page runs on its own), the saved value is the latest of
+//! it and what each vCPU's pvclock page gives at that vCPU's TSC now, as
+//! QEMU does: the guest's kvmclock never goes back, so a value behind what
+//! it has read would stop its clock until kvmclock caught up.
 
 use std::sync::{Arc, Weak};
 
+use kvm_bindings::KVM_CLOCK_TSC_STABLE;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, CpuId, KVM_CAP_TSC_DEADLINE_TIMER,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
@@ -198,7 +204,20 @@ impl DeviceState for VmPiece {
                 w.raw(&pit);
             }
             Piece::Clock => {
-                let clock = fd.get_clock().map_err(|e| self.host("KVM_GET_CLOCK", e))?;
+                let mut clock = fd.get_clock().map_err(|e| self.host("KVM_GET_CLOCK", e))?;
+                if clock.flags & KVM_CLOCK_TSC_STABLE == 0 {
+                    // Without a stable TSC each vCPU's pvclock page runs on
+                    // its own, and the guest may have read a time ahead of
+                    // KVM_GET_CLOCK. Its clocksource never goes back, so a
+                    // destination starting from the lower value would leave
+                    // guest time standing still until kvmclock caught up.
+                    // Carry the latest time the guest can have seen.
+                    let guest = match self.vcpus.upgrade() {
+                        Some(v) => v.pvclock_max()?,
+                        None => None,
+                    };
+                    clock.clock = clock.clock.max(guest.unwrap_or(0));
+                }
                 w.raw(&clock);
             }
             Piece::Irqchip(chip) => {
