@@ -80,7 +80,10 @@ fn bad_arguments_are_clear_errors() {
         .output()
         .expect("demovm runs");
     assert!(!o.status.success());
-    assert!(text(&o).1.contains("boot-sector and Linux guests need KVM"), "{o:?}");
+    assert!(
+        text(&o).1.contains("boot-sector and Linux guests need KVM"),
+        "{o:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
