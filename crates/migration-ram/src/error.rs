@@ -225,6 +225,13 @@ pub enum Error {
         #[source]
         source: migration_stream::Error,
     },
+    /// The postcopy preempt channel carried something other than pages and
+    /// its closing `EndOfSection`.
+    #[error("the postcopy preempt channel carries pages only, not {record}")]
+    NotAPreemptRecord {
+        /// What came.
+        record: String,
+    },
     /// A page buffer whose length is not the block's page size.
     #[error("page buffer of {len:#x} bytes for RAM block {name:?} (page size {page_size:#x})")]
     PageBuffer {
@@ -324,7 +331,7 @@ impl Error {
             | Error::PageBeforeSetup { .. }
             | Error::PageOutOfRange { .. }
             | Error::SetupRepeated => ErrorKind::Protocol,
-            Error::BadPageRequest { .. } => ErrorKind::Protocol,
+            Error::BadPageRequest { .. } | Error::NotAPreemptRecord { .. } => ErrorKind::Protocol,
             Error::PeerSilent { .. } => ErrorKind::Link,
             Error::NameCount { .. }
             | Error::InvalidBlock { .. }
@@ -445,6 +452,12 @@ mod tests {
                 ErrorKind::Protocol,
             ),
             (Error::SetupRepeated, ErrorKind::Protocol),
+            (
+                Error::NotAPreemptRecord {
+                    record: "Complete".into(),
+                },
+                ErrorKind::Protocol,
+            ),
             (
                 Error::Memory {
                     op: "writing",

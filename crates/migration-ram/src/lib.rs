@@ -113,6 +113,7 @@ pub mod keepalive;
 pub mod placer;
 pub mod postcopy;
 pub mod precopy;
+pub mod preempt;
 mod rate;
 pub mod schedule;
 pub mod snapshot;
@@ -135,6 +136,7 @@ pub use postcopy::{
 };
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use precopy::{PostcopyOutcome, PostcopySwitch};
+pub use preempt::{PreemptSender, Served};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
 /// The vm-memory crate this crate is built on, for callers that want the

@@ -72,7 +72,7 @@
 //!   and dropped, and never block the return-path thread.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -302,7 +302,7 @@ pub struct RequestFirst {
 }
 
 /// What a [`RequestFirst`] and the handles of its latest requester share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RequestShared {
     /// Whether `failure` holds an error (one load per chunk, no lock).
     failed: AtomicBool,
@@ -310,7 +310,34 @@ struct RequestShared {
     failure: Mutex<Option<Error>>,
     /// The saver sent every page: requests are ignored from now on.
     finished: AtomicBool,
+    /// The last page another thread sent itself (a [`PreemptSender`](crate::preempt::PreemptSender)),
+    /// packed by [`pack_served`]; [`NO_PAGE`] when none since the saver looked.
+    served: AtomicU64,
     stats: Option<Arc<RamStats>>,
+}
+
+impl Default for RequestShared {
+    fn default() -> Self {
+        RequestShared {
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            served: AtomicU64::new(NO_PAGE),
+            stats: None,
+        }
+    }
+}
+
+/// [`RequestShared::served`] when no page was served since the saver looked.
+const NO_PAGE: u64 = u64::MAX;
+/// Bits of a packed page index (the block index goes above them).
+const PAGE_BITS: u32 = 48;
+
+/// A block index and page packed into one word, or `None` if they do not
+/// fit (then the saver's scan simply does not move).
+fn pack_served(index: usize, page: u64) -> Option<u64> {
+    let index = u64::try_from(index).ok().filter(|&i| i < (1 << 15))?;
+    (page < (1 << PAGE_BITS)).then_some((index << PAGE_BITS) | page)
 }
 
 impl RequestShared {
@@ -496,6 +523,18 @@ impl RequestFirst {
         }
     }
 
+    /// Moves the scan just after the last page a requester's handle sent
+    /// itself ([`PageRequester::served`]), if any since the last look: one
+    /// atomic swap.
+    fn follow_served(&mut self, blocks: &RamBlocks) {
+        let packed = self.shared.served.swap(NO_PAGE, Ordering::AcqRel);
+        if packed != NO_PAGE {
+            let index = (packed >> PAGE_BITS) as usize;
+            self.scan
+                .resume_after(blocks, index, packed & ((1 << PAGE_BITS) - 1));
+        }
+    }
+
     fn next_request(&mut self) -> Option<(usize, u64)> {
         if let Some(r) = self.queue.pop_front() {
             return Some(r);
@@ -510,6 +549,7 @@ impl PageScheduler for RequestFirst {
     }
 
     fn next(&mut self, blocks: &RamBlocks) -> Option<Batch> {
+        self.follow_served(blocks);
         self.next_requested(blocks)
             .or_else(|| self.scan.next(blocks))
     }
@@ -564,6 +604,24 @@ impl PageRequester {
     /// which then fails the migration with the same error. Otherwise as
     /// [`request`](PageRequester::request).
     pub fn request_range(&self, block: BlockId, offset: u64, len: u64) -> Result<()> {
+        let (index, pages) = self.check_range(block, offset, len)?;
+        for page in pages {
+            self.queue(index, page)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a request as the return path carries it, `len` bytes at
+    /// `offset` of `block`, as [`request_range`](PageRequester::request_range)
+    /// does (a bad one is reported to the saver and returned), queuing
+    /// nothing: the block's index and its pages. For a thread that sends
+    /// the pages itself ([`PreemptSender`](crate::preempt::PreemptSender)).
+    pub fn check_range(
+        &self,
+        block: BlockId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(usize, std::ops::Range<u64>)> {
         use migration_stream::BlockResolver;
 
         let bad = |source| Error::BadPageRequest {
@@ -589,10 +647,23 @@ impl PageRequester {
         let index = usize::try_from(block.0).map_err(|_| Error::UnknownBlock { block })?;
         let page_size = u64::from(geometry.page_size);
         // `check_range` proved `offset + len` fits in the block.
-        for page in offset / page_size..(offset + len) / page_size {
-            self.queue(index, page)?;
+        Ok((index, offset / page_size..(offset + len) / page_size))
+    }
+
+    /// Tells the saver that page `page` of the block of index `index` was
+    /// sent by this thread (taken from the dirty bitmap, written on the
+    /// preempt channel): its background scan goes on just after it
+    /// (locality), at its next chunk. One atomic store; never waits.
+    pub fn served(&self, index: usize, page: u64) {
+        if let Some(packed) = pack_served(index, page) {
+            self.shared.served.store(packed, Ordering::Release);
         }
-        Ok(())
+    }
+
+    /// Counts `n` requests whose page was already sent, as the scheduler
+    /// counts its own.
+    pub fn ignored(&self, n: u64) {
+        self.shared.ignore(n);
     }
 
     /// Reports a failure of the return-path thread (a message it could not

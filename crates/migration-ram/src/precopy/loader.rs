@@ -185,6 +185,47 @@ impl PrecopyLoader {
         self.blocks.received_pages()
     }
 
+    /// A loader for the postcopy preempt channel: it shares this one's
+    /// memory, blocks, statistics and placer (set the postcopy placer
+    /// first), and what setup checked. See [`crate::preempt`].
+    pub fn preempt_loader(&self) -> PrecopyLoader {
+        PrecopyLoader {
+            mem: self.mem.clone(),
+            blocks: self.blocks.clone(),
+            stats: self.stats.clone(),
+            placer: self.placer.clone(),
+            copy: self.copy.clone(),
+            page: vec![0; self.page.len()],
+            setup_done: self.setup_done,
+        }
+    }
+
+    /// Loads the postcopy preempt channel: pages, placed as they come, up
+    /// to its `EndOfSection`; returns the pages placed. Anything else on
+    /// it is [`Error::NotAPreemptRecord`].
+    pub fn load_preempt<R: Read>(&mut self, r: &mut StreamReader<R>) -> Result<u64> {
+        let mut pages = 0;
+        loop {
+            let before = r.bytes_read();
+            let record = r.read_record(&*self.blocks)?;
+            match record {
+                Record::Page(hdr) => self.load_page(hdr, r)?,
+                Record::ZeroPage(hdr) => self.load_zero_page(hdr)?,
+                Record::EndOfSection => {
+                    self.stats.add_transferred(r.bytes_read() - before);
+                    return Ok(pages);
+                }
+                other => {
+                    return Err(Error::NotAPreemptRecord {
+                        record: format!("{other:?}"),
+                    })
+                }
+            }
+            self.stats.add_transferred(r.bytes_read() - before);
+            pages += 1;
+        }
+    }
+
     /// Reads and applies RAM records (`RamSetup`, pages, zero pages,
     /// `EndOfSection`, `Sync`) until another record (a command or
     /// `Complete`), which it returns for the caller to handle.

@@ -105,6 +105,7 @@ mod loader;
 mod saver;
 
 pub use loader::PrecopyLoader;
+pub(crate) use saver::read_page;
 pub use saver::{IterationOutcome, PostcopyOutcome, PostcopySwitch, PrecopySaver};
 
 /// Largest chunk of pages taken from a dirty bitmap at once, in bytes.

@@ -264,6 +264,24 @@ impl PrecopySaver {
         self.request_first().requester(blocks)
     }
 
+    /// A [`PreemptSender`](crate::PreemptSender) for the return-path
+    /// thread: it sends the pages the destination asks for itself, on
+    /// `writer` (a postcopy preempt channel whose preamble was written),
+    /// while [`postcopy_send`](PrecopySaver::postcopy_send) sends the rest
+    /// on the main channel and moves its scan to where the requests were.
+    /// Take it, as [`page_requester`](PrecopySaver::page_requester) (which it
+    /// calls), before the destination may run; see [`crate::preempt`].
+    pub fn preempt_sender<W: Write>(&mut self, writer: StreamWriter<W>) -> crate::PreemptSender<W> {
+        let requester = self.page_requester();
+        crate::PreemptSender::new(
+            self.mem.clone(),
+            self.blocks.clone(),
+            requester,
+            self.stats.clone(),
+            writer,
+        )
+    }
+
     /// The blocks, with their dirty and sent bitmaps.
     pub fn blocks(&self) -> &Arc<RamBlocks> {
         &self.blocks
@@ -926,7 +944,12 @@ fn write_discards<W: Write>(blocks: &RamBlocks, w: &mut StreamWriter<W>) -> Resu
 }
 
 /// Reads page `page` of `block` (which lies in `region`) into `buf`.
-fn read_page(region: &GuestRegionMmap, block: &RamBlock, page: u64, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_page(
+    region: &GuestRegionMmap,
+    block: &RamBlock,
+    page: u64,
+    buf: &mut [u8],
+) -> Result<()> {
     let offset = page * u64::from(block.page_size());
     let base = block.guest_addr().0 - region.start_addr().0;
     region

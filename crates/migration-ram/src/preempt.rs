@@ -1,0 +1,410 @@
+//! Postcopy preempt: requested pages on a connection of their own, sent by
+//! the thread that reads the request.
+//!
+//! Without it a page a vCPU waits for goes from the source's return-path
+//! thread to the saver through a queue ([`PageRequester::request_range`]),
+//! and then out on the main channel behind whatever of the background
+//! stream the socket buffers already hold. With it:
+//!
+//! ```text
+//!  source                                       destination
+//!  ------                                       -----------
+//!  return-path thread                           fault thread
+//!    PageRequest ─> PreemptSender::serve          (a vCPU faulted) ─> PageRequest
+//!      check, take the page from the dirty
+//!      bitmap, read it, write it, flush  ──────> preempt loader thread
+//!      tell the saver where it was               PrecopyLoader::load_preempt:
+//!                                                  places it (UFFDIO_COPY), wakes the vCPU
+//!  saver (postcopy_send): background scan,
+//!    resumed just after the served page          main loader: background pages
+//!  once every page went: PreemptSender::finish
+//!    ─> EndOfSection on the preempt channel ───> load_preempt returns; then Complete
+//! ```
+//!
+//! - A page is taken from its block's dirty bitmap by exactly one thread
+//!   (the bits are cleared atomically), so it crosses exactly one channel:
+//!   no page is sent twice and the two loaders never place the same page.
+//! - The request costs no thread switch at the source and never waits
+//!   behind the background stream; the saver learns of it through one
+//!   atomic word ([`PageRequester::served`]) and moves its scan there at its
+//!   next chunk.
+//! - A page that failed to go is dirty again (its bits restored), for a
+//!   recovery; a bad request fails the migration as it does without
+//!   preempt, reported to the saver.
+//! - The destination must not end postcopy on `Complete` before the
+//!   preempt channel's `EndOfSection`: the last requested page may still be
+//!   in flight there.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use migration_stream::{BlockId, StreamWriter};
+
+use crate::block::RamBlocks;
+use crate::error::{Error, Result};
+use crate::precopy::{is_zero, read_page};
+use crate::schedule::PageRequester;
+use crate::stats::RamStats;
+use crate::GuestMemoryMmap;
+
+/// What one [`PreemptSender::serve`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Pages written and flushed on the preempt channel.
+    pub sent: u64,
+    /// Pages asked for that were no longer dirty (sent already), or asked
+    /// for once every page went.
+    pub ignored: u64,
+}
+
+/// The source's end of the preempt channel: serves a destination's page
+/// request from the thread that read it; see the [module docs](self).
+///
+/// It shares the saver's blocks (their dirty and sent bitmaps) and its
+/// [`PageRequester`] (for the checks, the failure it reports to the saver,
+/// and the end of postcopy). Make it with
+/// [`PrecopySaver::preempt_sender`](crate::PrecopySaver::preempt_sender).
+pub struct PreemptSender<W: Write> {
+    mem: Arc<GuestMemoryMmap>,
+    blocks: Arc<RamBlocks>,
+    requester: PageRequester,
+    stats: Arc<RamStats>,
+    writer: StreamWriter<W>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> std::fmt::Debug for PreemptSender<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreemptSender")
+            .field("blocks", &self.blocks.len())
+            .field("bytes_written", &self.writer.bytes_written())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Write> PreemptSender<W> {
+    /// A sender of the pages of `blocks` in `mem` on `writer` (a preempt
+    /// channel whose preamble was written), checking requests with
+    /// `requester` and counting in `stats`.
+    pub fn new(
+        mem: Arc<GuestMemoryMmap>,
+        blocks: Arc<RamBlocks>,
+        requester: PageRequester,
+        stats: Arc<RamStats>,
+        writer: StreamWriter<W>,
+    ) -> Self {
+        let page = usize::try_from(blocks.max_page_size()).unwrap_or(usize::MAX);
+        PreemptSender {
+            mem,
+            blocks,
+            requester,
+            stats,
+            writer,
+            buf: vec![0; page],
+        }
+    }
+
+    /// Serves a request as the return path carries it, `len` bytes at
+    /// `offset` of `block`: each of its pages that is still dirty is taken
+    /// from the dirty bitmap, read, written and flushed, at once, on this
+    /// thread; the others are counted as ignored. A bad request fails with
+    /// [`Error::BadPageRequest`] and is reported to the saver, sending
+    /// nothing. If a write fails, the page is dirty again and the error is
+    /// returned (of kind [`ErrorKind::Link`](crate::ErrorKind::Link) for a
+    /// broken connection); the caller reports it to the saver with
+    /// [`PageRequester::fail`].
+    pub fn serve(&mut self, block: BlockId, offset: u64, len: u64) -> Result<Served> {
+        let (index, pages) = self.requester.check_range(block, offset, len)?;
+        let mut served = Served::default();
+        if self.requester.is_finished() {
+            served.ignored = pages.end - pages.start;
+            self.requester.ignored(served.ignored);
+            return Ok(served);
+        }
+        let b = self
+            .blocks
+            .get(block)
+            .ok_or(Error::UnknownBlock { block })?;
+        let region = b.region(&self.mem).ok_or_else(|| Error::NotInMemory {
+            name: b.name().to_owned(),
+            guest_addr: b.guest_addr().0,
+            size: b.size(),
+        })?;
+        let page_size = u64::from(b.page_size());
+        let buf = &mut self.buf[..b.page_size() as usize];
+        let mut last = None;
+        for page in pages {
+            let taken = b.dirty().take_range(page, 1);
+            if taken.is_empty() {
+                served.ignored += 1;
+                continue;
+            }
+            // The destination may get it from here on.
+            b.mark_sent(&taken);
+            let before = self.writer.bytes_written();
+            let result = read_page(region, b, page, buf).and_then(|()| {
+                let offset = page * page_size;
+                let zero = is_zero(buf);
+                if zero {
+                    self.writer.write_zero_page(block, offset)?;
+                } else {
+                    self.writer.write_page(block, offset, buf)?;
+                }
+                self.writer.flush()?;
+                Ok(zero)
+            });
+            self.stats
+                .add_transferred(self.writer.bytes_written() - before);
+            match result {
+                Ok(true) => self.stats.add_zero_pages(1),
+                Ok(false) => self.stats.add_normal_pages(1, page_size),
+                Err(e) => {
+                    b.dirty().restore(&taken);
+                    return Err(e);
+                }
+            }
+            self.stats.add_postcopy_requests(1);
+            served.sent += 1;
+            last = Some(page);
+        }
+        if served.ignored > 0 {
+            self.requester.ignored(served.ignored);
+        }
+        if let Some(page) = last {
+            self.requester.served(index, page);
+        }
+        Ok(served)
+    }
+
+    /// Ends the preempt channel once the saver sent every page
+    /// ([`postcopy_send`](crate::PrecopySaver::postcopy_send) returned):
+    /// writes `EndOfSection`, flushes, and gives the writer back. Requests
+    /// that come later find their page sent and are ignored.
+    pub fn finish(mut self) -> Result<W> {
+        let before = self.writer.bytes_written();
+        let result = self
+            .writer
+            .write_end_of_section()
+            .and_then(|()| self.writer.flush());
+        self.stats
+            .add_transferred(self.writer.bytes_written() - before);
+        result?;
+        Ok(self.writer.into_inner()?)
+    }
+
+    /// The requester it checks requests with (for the requests that come
+    /// after [`finish`](PreemptSender::finish)).
+    pub fn requester(&self) -> &PageRequester {
+        &self.requester
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use migration_stream::{ErrorKind, PageHeader, Record, StreamReader};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::block::RamBlock;
+    use crate::schedule::{PageScheduler, RequestFirst};
+    use crate::PrecopyLoader;
+
+    const PAGES: u64 = 256;
+
+    /// 1 MiB of guest memory whose page `p` holds `p + 1` in its first
+    /// byte (page 7 is all zeros), one block over it, every page dirty.
+    fn setup() -> (Arc<GuestMemoryMmap>, Arc<RamBlocks>, Arc<RamStats>) {
+        let mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * 4096) as usize)]).unwrap(),
+        );
+        for p in (0..PAGES).filter(|&p| p != 7) {
+            mem.write_obj((p + 1) as u8, GuestAddress(p * 4096))
+                .unwrap();
+        }
+        let blocks = Arc::new(
+            RamBlocks::new(vec![RamBlock::new(
+                "pc.ram",
+                GuestAddress(0),
+                PAGES * 4096,
+                4096,
+            )
+            .unwrap()])
+            .unwrap(),
+        );
+        blocks.iter().next().unwrap().dirty().set_all();
+        (mem, blocks, Arc::new(RamStats::default()))
+    }
+
+    fn header(r: &mut StreamReader<&[u8]>, blocks: &RamBlocks) -> Record {
+        r.read_record(blocks).unwrap()
+    }
+
+    #[test]
+    fn a_request_is_sent_at_once_once_and_the_scan_follows_it() {
+        let (mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false).with_stats(stats.clone());
+        let requester = rf.requester(blocks.clone());
+        let mut s = PreemptSender::new(
+            mem,
+            blocks.clone(),
+            requester,
+            stats.clone(),
+            StreamWriter::new(Vec::new()),
+        );
+        let block = BlockId(0);
+        assert_eq!(
+            s.serve(block, 200 * 4096, 4096).unwrap(),
+            Served {
+                sent: 1,
+                ignored: 0
+            }
+        );
+        // A zero page goes as a zero-page record; a range as its pages.
+        assert_eq!(s.serve(block, 7 * 4096, 4096).unwrap().sent, 1);
+        assert_eq!(
+            s.serve(block, 199 * 4096, 2 * 4096).unwrap(),
+            Served {
+                sent: 1,
+                ignored: 1
+            }
+        );
+        assert_eq!(blocks.dirty_pages(), PAGES - 3);
+        let snap = stats.snapshot();
+        assert_eq!(snap.postcopy_requests, 3);
+        assert_eq!(snap.postcopy_requests_ignored, 1);
+        assert_eq!((snap.normal, snap.duplicate), (2, 1));
+
+        // The saver's scan goes on after the last page served (199), from
+        // its chunk (64 KiB: pages 192..208), and skips what went.
+        let first = rf.next(&blocks).unwrap();
+        let pages: Vec<u64> = first.pages.iter().collect();
+        assert_eq!(pages[0], 192);
+        assert!(!pages.contains(&199) && !pages.contains(&200));
+        assert!(!first.requested);
+
+        // What went on the channel, in order, then EndOfSection.
+        let bytes = s.finish().unwrap();
+        let mut r = StreamReader::new(&bytes[..]);
+        let page = |r: &mut StreamReader<&[u8]>| match header(r, &blocks) {
+            Record::Page(PageHeader { offset, .. }) => {
+                let mut buf = [0u8; 4096];
+                r.read_page_into(&mut buf).unwrap();
+                (offset, buf[0])
+            }
+            other => panic!("not a page: {other:?}"),
+        };
+        assert_eq!(page(&mut r), (200 * 4096, 201));
+        assert!(matches!(
+            header(&mut r, &blocks),
+            Record::ZeroPage(PageHeader { offset, .. }) if offset == 7 * 4096
+        ));
+        assert_eq!(page(&mut r), (199 * 4096, 200));
+        assert_eq!(header(&mut r, &blocks), Record::EndOfSection);
+    }
+
+    #[test]
+    fn a_bad_request_sends_nothing_and_fails_the_saver() {
+        let (mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false);
+        let requester = rf.requester(blocks.clone());
+        let mut s = PreemptSender::new(
+            mem,
+            blocks.clone(),
+            requester,
+            stats,
+            StreamWriter::new(Vec::new()),
+        );
+        for (block, offset, len) in [
+            (BlockId(1), 0, 4096),
+            (BlockId(0), PAGES * 4096, 4096),
+            (BlockId(0), 100, 4096),
+        ] {
+            let e = s.serve(block, offset, len).unwrap_err();
+            assert!(matches!(e, Error::BadPageRequest { .. }), "{e}");
+            assert_eq!(e.kind(), ErrorKind::Protocol);
+        }
+        assert!(matches!(
+            rf.take_failure(),
+            Some(Error::BadPageRequest { .. })
+        ));
+        assert_eq!(blocks.dirty_pages(), PAGES);
+        assert!(s.finish().unwrap().len() <= 8, "only EndOfSection went");
+    }
+
+    #[test]
+    fn after_the_saver_finished_requests_are_ignored() {
+        let (mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false).with_stats(stats.clone());
+        let requester = rf.requester(blocks.clone());
+        let mut s = PreemptSender::new(
+            mem,
+            blocks.clone(),
+            requester,
+            stats.clone(),
+            StreamWriter::new(Vec::new()),
+        );
+        rf.finish();
+        assert_eq!(
+            s.serve(BlockId(0), 0, 4096).unwrap(),
+            Served {
+                sent: 0,
+                ignored: 1
+            }
+        );
+        assert_eq!(blocks.dirty_pages(), PAGES);
+        assert_eq!(stats.snapshot().postcopy_requests_ignored, 1);
+    }
+
+    #[test]
+    fn the_preempt_loader_places_pages_until_end_of_section_and_nothing_else() {
+        let (src_mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false);
+        let requester = rf.requester(blocks.clone());
+        let mut s = PreemptSender::new(
+            src_mem,
+            blocks.clone(),
+            requester,
+            stats,
+            StreamWriter::new(Vec::new()),
+        );
+        s.serve(BlockId(0), 5 * 4096, 4096).unwrap();
+        let bytes = s.finish().unwrap();
+
+        let dst_mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * 4096) as usize)]).unwrap(),
+        );
+        let dst_blocks = Arc::new(
+            RamBlocks::new(vec![RamBlock::new(
+                "pc.ram",
+                GuestAddress(0),
+                PAGES * 4096,
+                4096,
+            )
+            .unwrap()])
+            .unwrap(),
+        );
+        let mut main = PrecopyLoader::new(
+            dst_mem.clone(),
+            dst_blocks.clone(),
+            Arc::new(RamStats::default()),
+        );
+        main.check_setup(&dst_blocks.infos()).unwrap();
+        let mut preempt = main.preempt_loader();
+        let pages = preempt
+            .load_preempt(&mut StreamReader::new(&bytes[..]))
+            .unwrap();
+        assert_eq!(pages, 1);
+        assert_eq!(dst_mem.read_obj::<u8>(GuestAddress(5 * 4096)).unwrap(), 6);
+        assert_eq!(main.received_pages(), 1);
+
+        // A command on the preempt channel is refused.
+        let mut w = StreamWriter::new(Vec::new());
+        w.write_complete().unwrap();
+        let bytes = w.into_inner().unwrap();
+        let e = preempt
+            .load_preempt(&mut StreamReader::new(&bytes[..]))
+            .unwrap_err();
+        assert!(matches!(e, Error::NotAPreemptRecord { .. }), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+    }
+}
