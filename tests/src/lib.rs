@@ -111,6 +111,12 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("postcopy-random", postcopy::random),
     ("postcopy-hostile-request", postcopy::hostile_request),
     ("postcopy-link-cut", postcopy::link_cut),
+    ("postcopy-preempt-live-ab", postcopy::preempt_live_ab),
+    ("postcopy-preempt-random", postcopy::preempt_random),
+    (
+        "postcopy-preempt-only-at-source",
+        postcopy::preempt_only_at_source,
+    ),
     ("snapshot-ab", snapshots::ab_eager),
     ("snapshot-ab-soft", snapshots::ab_eager_soft),
     ("snapshot-lazy-restore", snapshots::lazy),

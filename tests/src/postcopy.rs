@@ -38,11 +38,53 @@ fn slow(vm: &mut DemoVm) -> Result<(), String> {
         .map(drop)
 }
 
+/// Whether `postcopy-preempt` is on at both ends: requested pages go on a
+/// channel of their own, sent by the source's return-path thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preempt {
+    Off,
+    On,
+}
+
+impl Preempt {
+    /// The source's capabilities.
+    fn source_caps(self) -> &'static [&'static str] {
+        match self {
+            Preempt::Off => &["postcopy-ram"],
+            Preempt::On => &["postcopy-ram", "postcopy-preempt"],
+        }
+    }
+
+    /// The destination's capabilities.
+    fn destination_caps(self) -> &'static [&'static str] {
+        match self {
+            Preempt::Off => &["postcopy-ram", "postcopy-blocktime"],
+            Preempt::On => &["postcopy-ram", "postcopy-blocktime", "postcopy-preempt"],
+        }
+    }
+
+    fn note(self) -> &'static str {
+        match self {
+            Preempt::Off => "",
+            Preempt::On => " with postcopy-preempt",
+        }
+    }
+}
+
 /// A destination for postcopy (capabilities on), listening on loopback;
 /// `stopped` keeps its guest from running once loaded.
 fn destination(guest: &Guest, name: &str, stopped: bool) -> Result<DemoVm, String> {
+    destination_with(guest, name, stopped, Preempt::Off)
+}
+
+fn destination_with(
+    guest: &Guest,
+    name: &str,
+    stopped: bool,
+    preempt: Preempt,
+) -> Result<DemoVm, String> {
     let mut dst = guest.start(name, Some("defer"))?;
-    caps(&mut dst, &["postcopy-ram", "postcopy-blocktime"])?;
+    caps(&mut dst, preempt.destination_caps())?;
     if stopped {
         dst.qmp.cmd("stop", json!({}))?;
     }
@@ -71,11 +113,18 @@ fn outcome(q: &Value, d: &Value, accel: String, note: String) -> Outcome {
 /// the source guest never runs again, and the destination reports blocktime:
 /// total, per vCPU, and a latency histogram.
 pub fn live(guest: &Guest) -> Result<Outcome, Failure> {
+    live_with(guest, Preempt::Off)
+}
+
+/// [`live`], with or without postcopy preempt. With it, the source must
+/// have served requests (on the preempt channel: nothing else serves them
+/// then).
+pub fn live_with(guest: &Guest, preempt: Preempt) -> Result<Outcome, Failure> {
     guest.available()?;
     let mut src = guest.start("src", None)?;
     guest.wait_runs(&mut src)?;
-    let mut dst = destination(guest, "dst", false)?;
-    caps(&mut src, &["postcopy-ram"])?;
+    let mut dst = destination_with(guest, "dst", false, preempt)?;
+    caps(&mut src, preempt.source_caps())?;
     slow(&mut src)?;
     if guest.has_arg("hugetlbfs") {
         // One dirty huge page fits in 1 ms on loopback, so precopy could end
@@ -155,16 +204,25 @@ pub fn live(guest: &Guest) -> Result<Outcome, Failure> {
         d.get("postcopy-blocktime").is_some() && histogram > 0 && requests > 0,
         || format!("blocktime {blocktime} ms, {histogram} timed faults, {requests} requests: {d}"),
     )?;
+    expect(preempt == Preempt::Off || served > 0, || {
+        format!("with postcopy-preempt the source served no request: {q}")
+    })?;
     let accel = accel_of(&mut [&mut src, &mut dst])?;
     Ok(outcome(
         &q,
         &d,
         accel,
         format!(
-            "{} on {} vCPU(s): switched after the first pass; {requests} pages requested ({served} served from the \
-             source's queue), blocktime {blocktime} ms ({histogram} faults timed); destination ran on{}",
+            "{} on {} vCPU(s){}: switched after the first pass; {requests} pages requested ({served} \
+             served by the source, {}), blocktime {blocktime} ms ({histogram} faults timed); \
+             destination ran on{}",
             guest.name(),
             per_vcpu,
+            preempt.note(),
+            match preempt {
+                Preempt::Off => "from the saver's queue on the main channel",
+                Preempt::On => "by its return-path thread on the preempt channel",
+            },
             if guest.has_ab_check() { ", a-b check holds" } else { "" }
         ) + &locked_note,
     ))
@@ -216,15 +274,15 @@ pub fn live_ab_soft() -> Result<Outcome, Failure> {
 /// A guest that precopy cannot converge (random writes under tight limits),
 /// or one that is stopped, moved by postcopy to a destination held paused:
 /// every page arrives, and `x-ram-digest` is equal on both sides.
-fn exact(guest: &Guest, stopped: bool) -> Result<Outcome, Failure> {
+fn exact(guest: &Guest, stopped: bool, preempt: Preempt) -> Result<Outcome, Failure> {
     guest.available()?;
     let mut src = guest.start("src", None)?;
     guest.wait_runs(&mut src)?;
     if stopped {
         src.qmp.cmd("stop", json!({}))?;
     }
-    let mut dst = destination(guest, "dst", true)?;
-    caps(&mut src, &["postcopy-ram"])?;
+    let mut dst = destination_with(guest, "dst", true, preempt)?;
+    caps(&mut src, preempt.source_caps())?;
     slow(&mut src)?;
     let uri = dst.incoming_uri()?;
     src.qmp.cmd("migrate", json!({ "uri": uri }))?;
@@ -254,8 +312,9 @@ fn exact(guest: &Guest, stopped: bool) -> Result<Outcome, Failure> {
         &d,
         accel,
         format!(
-            "{}{}: postcopy completed, x-ram-digest equal on both sides, then the destination runs it",
+            "{}{}{}: postcopy completed, x-ram-digest equal on both sides, then the destination runs it",
             guest.name(),
+            preempt.note(),
             if stopped {
                 " stopped, switched before the first pass ended"
             } else {
@@ -267,12 +326,61 @@ fn exact(guest: &Guest, stopped: bool) -> Result<Outcome, Failure> {
 
 /// A stopped guest moved by postcopy: RAM equal on both sides.
 pub fn stopped() -> Result<Outcome, Failure> {
-    exact(&Guest::builtin("ab", 1, 64), true)
+    exact(&Guest::builtin("ab", 1, 64), true, Preempt::Off)
 }
 
 /// A random-writes guest that precopy cannot converge, moved by postcopy.
 pub fn random() -> Result<Outcome, Failure> {
-    exact(&Guest::builtin("random", 2, 64), false)
+    exact(&Guest::builtin("random", 2, 64), false, Preempt::Off)
+}
+
+/// The `ab` guest on two KVM vCPUs switched to postcopy with
+/// `postcopy-preempt`: requested pages on their own channel.
+pub fn preempt_live_ab() -> Result<Outcome, Failure> {
+    live_with(&Guest::builtin("ab", 2, 128), Preempt::On)
+}
+
+/// The random-writes guest that precopy cannot converge, moved by postcopy
+/// with `postcopy-preempt`: every page arrives once, on one channel or the
+/// other, and RAM is equal on both sides.
+pub fn preempt_random() -> Result<Outcome, Failure> {
+    exact(&Guest::builtin("random", 2, 64), false, Preempt::On)
+}
+
+/// `postcopy-preempt` on at the source only: the destination refuses the
+/// stream at `Advise` with an error that says to turn it on at both ends,
+/// and the source's guest runs on.
+pub fn preempt_only_at_source() -> Result<Outcome, Failure> {
+    let guest = Guest::builtin("ab", 1, 64);
+    guest.available()?;
+    let mut src = guest.start("src", None)?;
+    guest.wait_runs(&mut src)?;
+    let mut dst = destination(&guest, "dst", false)?;
+    caps(&mut src, Preempt::On.source_caps())?;
+    let uri = dst.incoming_uri()?;
+    src.qmp.cmd("migrate", json!({ "uri": uri }))?;
+    let q = src.wait_finished()?;
+    expect(status(&q) == "failed", || format!("source: {q}"))?;
+    let d = dst.wait_finished()?;
+    let why = d.get("error-desc").and_then(Value::as_str).unwrap_or("");
+    expect(
+        status(&d) == "failed" && why.contains("postcopy-preempt is off here"),
+        || format!("the destination must refuse, naming postcopy-preempt: {d}"),
+    )?;
+    expect(src.run_status()? == "running", || {
+        "the source's guest must run on".into()
+    })?;
+    guest.wait_runs(&mut src)?;
+    let accel = accel_of(&mut [&mut src, &mut dst])?;
+    Ok(Outcome {
+        accel: Some(accel),
+        total: Duration::ZERO,
+        downtime: None,
+        bytes: field(&q, "ram.transferred"),
+        pages: 0,
+        faults: 0,
+        note: format!("the destination refused: {why}; the source's guest runs on"),
+    })
 }
 
 /// The link is cut after the switch: both sides say `postcopy-paused`, the

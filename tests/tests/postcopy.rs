@@ -41,4 +41,7 @@ scenarios! {
     postcopy_of_a_guest_precopy_cannot_converge => "postcopy-random", e2e::postcopy::random;
     a_hostile_page_request_fails_the_source => "postcopy-hostile-request", e2e::postcopy::hostile_request;
     a_link_cut_after_the_switch_pauses_both_sides => "postcopy-link-cut", e2e::postcopy::link_cut;
+    postcopy_preempt_ab_on_two_vcpus => "postcopy-preempt-live-ab", e2e::postcopy::preempt_live_ab;
+    postcopy_preempt_of_a_guest_precopy_cannot_converge => "postcopy-preempt-random", e2e::postcopy::preempt_random;
+    preempt_on_at_the_source_only_is_refused => "postcopy-preempt-only-at-source", e2e::postcopy::preempt_only_at_source;
 }

@@ -170,10 +170,10 @@ impl Capability {
 
     /// Whether this build implements it.
     pub fn available(self) -> bool {
-        // Preempt is planned.
         matches!(
             self,
             Capability::PostcopyRam
+                | Capability::PostcopyPreempt
                 | Capability::PostcopyBlocktime
                 | Capability::BackgroundSnapshot
         )

@@ -14,19 +14,21 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use migration_ram::postcopy::{PageRequestSink, PostcopyIncoming};
 use migration_ram::snapshot::{restore_eager, LazyRestore};
 use migration_ram::{CopyPlacer, PrecopyLoader, RamBlocks};
 use migration_stream::{
-    read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ErrorKind, Hello,
-    Record, ReturnMessage, ReturnPathWriter, Role, SnapshotReader, StreamReader, POSTCOPY_BACKLOG,
+    read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ConnectionHandle,
+    ErrorKind, Hello, Listener, MigrationId, Record, ReturnMessage, ReturnPathWriter, Role,
+    SnapshotReader, StreamReader, POSTCOPY_BACKLOG,
 };
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::error::SessionError;
 use super::wire::Received;
-use super::{MigrationStatus, Origin, RestoreMode, Run, RunState, Shared};
+use super::{Capability, MigrationStatus, Origin, RestoreMode, Run, RunState, Shared};
 
 /// Runs an incoming migration (or a restore) to its end and records the
 /// outcome.
@@ -38,18 +40,21 @@ pub(super) fn run(sh: &Arc<Shared>, origin: Origin, run: Run) {
     finish(sh, result, &run);
 }
 
-/// Waits for the source: the first connection with a valid main-channel hello.
-fn accept(sh: &Shared, origin: Origin) -> Result<(Connection, Hello), SessionError> {
-    let link_timeout = sh.link_timeout();
+/// Waits for the source: the first connection with a valid main-channel
+/// hello. The listener is given back if `postcopy-preempt` is on here: the
+/// source may open a preempt channel later.
+fn accept(
+    sh: &Shared,
+    origin: Origin,
+) -> Result<(Connection, Hello, Option<Listener>), SessionError> {
     match origin {
         Origin::Listener(listener) => {
-            let mut rejected = |peer: &str, e: &migration_stream::Error| {
-                log::warn!("dropped a connection from {peer}: {e}");
-                sh.state.lock().rejected += 1;
-            };
-            let accepted = listener.accept_hello(Role::Main, link_timeout, &mut rejected)?;
-            sh.state.lock().listener = None;
-            Ok(accepted)
+            let accepted = accept_role(sh, &listener, Role::Main)?;
+            let keep = sh.state.lock().caps.get(Capability::PostcopyPreempt);
+            if !keep {
+                sh.state.lock().listener = None;
+            }
+            Ok((accepted.0, accepted.1, keep.then_some(listener)))
         }
         Origin::Snapshot(..) => Err(SessionError::Protocol(
             "a snapshot file is restored, not accepted".into(),
@@ -57,7 +62,7 @@ fn accept(sh: &Shared, origin: Origin) -> Result<(Connection, Hello), SessionErr
         Origin::Connection(mut conn) => {
             if conn.handle.has_return_path() {
                 conn.handle
-                    .set_link_timeout(Some(link_timeout))
+                    .set_link_timeout(Some(sh.link_timeout()))
                     .map_err(|source| SessionError::Host {
                         what: "setting the link timeout",
                         source,
@@ -67,7 +72,89 @@ fn accept(sh: &Shared, origin: Origin) -> Result<(Connection, Hello), SessionErr
             sh.register_conn(&conn.handle);
             let hello = read_preamble(&mut conn.reader)?;
             hello.expect(Role::Main, hello.migration_id)?;
-            Ok((conn, hello))
+            Ok((conn, hello, None))
+        }
+    }
+}
+
+/// The first connection on `listener` with a valid hello of `role`; the
+/// others are dropped and counted.
+fn accept_role(
+    sh: &Shared,
+    listener: &Listener,
+    role: Role,
+) -> Result<(Connection, Hello), SessionError> {
+    let mut rejected = |peer: &str, e: &migration_stream::Error| {
+        log::warn!("dropped a connection from {peer}: {e}");
+        sh.state.lock().rejected += 1;
+    };
+    Ok(listener.accept_hello(role, sh.link_timeout(), &mut rejected)?)
+}
+
+/// The loader thread of the postcopy preempt channel (`migration-preempt`),
+/// placing the pages the source sends there until its `EndOfSection`.
+/// Dropped, it shuts the channel down and joins the thread;
+/// [`finish`](PreemptIn::finish) waits for the channel's end instead.
+struct PreemptIn(Option<(JoinHandle<migration_ram::Result<u64>>, ConnectionHandle)>);
+
+impl PreemptIn {
+    /// Accepts the source's preempt channel of migration `id` on
+    /// `listener` and starts its loader, which shares `loader`'s placer
+    /// (the postcopy one, so call this after `Listen`). A failure there
+    /// shuts `main` down, so the main loader fails too.
+    fn start(
+        sh: &Shared,
+        listener: &Listener,
+        id: MigrationId,
+        loader: &PrecopyLoader,
+        main: ConnectionHandle,
+    ) -> Result<PreemptIn, SessionError> {
+        let (conn, hello) = accept_role(sh, listener, Role::PostcopyPreempt)?;
+        sh.state.lock().listener = None;
+        hello.expect(Role::PostcopyPreempt, id)?;
+        let mut preempt = loader.preempt_loader();
+        let reader = conn.reader;
+        let thread = std::thread::Builder::new()
+            .name("migration-preempt".into())
+            .spawn(move || {
+                let r = preempt.load_preempt(&mut StreamReader::new(reader));
+                if let Err(e) = &r {
+                    log::warn!("postcopy preempt channel: {e}");
+                    if let Err(e) = main.shutdown() {
+                        log::debug!("shutting the migration connection down: {e}");
+                    }
+                }
+                r
+            })
+            .map_err(|source| SessionError::Host {
+                what: "starting the preempt channel's loader thread",
+                source,
+            })?;
+        Ok(PreemptIn(Some((thread, conn.handle))))
+    }
+
+    /// Waits for the preempt channel's `EndOfSection` (every page sent on
+    /// it placed); returns how many pages came on it.
+    fn finish(mut self) -> Result<u64, SessionError> {
+        let Some((thread, _)) = self.0.take() else {
+            return Ok(0);
+        };
+        match thread.join() {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(SessionError::Protocol(
+                "the preempt channel's loader thread panicked".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for PreemptIn {
+    fn drop(&mut self) {
+        if let Some((thread, handle)) = self.0.take() {
+            if let Err(e) = handle.shutdown() {
+                log::debug!("shutting the preempt channel down: {e}");
+            }
+            let _ = thread.join();
         }
     }
 }
@@ -107,7 +194,7 @@ fn send(rp: &SharedReturnPath, msg: &ReturnMessage) -> Result<(), SessionError> 
 }
 
 fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, SessionError> {
-    let (conn, hello) = accept(sh, origin)?;
+    let (conn, hello, mut listener) = accept(sh, origin)?;
     sh.register_conn(&conn.handle);
     if conn.handle.has_return_path() {
         conn.handle
@@ -145,6 +232,7 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
         Arc::clone(&run.stats),
     );
     let mut reader = StreamReader::new(conn.reader);
+    let mut preempt: Option<PreemptIn> = None;
     let result = (|| -> Result<Loaded, SessionError> {
         let mut received = Some(Received::default());
         let mut source_running = None;
@@ -167,6 +255,18 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
                                 .into(),
                         ));
                     }
+                    if !flags.contains(AdviseFlags::POSTCOPY_PREEMPT) {
+                        // No preempt channel will come.
+                        if listener.take().is_some() {
+                            sh.state.lock().listener = None;
+                        }
+                    } else if listener.is_none() {
+                        return Err(SessionError::Protocol(
+                            "the source sends requested pages on a postcopy preempt channel, \
+                             but postcopy-preempt is off here: turn it on at both ends"
+                                .into(),
+                        ));
+                    }
                 }
                 Record::Command(Command::Discard { block, ranges }) => {
                     postcopy(sh)?.discard(block, &ranges)?;
@@ -182,6 +282,17 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
                         .take()
                         .ok_or_else(|| SessionError::Protocol("a second package".into()))?;
                     source_running = Some(unpack(sh, &blocks, &rp, &mut loader, state, &bytes)?);
+                    // The preempt channel was connected before the package
+                    // went: its loader shares the postcopy placer.
+                    if let Some(l) = listener.take() {
+                        preempt = Some(PreemptIn::start(
+                            sh,
+                            &l,
+                            hello.migration_id,
+                            &loader,
+                            conn.handle.clone(),
+                        )?);
+                    }
                 }
                 Record::Command(c) => {
                     return Err(SessionError::Protocol(format!(
@@ -198,7 +309,12 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
         }
         match (source_running, received) {
             (Some(source_running), _) => {
-                // Postcopy: every page is here; fault handling ends.
+                // Postcopy: every page is here once the preempt channel,
+                // too, has ended; fault handling ends.
+                if let Some(p) = preempt.take() {
+                    let pages = p.finish()?;
+                    log::info!("postcopy: {pages} requested pages came on the preempt channel");
+                }
                 let pc = sh.postcopy_in.lock().take();
                 if let Some(pc) = pc {
                     let stats = pc.finish()?;
@@ -216,6 +332,8 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
             (None, None) => Err(SessionError::Protocol("no state arrived".into())),
         }
     })();
+    // On a failure its thread is stopped and joined here.
+    drop(preempt);
     match &result {
         Ok(_) => send(&rp, &ReturnMessage::Shut { status: 0 })?,
         Err(_) => {

@@ -62,6 +62,13 @@ pub enum UsageError {
     /// `file:` migration has none).
     #[error("postcopy needs a return path for page requests; file: migrations have none")]
     PostcopyNeedsReturnPath,
+    /// Postcopy preempt opens a second connection to the destination's
+    /// address: a migration over a connection the VMM made has none.
+    #[error(
+        "postcopy-preempt opens a second connection to the destination, so it needs a migration \
+         URI (tcp: or unix:), not a connection given by the VMM"
+    )]
+    PreemptNeedsUri,
     /// A restore was asked of a file that is not a snapshot file (a
     /// migration stream saved to a file loads with `incoming`, eagerly).
     #[error(

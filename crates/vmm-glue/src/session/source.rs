@@ -19,11 +19,14 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migration_ram::{Keepalive, PageRequester, PeerLiveness, PrecopySaver, RamBlocks};
+use migration_ram::{
+    Keepalive, PageRequester, PeerLiveness, PrecopySaver, PreemptSender, RamBlocks,
+};
 use migration_stream::ErrorKind;
 use migration_stream::{
-    connect, read_preamble, AdviseFlags, BoxedWriter, Command, ConnectionHandle, Hello,
-    MigrationId, ReturnMessage, ReturnPathReader, Role, StreamWriter, POSTCOPY_BACKLOG,
+    connect, read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, ConnectionHandle, Hello,
+    MigrationId, MigrationUri, ReturnMessage, ReturnPathReader, Role, StreamWriter,
+    POSTCOPY_BACKLOG,
 };
 
 use parking_lot::Mutex;
@@ -59,9 +62,14 @@ fn outgoing(
 ) -> Result<(), SessionError> {
     let started = Instant::now();
     let link_timeout = sh.link_timeout();
-    let conn = match target {
-        Target::Uri(uri) => connect(&uri, Role::Main)?,
-        Target::Connection(c) => c,
+    let preempt = {
+        let caps = sh.state.lock().caps;
+        caps.get(Capability::PostcopyRam) && caps.get(Capability::PostcopyPreempt)
+    };
+    let (conn, preempt_uri) = match target {
+        Target::Uri(uri) => (connect(&uri, Role::Main)?, preempt.then_some(uri)),
+        Target::Connection(_) if preempt => return Err(UsageError::PreemptNeedsUri.into()),
+        Target::Connection(c) => (c, None),
     };
     let handle = conn.handle.clone();
     sh.register_conn(&handle);
@@ -79,7 +87,7 @@ fn outgoing(
     }
     let id = MigrationId::generate();
     let liveness = Arc::new(PeerLiveness::new());
-    let requests: Arc<Mutex<Option<PageRequester>>> = Arc::default();
+    let requests: Arc<Mutex<Option<Requests>>> = Arc::default();
     let blocks = Arc::new(sh.machine.ram().blocks()?);
     let (verdict_tx, verdict_rx) = mpsc::channel();
     let rp_thread = if has_rp {
@@ -117,6 +125,7 @@ fn outgoing(
             keepalive,
             verdicts: &verdict_rx,
             link_timeout,
+            preempt_uri,
         },
         run,
         started,
@@ -138,14 +147,54 @@ struct Channel<'a> {
     id: MigrationId,
     /// The RAM blocks, which the return path decodes page requests against.
     blocks: Arc<RamBlocks>,
-    /// Where the return-path thread finds the saver's page requester once
+    /// Where the return-path thread finds what serves page requests once
     /// postcopy starts.
-    requests: Arc<Mutex<Option<PageRequester>>>,
+    requests: Arc<Mutex<Option<Requests>>>,
     handle: ConnectionHandle,
     has_rp: bool,
     keepalive: Option<Keepalive>,
     verdicts: &'a Receiver<Verdict>,
     link_timeout: Duration,
+    /// Where the postcopy preempt channel connects, if `postcopy-preempt`
+    /// is on.
+    preempt_uri: Option<MigrationUri>,
+}
+
+/// What serves the destination's page requests in postcopy, for the
+/// return-path thread.
+enum Requests {
+    /// The saver's queue: the saver sends them on the main channel.
+    Queue(PageRequester),
+    /// `postcopy-preempt`: the return-path thread sends them itself, on the
+    /// preempt channel (see `migration_ram::preempt`).
+    Preempt(PreemptSender<BoxedWriter>),
+}
+
+impl Requests {
+    fn serve(&mut self, block: BlockId, offset: u64, len: u64) -> Result<(), SessionError> {
+        match self {
+            Requests::Queue(r) => r.request_range(block, offset, len)?,
+            // A refused request is reported to the saver by the sender; a
+            // failed write ends the return path, whose watchdog then shuts
+            // the main channel down under the saver.
+            Requests::Preempt(s) => {
+                s.serve(block, offset, len)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shuts a connection down when dropped: the preempt channel, whatever way
+/// postcopy ends (a return-path thread blocked writing on it then fails).
+struct ShutOnDrop(ConnectionHandle);
+
+impl Drop for ShutOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.shutdown() {
+            log::debug!("shutting the preempt channel down: {e}");
+        }
+    }
 }
 
 fn precopy(
@@ -174,7 +223,11 @@ fn precopy(
     }
     let result = (|| -> Result<(), SessionError> {
         if postcopy {
-            w.write_command(&Command::Advise(AdviseFlags::POSTCOPY_RAM))?;
+            let mut flags = AdviseFlags::POSTCOPY_RAM;
+            if ch.preempt_uri.is_some() {
+                flags |= AdviseFlags::POSTCOPY_PREEMPT;
+            }
+            w.write_command(&Command::Advise(flags))?;
         }
         saver.setup(&mut w)?;
         sh.state.lock().setup_time = Some(started.elapsed());
@@ -307,6 +360,13 @@ fn switch_to_postcopy<W: std::io::Write>(
     resume_ok: &mut bool,
 ) -> Result<(), SessionError> {
     let machine = &sh.machine;
+    // The preempt channel is connected before the guest stops, so that its
+    // handshake costs no downtime.
+    let preempt = ch
+        .preempt_uri
+        .as_ref()
+        .map(|uri| open_preempt(uri, ch.id, ch.link_timeout))
+        .transpose()?;
     let (was_running, down) = pause_for_switchover(sh)?;
     // A balloon that gave pages back now would look like missing pages.
     let _no_balloon = machine.balloon_inhibitor().inhibit();
@@ -324,7 +384,16 @@ fn switch_to_postcopy<W: std::io::Write>(
         log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
     }
     // Requests may come as soon as the destination runs.
-    *ch.requests.lock() = Some(saver.page_requester());
+    let _preempt = match preempt {
+        Some((writer, handle)) => {
+            *ch.requests.lock() = Some(Requests::Preempt(saver.preempt_sender(writer)));
+            Some(ShutOnDrop(handle))
+        }
+        None => {
+            *ch.requests.lock() = Some(Requests::Queue(saver.page_requester()));
+            None
+        }
+    };
     let mut package = StreamWriter::new(Vec::new());
     wire::write_state(&mut package, machine, was_running)?;
     package.write_command(&Command::Listen)?;
@@ -336,15 +405,56 @@ fn switch_to_postcopy<W: std::io::Write>(
     sh.state.lock().downtime = Some(down.elapsed());
     sh.set_status(MigrationStatus::PostcopyActive);
     let out = saver.postcopy_send(w)?;
+    // Every page went (on one channel or the other): the preempt channel
+    // ends, after the page the return-path thread may be writing; later
+    // requests are ignored by the finished requester.
+    let sender = {
+        let mut slot = ch.requests.lock();
+        match slot.take() {
+            Some(Requests::Preempt(s)) => {
+                *slot = Some(Requests::Queue(s.requester().clone()));
+                Some(s)
+            }
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    };
+    if let Some(s) = sender {
+        s.finish()?;
+    }
     log::info!(
-        "postcopy: {} pages sent, {} requests served, {} ignored",
+        "postcopy: {} pages sent on the main channel, {} requests served there, {} in all, {} ignored",
         out.pages_sent,
         out.requests_served,
+        saver.stats().snapshot().postcopy_requests,
         out.requests_ignored
     );
     w.write_complete()?;
     w.flush()?;
     await_verdict(ch, was_running, resume_ok)
+}
+
+/// Connects the postcopy preempt channel and writes its preamble: its
+/// writer (with `TCP_NODELAY`: it carries single urgent pages) and handle.
+fn open_preempt(
+    uri: &MigrationUri,
+    id: MigrationId,
+    link_timeout: Duration,
+) -> Result<(StreamWriter<BoxedWriter>, ConnectionHandle), SessionError> {
+    let conn = connect(uri, Role::PostcopyPreempt)?;
+    let host = |what| move |source| SessionError::Host { what, source };
+    conn.handle
+        .set_link_timeout(Some(link_timeout))
+        .map_err(host("setting the preempt channel's link timeout"))?;
+    conn.handle
+        .set_nodelay(true)
+        .map_err(host("setting TCP_NODELAY on the preempt channel"))?;
+    let mut w = StreamWriter::new(conn.writer);
+    w.write_preamble(&Hello::new(Role::PostcopyPreempt, id))?;
+    w.flush()?;
+    Ok((w, conn.handle))
 }
 
 /// The error for a verdict that came before the switchover.
@@ -371,7 +481,7 @@ struct ReturnPath {
     id: MigrationId,
     blocks: Arc<RamBlocks>,
     liveness: Arc<PeerLiveness>,
-    requests: Arc<Mutex<Option<PageRequester>>>,
+    requests: Arc<Mutex<Option<Requests>>>,
     verdict: Sender<Verdict>,
     handle: ConnectionHandle,
 }
@@ -392,14 +502,14 @@ impl ReturnPath {
                     ReturnMessage::Shut { status } => return Ok(status),
                     ReturnMessage::Pong { .. } => {}
                     ReturnMessage::PageRequest { block, offset, len } => {
-                        let guard = self.requests.lock();
-                        let req = guard.as_ref().ok_or_else(|| {
+                        let mut guard = self.requests.lock();
+                        let req = guard.as_mut().ok_or_else(|| {
                             SessionError::Protocol(format!(
                                 "a page request (block {block}, offset {offset:#x}) before postcopy"
                             ))
                         })?;
                         // A refused request also fails the saver's sending.
-                        req.request_range(block, offset, len)?;
+                        req.serve(block, offset, len)?;
                     }
                     other => {
                         return Err(SessionError::Protocol(format!(
