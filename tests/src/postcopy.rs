@@ -42,7 +42,9 @@ fn slow(vm: &mut DemoVm) -> Result<(), String> {
 /// channel of their own, sent by the source's return-path thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preempt {
+    /// Requested pages go on the main channel, from the saver's queue.
     Off,
+    /// Requested pages go on the preempt channel.
     On,
 }
 
