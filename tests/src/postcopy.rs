@@ -389,12 +389,22 @@ pub fn preempt_only_at_source() -> Result<Outcome, Failure> {
 /// source guest stays stopped, and the destination, waiting for pages, lives
 /// on without crashing.
 pub fn link_cut() -> Result<Outcome, Failure> {
+    link_cut_with(Preempt::Off)
+}
+
+/// [`link_cut`] with `postcopy-preempt`: both connections go through the
+/// proxy and are cut.
+pub fn preempt_link_cut() -> Result<Outcome, Failure> {
+    link_cut_with(Preempt::On)
+}
+
+fn link_cut_with(preempt: Preempt) -> Result<Outcome, Failure> {
     let guest = Guest::builtin("ab", 1, 128);
     guest.available()?;
     let mut src = guest.start("src", None)?;
     guest.wait_runs(&mut src)?;
-    let mut dst = destination(&guest, "dst", false)?;
-    caps(&mut src, &["postcopy-ram"])?;
+    let mut dst = destination_with(&guest, "dst", false, preempt)?;
+    caps(&mut src, preempt.source_caps())?;
     src.qmp.cmd(
         "migrate-set-parameters",
         // Postcopy's background stream slow enough to cut it mid-way.
@@ -439,8 +449,9 @@ pub fn link_cut() -> Result<Outcome, Failure> {
     Ok(Outcome {
         accel: Some(accel),
         note: format!(
-            "link cut after {} MiB: both sides postcopy-paused (source: \"{}\"), source guest {rs}, both alive",
+            "link cut after {} MiB{}: both sides postcopy-paused (source: \"{}\"), source guest {rs}, both alive",
             cut_at >> 20,
+            preempt.note(),
             q.get("error-desc").and_then(Value::as_str).unwrap_or("")
         ),
         ..Outcome::default()

@@ -1,6 +1,6 @@
 //! A fault-injecting TCP proxy: a bad link between a source and a
-//! destination on loopback. It forwards both directions of one connection
-//! until told to cut it.
+//! destination on loopback. It forwards both directions of every connection
+//! until told to cut them all.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -33,8 +33,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>, counter: A
 }
 
 impl Proxy {
-    /// Listens on a free loopback port and forwards the first connection to
-    /// `upstream` (`host:port`).
+    /// Listens on a free loopback port and forwards each connection to
+    /// `upstream` (`host:port`), on a connection of its own.
     pub fn start(upstream: &str) -> Result<Proxy, String> {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy: bind: {e}"))?;
         let port = listener
@@ -51,24 +51,35 @@ impl Proxy {
             Arc::clone(&forwarded),
         );
         let acceptor = std::thread::spawn(move || {
-            let Ok((client, _)) = listener.accept() else {
-                return;
-            };
-            let Ok(server) = TcpStream::connect(&upstream) else {
-                return;
-            };
-            let clones = (client.try_clone(), server.try_clone());
-            let (Ok(c2c), Ok(s2c)) = clones else {
-                return;
-            };
-            if let Ok(mut v) = s2.lock() {
-                v.extend(client.try_clone());
-                v.extend(server.try_clone());
+            // Every connection (a migration may open a second one: the
+            // postcopy preempt channel), until the link is cut.
+            let mut pumps = Vec::new();
+            for client in listener.incoming() {
+                if c2.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(client) = client else {
+                    break;
+                };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    break;
+                };
+                let clones = (client.try_clone(), server.try_clone());
+                let (Ok(c2c), Ok(s2c)) = clones else {
+                    break;
+                };
+                if let Ok(mut v) = s2.lock() {
+                    v.extend(client.try_clone());
+                    v.extend(server.try_clone());
+                }
+                let (ca, fa) = (Arc::clone(&c2), Arc::clone(&f2));
+                pumps.push(std::thread::spawn(move || pump(client, s2c, ca, fa)));
+                let (cb, fb) = (Arc::clone(&c2), Arc::clone(&f2));
+                pumps.push(std::thread::spawn(move || pump(server, c2c, cb, fb)));
             }
-            let (ca, fa) = (Arc::clone(&c2), Arc::clone(&f2));
-            let up = std::thread::spawn(move || pump(client, s2c, ca, fa));
-            pump(server, c2c, c2, f2);
-            let _ = up.join();
+            for p in pumps {
+                let _ = p.join();
+            }
         });
         Ok(Proxy {
             port,

@@ -44,4 +44,5 @@ scenarios! {
     postcopy_preempt_ab_on_two_vcpus => "postcopy-preempt-live-ab", e2e::postcopy::preempt_live_ab;
     postcopy_preempt_of_a_guest_precopy_cannot_converge => "postcopy-preempt-random", e2e::postcopy::preempt_random;
     preempt_on_at_the_source_only_is_refused => "postcopy-preempt-only-at-source", e2e::postcopy::preempt_only_at_source;
+    a_link_cut_with_preempt_pauses_both_sides => "postcopy-preempt-link-cut", e2e::postcopy::preempt_link_cut;
 }

@@ -43,6 +43,13 @@
 //! with `n` requests had `n` faults, its `n` slowest reads. Its p50 is shown against
 //! the p50 without traffic.
 //!
+//! **With postcopy preempt.** The same rounds, paused and with background traffic,
+//! with the source's return-path thread sending each requested page itself on a
+//! second connection ([`PreemptSender`]) and a loader thread of its own placing
+//! them at the destination (`PrecopyLoader::load_preempt`), as the session does
+//! with `postcopy-preempt`: no hand-over to the saver thread, and no queue behind
+//! the background stream.
+//!
 //! Rounds alternate measured and floor; the samples of all rounds are pooled, and each
 //! figure is a percentile of the measured samples with the same percentile of the floor
 //! as its baseline.
@@ -56,8 +63,8 @@ use std::time::{Duration, Instant};
 use migration_ram::postcopy::{PageRequestSink, PostcopyIncoming};
 use migration_ram::vm_memory::{Bytes, GuestAddress};
 use migration_ram::{
-    GuestMemoryMmap, PrecopyLoader, PrecopyParams, PrecopySaver, RamBlocks, RamStats, SharedParams,
-    VmmDirtyLog,
+    GuestMemoryMmap, PrecopyLoader, PrecopyParams, PrecopySaver, PreemptSender, RamBlocks,
+    RamStats, SharedParams, VmmDirtyLog,
 };
 use migration_stream::{
     connect, BlockId, BoxedWriter, Command, Listener, Record, ReturnMessage, ReturnPathReader,
@@ -163,8 +170,14 @@ fn destination(
     listener: Listener,
     mem: Arc<GuestMemoryMmap>,
     listening: mpsc::Sender<()>,
+    path: RequestPath,
 ) -> Result<u64, String> {
     let conn = listener.accept().map_err(e)?;
+    // The preempt channel is the second connection.
+    let mut preempt = match path {
+        RequestPath::Queue => None,
+        RequestPath::Preempt => Some(listener.accept().map_err(e)?),
+    };
     // As the session does for postcopy: a bounded backlog, so a requested page
     // does not queue behind megabytes of background pages.
     conn.handle
@@ -175,17 +188,31 @@ fn destination(
     let mut loader = PrecopyLoader::new(Arc::clone(&mem), blocks, Arc::new(RamStats::new()));
     let rp = Arc::new(Mutex::new(ReturnPathWriter::new(conn.writer)));
     let mut r = StreamReader::new(conn.reader);
-    loop {
-        match loader.load(&mut r).map_err(e)? {
-            Record::Command(Command::Listen) => {
-                let sink: Arc<dyn PageRequestSink> = Arc::new(Sink(Arc::clone(&rp)));
-                loader.set_placer(pc.listen(sink, Vec::new(), None).map_err(e)?);
-                listening.send(()).map_err(e)?;
+    std::thread::scope(|s| -> Result<(), String> {
+        let mut preempt_thread = None;
+        loop {
+            match loader.load(&mut r).map_err(e)? {
+                Record::Command(Command::Listen) => {
+                    let sink: Arc<dyn PageRequestSink> = Arc::new(Sink(Arc::clone(&rp)));
+                    loader.set_placer(pc.listen(sink, Vec::new(), None).map_err(e)?);
+                    if let Some(conn) = preempt.take() {
+                        let mut pl = loader.preempt_loader();
+                        preempt_thread = Some(s.spawn(move || {
+                            pl.load_preempt(&mut StreamReader::new(conn.reader))
+                                .map_err(e)
+                        }));
+                    }
+                    listening.send(()).map_err(e)?;
+                }
+                Record::Complete => break,
+                other => return Err(format!("destination: unexpected {other:?}")),
             }
-            Record::Complete => break,
-            other => return Err(format!("destination: unexpected {other:?}")),
         }
-    }
+        if let Some(t) = preempt_thread {
+            t.join().map_err(|_| "the preempt loader panicked")??;
+        }
+        Ok(())
+    })?;
     let stats = pc.finish().map_err(e)?;
     rp.lock()
         .map_err(|_| "return path poisoned")?
@@ -217,18 +244,33 @@ fn toucher(mem: &GuestMemoryMmap, listening: &mpsc::Receiver<()>) -> Result<Vec<
     Ok(samples)
 }
 
-/// The source's return-path thread: page requests to the saver's requester, until
-/// `Shut`.
+/// The preempt sender, shared by the source's return-path thread (which serves
+/// requests with it) and the saver's thread (which ends it once every page went), as
+/// the session shares it.
+type SharedSender = Arc<Mutex<Option<PreemptSender<BoxedWriter>>>>;
+
+/// The source's return-path thread: page requests to the saver's requester, or, with
+/// a preempt sender, sent on the preempt channel by this thread; until `Shut`.
 fn source_return_path(
     reader: migration_stream::BoxedReader,
     blocks: &RamBlocks,
     requester: &migration_ram::PageRequester,
+    sender: Option<SharedSender>,
 ) -> Result<(), String> {
     let mut rp = ReturnPathReader::new(reader);
     loop {
         match rp.read_message(blocks) {
             Ok(ReturnMessage::PageRequest { block, offset, len }) => {
-                requester.request_range(block, offset, len).map_err(e)?;
+                match &sender {
+                    Some(shared) => {
+                        let mut guard = shared.lock().map_err(|_| "sender poisoned")?;
+                        // None once finished: every page went.
+                        if let Some(sender) = guard.as_mut() {
+                            sender.serve(block, offset, len).map_err(e)?;
+                        }
+                    }
+                    None => requester.request_range(block, offset, len).map_err(e)?,
+                }
             }
             Ok(ReturnMessage::Shut { status: 0 }) => return Ok(()),
             Ok(other) => return Err(format!("source return path: unexpected {other:?}")),
@@ -259,8 +301,23 @@ enum Traffic {
     Background,
 }
 
+/// How the source serves a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestPath {
+    /// The return-path thread queues it; the saver sends the page on the main
+    /// channel.
+    Queue,
+    /// `postcopy-preempt`: the return-path thread sends the page itself, on a second
+    /// connection.
+    Preempt,
+}
+
 /// One round of the measured path (see the module documentation).
-fn remote_faults(src: &Arc<GuestMemoryMmap>, traffic: Traffic) -> Result<Round, String> {
+fn remote_faults(
+    src: &Arc<GuestMemoryMmap>,
+    traffic: Traffic,
+    path: RequestPath,
+) -> Result<Round, String> {
     let dst =
         Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).map_err(e)?);
     let listener = Listener::bind_str("tcp:127.0.0.1:0").map_err(e)?;
@@ -277,12 +334,20 @@ fn remote_faults(src: &Arc<GuestMemoryMmap>, traffic: Traffic) -> Result<Round, 
     std::thread::scope(|s| -> Result<Round, String> {
         let dst_thread = {
             let dst = Arc::clone(&dst);
-            s.spawn(move || destination(listener, dst, listening_tx))
+            s.spawn(move || destination(listener, dst, listening_tx, path))
         };
         let conn = connect(&uri, Role::Main).map_err(e)?;
         conn.handle
             .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
             .map_err(e)?;
+        let preempt = match path {
+            RequestPath::Queue => None,
+            RequestPath::Preempt => {
+                let p = connect(&uri, Role::PostcopyPreempt).map_err(e)?;
+                p.handle.set_nodelay(true).map_err(e)?;
+                Some(p.writer)
+            }
+        };
         let mut saver = PrecopySaver::new(
             Arc::clone(src),
             Arc::clone(&blocks),
@@ -297,16 +362,30 @@ fn remote_faults(src: &Arc<GuestMemoryMmap>, traffic: Traffic) -> Result<Round, 
         if switch.remaining_pages != MEM / PAGE {
             return Err(format!("{} pages to send, not all", switch.remaining_pages));
         }
-        let requester = saver.page_requester();
+        let (requester, sender) = match preempt {
+            None => (saver.page_requester(), None),
+            Some(writer) => {
+                let sender = saver.preempt_sender(StreamWriter::new(writer));
+                let requester = sender.requester().clone();
+                (requester, Some(Arc::new(Mutex::new(Some(sender)))))
+            }
+        };
         w.write_command(&Command::Listen).map_err(e)?;
         w.flush().map_err(e)?;
         let rp_thread = {
             let blocks = Arc::clone(&blocks);
             let reader = conn.reader;
-            s.spawn(move || source_return_path(reader, &blocks, &requester))
+            let sender = sender.clone();
+            s.spawn(move || source_return_path(reader, &blocks, &requester, sender))
         };
         let saver_thread = s.spawn(move || -> Result<(), String> {
             saver.postcopy_send(&mut w).map_err(e)?;
+            if let Some(sender) = sender {
+                let taken = sender.lock().map_err(|_| "sender poisoned")?.take();
+                if let Some(sender) = taken {
+                    sender.finish().map_err(e)?;
+                }
+            }
             w.write_complete().map_err(e)?;
             w.flush().map_err(e)
         });
@@ -494,27 +573,38 @@ pub fn figures() -> Result<Vec<Report>, String> {
     let (request, record) = message_sizes()?;
     let src = source_memory()?;
     let (mut ours, mut base, mut one) = (Vec::new(), Vec::new(), Vec::new());
-    let mut busy = Vec::new();
+    let (mut busy, mut pre, mut pre_busy) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..ROUNDS {
-        let round = remote_faults(&src, Traffic::Paused)?;
-        if round.sent_while_touching != FAULTS {
-            return Err(format!(
-                "round {}: the source sent {} pages while {FAULTS} were asked for: the \
-                 background stream was not paused",
-                r + 1,
-                round.sent_while_touching
-            ));
+        for (path, paused, busy) in [
+            (RequestPath::Queue, &mut ours, &mut busy),
+            (RequestPath::Preempt, &mut pre, &mut pre_busy),
+        ] {
+            let round = remote_faults(&src, Traffic::Paused, path)?;
+            if round.sent_while_touching != FAULTS {
+                return Err(format!(
+                    "round {} ({path:?}): the source sent {} pages while {FAULTS} were asked \
+                     for: the background stream was not paused",
+                    r + 1,
+                    round.sent_while_touching
+                ));
+            }
+            paused.extend(round.samples);
+            let round = remote_faults(&src, Traffic::Background, path)?;
+            busy.extend(slowest(round.samples, round.requests));
         }
-        ours.extend(round.samples);
         base.extend(floor(Floor::RoundTrip, request, record)?);
         one.extend(floor(Floor::OneHandler, request, record)?);
-        let round = remote_faults(&src, Traffic::Background)?;
-        busy.extend(slowest(round.samples, round.requests));
     }
-    ours.sort_unstable();
-    base.sort_unstable();
-    one.sort_unstable();
-    busy.sort_unstable();
+    for v in [
+        &mut ours,
+        &mut base,
+        &mut one,
+        &mut busy,
+        &mut pre,
+        &mut pre_busy,
+    ] {
+        v.sort_unstable();
+    }
     let note = format!(
         "remote 4 KiB page faults through the real stack over loopback TCP (fault \
          thread, return path, source request handling, UFFDIO_COPY placer), from the \
@@ -548,10 +638,45 @@ pub fn figures() -> Result<Vec<Report>, String> {
          remote faults without background traffic above",
         busy.len()
     );
+    let pre_note = format!(
+        "the same remote faults with postcopy-preempt: the source's return-path thread \
+         sends each requested page itself on a second connection (TCP_NODELAY), read by \
+         a loader thread of its own at the destination; no hand-over to the saver; \
+         baseline: the floor as above; {FAULTS} faults x {ROUNDS} rounds, alternating \
+         with the others, pooled"
+    );
+    let pre_figure = |name: &str, q: f64| -> Report {
+        Figure::new(
+            format!("postcopy.remote_fault_preempt_{name}"),
+            quantile_us(&pre, q),
+            "us",
+        )
+        .baseline(quantile_us(&base, q))
+        .note(&pre_note)
+        .into()
+    };
+    let pre_busy_note = format!(
+        "remote faults with postcopy-preempt while the background stream sends the rest \
+         of RAM at full speed on the main connection (requested pages go on the preempt \
+         connection, not behind it); faults told from reads as above ({} in {ROUNDS} \
+         rounds); baseline: the same without preempt (postcopy.remote_fault_p50_with_background)",
+        pre_busy.len()
+    );
     Ok(vec![
         figure("p50", 0.5),
         figure("p99", 0.99),
         figure("max", 1.0),
+        pre_figure("p50", 0.5),
+        pre_figure("p99", 0.99),
+        pre_figure("max", 1.0),
+        Figure::new(
+            "postcopy.remote_fault_preempt_p50_with_background",
+            quantile_us(&pre_busy, 0.5),
+            "us",
+        )
+        .baseline(quantile_us(&busy, 0.5))
+        .note(pre_busy_note)
+        .into(),
         Figure::new(
             "postcopy.remote_fault_p50_vs_one_handler",
             quantile_us(&ours, 0.5),

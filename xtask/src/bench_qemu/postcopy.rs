@@ -21,8 +21,18 @@
 //!    `postcopy-blocktime` and runs the guest on (`query-status` `running`, and for
 //!    `ab` growing COM1 output; `random` prints nothing after its banner).
 //!
-//! Figures, medians of [`ROUNDS`] rounds each, alternating QEMU and `demovm`, value
-//! `demovm`, baseline QEMU, so the ratio is demovm/QEMU:
+//! Each VMM runs each scenario without and with `postcopy-preempt` (on both sides;
+//! with it, requested pages go on a second connection: `demovm`'s source sends them
+//! from its return-path thread), four variants alternating round after round. Three
+//! groups of figures compare them, value `demovm`, baseline QEMU, so the ratio is
+//! demovm/QEMU:
+//! - `vs_qemu.postcopy.*`: both without preempt;
+//! - `vs_qemu.postcopy_preempt.*`: `demovm` with preempt against QEMU without (its
+//!   default): what an operator gets from each, the comparison the blocktime target
+//!   is about;
+//! - `vs_qemu.postcopy_preempt_both.*`: both with preempt.
+//!
+//! Figures, medians of [`ROUNDS`] rounds each:
 //! - `blocktime`: the destination's `postcopy-blocktime` (ms during which every vCPU
 //!   waited for a page at once; the guests have one vCPU);
 //! - `requests`: page requests the destination sent: `demovm`'s destination says it
@@ -267,17 +277,19 @@ fn finished(q: &Value) -> bool {
 
 /// One postcopy migration of `s`'s guest between two fresh processes of `l`, driven
 /// the same way whichever the VMM (see the module documentation).
-fn postcopy_once(l: &Launcher, s: Scenario, dir: &Path) -> Result<Round, String> {
+fn postcopy_once(l: &Launcher, s: Scenario, preempt: bool, dir: &Path) -> Result<Round, String> {
     const CAPS: [&str; 2] = ["postcopy-ram", "postcopy-blocktime"];
+    const PREEMPT_CAPS: [&str; 3] = ["postcopy-ram", "postcopy-blocktime", "postcopy-preempt"];
+    let caps_on: &[&str] = if preempt { &PREEMPT_CAPS } else { &CAPS };
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     let mut dst = Process::start(l, dir, "dst", Some("defer"))?;
-    caps(&mut dst, &CAPS)?;
+    caps(&mut dst, caps_on)?;
     dst.qmp
         .cmd("migrate-incoming", json!({ "uri": uri }))
         .map_err(|e| format!("{}: {e}", dst.name))?;
     let mut src = Process::start(l, dir, "src", None)?;
     s.ready(&mut src)?;
-    caps(&mut src, &CAPS)?;
+    caps(&mut src, caps_on)?;
     src.qmp
         .cmd(
             "migrate-set-parameters",
@@ -337,7 +349,7 @@ fn postcopy_once(l: &Launcher, s: Scenario, dir: &Path) -> Result<Round, String>
 pub fn figures() -> Result<Vec<Report>, String> {
     let skip = |why: String| {
         Ok(vec![Report::Skipped {
-            name: format!("{PREFIX}.*"),
+            name: format!("{PREFIX}*.*"),
             why,
         }])
     };
@@ -377,17 +389,22 @@ pub fn figures() -> Result<Vec<Report>, String> {
             .find(|(b, _)| *b == s.sector)
             .map(|(_, p)| p.clone())
             .ok_or_else(|| format!("no {} boot sector was written", s.sector.name()))?;
-        let launchers = [
-            Launcher {
-                vmm: Vmm::Qemu,
-                bin: qemu.clone(),
-                sector: sector.clone(),
-            },
-            Launcher {
-                vmm: Vmm::Demovm,
-                bin: demovm.clone(),
-                sector,
-            },
+        let qemu_l = Launcher {
+            vmm: Vmm::Qemu,
+            bin: qemu.clone(),
+            sector: sector.clone(),
+        };
+        let demovm_l = Launcher {
+            vmm: Vmm::Demovm,
+            bin: demovm.clone(),
+            sector,
+        };
+        // Without and with postcopy-preempt, each VMM: VARIANTS' order.
+        let variants = [
+            (&qemu_l, false),
+            (&demovm_l, false),
+            (&qemu_l, true),
+            (&demovm_l, true),
         ];
         let when = match s.switch {
             Switch::After(d) => format!("switched to postcopy {} ms after migrate", d.as_millis()),
@@ -399,28 +416,21 @@ pub fn figures() -> Result<Vec<Report>, String> {
             s.sector.name(),
             show_size(TOUCH),
         );
-        let mut rounds: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
+        let mut rounds: [Vec<Round>; 4] = Default::default();
         for r in 0..ROUNDS {
-            for (l, done) in launchers.iter().zip(rounds.iter_mut()) {
-                let dir = scratch
-                    .0
-                    .join(format!("{}-{}-{}", s.name, l.vmm.name(), r + 1));
+            for (&(l, preempt), done) in variants.iter().zip(rounds.iter_mut()) {
+                let who = format!("{}{}", l.vmm.name(), if preempt { "+preempt" } else { "" });
+                let dir = scratch.0.join(format!("{}-{who}-{}", s.name, r + 1));
                 std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let round = postcopy_once(l, s, &dir).map_err(|e| {
-                    format!(
-                        "vs-qemu postcopy {} round {} ({}): {e}",
-                        s.name,
-                        r + 1,
-                        l.vmm.name()
-                    )
+                let round = postcopy_once(l, s, preempt, &dir).map_err(|e| {
+                    format!("vs-qemu postcopy {} round {} ({who}): {e}", s.name, r + 1)
                 })?;
                 eprintln!(
-                    "vs-qemu postcopy {} round {}/{ROUNDS} {:<6}: switched at {:>5.0} ms, \
+                    "vs-qemu postcopy {} round {}/{ROUNDS} {who:<14}: switched at {:>5.0} ms, \
                      destination ran {:>5.0} ms later, blocktime {:>5.0} ms, {:>6.0} \
                      requests, total {:>6.0} ms; destination runs on",
                     s.name,
                     r + 1,
-                    l.vmm.name(),
                     round.switched_ms,
                     round.ran_ms,
                     round.blocktime_ms,
@@ -430,9 +440,43 @@ pub fn figures() -> Result<Vec<Report>, String> {
                 done.push(round);
             }
         }
+        let [qemu_rounds, demovm_rounds, qemu_pre, demovm_pre] = &rounds;
+        let common = format!(
+            "{} boot sector, {} touched, {MEM_MIB} MiB guest, 1 vCPU, {kvm}; {when}; \
+             both driven by the same QMP code: capabilities postcopy-ram and \
+             postcopy-blocktime on both sides, max-bandwidth {MAX_BANDWIDTH} (1 GiB/s) and \
+             downtime-limit {DOWNTIME_LIMIT_MS} ms, max-postcopy-bandwidth 0, migrate over \
+             loopback TCP, migrate-start-postcopy; medians of {ROUNDS} rounds each, the four \
+             variants alternating",
+            s.sector.name(),
+            show_size(TOUCH),
+        );
         reports.extend(scenario_figures(
             s,
-            &rounds,
+            "postcopy_preempt",
+            qemu_rounds,
+            demovm_pre,
+            &format!(
+                "{common}; value demovm with postcopy-preempt (requested pages on a channel \
+                 of their own, sent by the source's return-path thread), baseline {version} \
+                 without it (its default, as in the rows without _preempt)"
+            ),
+        ));
+        reports.extend(scenario_figures(
+            s,
+            "postcopy_preempt_both",
+            qemu_pre,
+            demovm_pre,
+            &format!(
+                "{common}; value demovm, baseline {version}, both with postcopy-preempt on \
+                 both sides"
+            ),
+        ));
+        reports.extend(scenario_figures(
+            s,
+            "postcopy",
+            qemu_rounds,
+            demovm_rounds,
             &format!(
                 "{} boot sector, {} touched, {MEM_MIB} MiB guest, 1 vCPU, {kvm}; {when}; \
                  value demovm, baseline {version}; both driven by the same QMP code: \
@@ -461,13 +505,19 @@ pub fn figures() -> Result<Vec<Report>, String> {
     Ok(reports)
 }
 
-/// The figures of one scenario from its rounds (`[qemu, demovm]`).
-fn scenario_figures(s: Scenario, rounds: &[Vec<Round>; 2], note: &str) -> Vec<Report> {
-    let [qemu_rounds, demovm_rounds] = rounds;
+/// The figures of one scenario, named `vs_qemu.{group}.{scenario}.*`, from its rounds:
+/// value `demovm_rounds`, baseline `qemu_rounds`.
+fn scenario_figures(
+    s: Scenario,
+    group: &str,
+    qemu_rounds: &[Round],
+    demovm_rounds: &[Round],
+    note: &str,
+) -> Vec<Report> {
     let med = |rs: &[Round], f: fn(&Round) -> f64| median(rs.iter().map(f).collect());
     let figure = |name: &str, unit: &'static str, f: fn(&Round) -> f64| -> Report {
         Figure::new(
-            format!("{PREFIX}.{}.{name}", s.name),
+            format!("vs_qemu.{group}.{}.{name}", s.name),
             med(demovm_rounds, f),
             unit,
         )
@@ -481,7 +531,7 @@ fn scenario_figures(s: Scenario, rounds: &[Vec<Round>; 2], note: &str) -> Vec<Re
     }
     out.push(
         Figure::new(
-            format!("{PREFIX}.{}.wait_per_request", s.name),
+            format!("vs_qemu.{group}.{}.wait_per_request", s.name),
             wait_per_request_us(demovm_rounds),
             "us",
         )
