@@ -198,6 +198,9 @@ fn destination(
                     if let Some(conn) = preempt.take() {
                         let mut pl = loader.preempt_loader();
                         preempt_thread = Some(s.spawn(move || {
+                            // As the session's preempt loader.
+                            let _ =
+                                uffd_sys::sched::prefer_short_slices(uffd_sys::sched::SHORT_SLICE);
                             pl.load_preempt(&mut StreamReader::new(conn.reader))
                                 .map_err(e)
                         }));
@@ -257,6 +260,8 @@ fn source_return_path(
     requester: &migration_ram::PageRequester,
     sender: Option<SharedSender>,
 ) -> Result<(), String> {
+    // As the session's return-path thread.
+    let _ = uffd_sys::sched::prefer_short_slices(uffd_sys::sched::SHORT_SLICE);
     let mut rp = ReturnPathReader::new(reader);
     loop {
         match rp.read_message(blocks) {

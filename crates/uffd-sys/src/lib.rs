@@ -23,6 +23,8 @@
 //!   memory besides placing pages, safely over a checked range: tell a region's
 //!   backing (memory kind, page size), discard pages so they fault again, transparent
 //!   huge page advice, mlock and munlock.
+//! - [`sched`]: the scheduling hint of the threads that resolve faults (a short
+//!   slice, so they run at once when they wake).
 //!
 //! Calls that can change bytes other code may read (`copy`, `move_pages`, `poison`) are
 //! `unsafe fn` with a `# Safety` section; the rest are safe.
@@ -71,6 +73,7 @@ pub mod guest;
 pub mod host_memory;
 pub mod mapping;
 mod probe;
+pub mod sched;
 mod uffd;
 
 pub use error::{Error, MemoryOp, Op, Result};

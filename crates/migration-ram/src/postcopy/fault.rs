@@ -224,6 +224,10 @@ struct FaultThread {
 
 impl FaultThread {
     fn run(mut self) {
+        // A vCPU waits while this thread sleeps: run as soon as it wakes.
+        if let Err(e) = uffd_sys::sched::prefer_short_slices(uffd_sys::sched::SHORT_SLICE) {
+            log::debug!("postcopy fault thread: no short scheduler slice: {e}");
+        }
         if let Err(e) = self.serve() {
             self.shared.record(e);
         }

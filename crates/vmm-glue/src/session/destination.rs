@@ -117,6 +117,10 @@ impl PreemptIn {
         let thread = std::thread::Builder::new()
             .name("migration-preempt".into())
             .spawn(move || {
+                // A vCPU waits for each page this thread places.
+                if let Err(e) = uffd_sys::sched::prefer_short_slices(uffd_sys::sched::SHORT_SLICE) {
+                    log::debug!("postcopy preempt channel: no short scheduler slice: {e}");
+                }
                 let r = preempt.load_preempt(&mut StreamReader::new(reader));
                 if let Err(e) = &r {
                     log::warn!("postcopy preempt channel: {e}");

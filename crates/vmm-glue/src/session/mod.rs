@@ -33,10 +33,16 @@
 //! - One worker per migration (`migration-out` or `migration-in`), joined by
 //!   the session (at the next migration or when the session drops).
 //! - An outgoing migration over a socket reads the return path on a thread of
-//!   its own (`migration-rp`), joined by the worker.
+//!   its own (`migration-rp`), joined by the worker. In postcopy it serves
+//!   page requests: it queues them for the saver (on the worker), or, with
+//!   `postcopy-preempt`, sends the pages itself on the preempt channel.
 //! - An incoming one reads each pending connection's hello on a short-lived
 //!   thread (a silent connection cannot keep the real source out), all joined
 //!   before it goes on.
+//! - An incoming postcopy runs the fault thread of `migration-ram`
+//!   (`PostcopyIncoming`), joined when postcopy ends, and with
+//!   `postcopy-preempt` a loader for the preempt channel
+//!   (`migration-preempt`), joined before the worker reports the outcome.
 //!
 //! # Locks
 //!

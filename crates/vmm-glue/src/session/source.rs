@@ -488,6 +488,11 @@ struct ReturnPath {
 
 impl ReturnPath {
     fn run(self, mut reader: Box<dyn Read + Send>) {
+        // In postcopy a vCPU at the destination waits on each request this
+        // thread reads: run as soon as one comes.
+        if let Err(e) = uffd_sys::sched::prefer_short_slices(uffd_sys::sched::SHORT_SLICE) {
+            log::debug!("return path: no short scheduler slice: {e}");
+        }
         let r = (|| -> Verdict {
             let hello = read_preamble(&mut reader)?;
             hello.expect(Role::ReturnPath, self.id)?;
