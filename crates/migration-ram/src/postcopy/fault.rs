@@ -251,17 +251,25 @@ impl FaultThread {
             if !ready.uffd {
                 continue;
             }
-            // Non-blocking reads until the queue is empty.
+            // Non-blocking reads until the queue is empty: a batch that did
+            // not fill the buffer emptied it (a fault that came since makes
+            // the next wait return at once), so the thread sleeps right after
+            // its requests went, with no read that finds nothing.
+            let capacity = self.events.capacity();
             loop {
                 let events = self
                     .shared
                     .uffd
                     .read_events(&mut self.events)
                     .map_err(read_err)?;
+                let full = events.len() >= capacity;
                 if events.is_empty() {
                     break;
                 }
                 Self::handle(&self.shared, &*self.sink, &mut self.cursor, events);
+                if !full {
+                    break;
+                }
             }
         }
     }
