@@ -78,6 +78,45 @@ impl From<&str> for Failure {
     }
 }
 
+/// Runs scenario `name` as a `#[test]`: its outcome line, or a loud
+/// `*** SKIPPED name: why ***` line, goes to stderr past the test harness's
+/// capture (a skip must show in a plain `cargo test`), each line in one
+/// write, so the lines of tests that run at once never interleave; a
+/// failure panics with its message. See [`scenarios!`].
+pub fn run_test(name: &str, scenario: fn() -> Result<Outcome, Failure>) {
+    use std::io::Write;
+
+    let line = match scenario() {
+        Ok(o) => format!(
+            "{name} [{}]: {}\n",
+            o.accel.as_deref().unwrap_or("-"),
+            o.note
+        ),
+        Err(Failure::Skipped(why)) => format!("\n*** SKIPPED {name}: {why} ***\n\n"),
+        Err(f) => panic!("{name}: {f}"),
+    };
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// One `#[test]` per scenario, run with [`run_test`]:
+///
+/// ```ignore
+/// e2e::scenarios! {
+///     a_stopped_guest_over_tcp => "precopy-stopped-tcp", e2e::migration::stopped_tcp;
+/// }
+/// ```
+#[macro_export]
+macro_rules! scenarios {
+    ($($test:ident => $name:literal, $f:path;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                $crate::run_test($name, $f);
+            }
+        )*
+    };
+}
+
 /// A scenario: runs to completion and reports, or says why not.
 pub type Scenario = fn() -> Result<Outcome, Failure>;
 

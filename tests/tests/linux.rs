@@ -13,34 +13,8 @@
 //!
 //! `REQUIRE_LINUX=1` turns every skip into a failure.
 
-use std::io::Write;
-
-use e2e::{Failure, Outcome};
-
-fn run(name: &str, scenario: fn() -> Result<Outcome, Failure>) {
-    match scenario() {
-        Ok(o) => {
-            let accel = o.accel.as_deref().unwrap_or("-");
-            let _ = writeln!(std::io::stderr(), "{name} [{accel}]: {}", o.note);
-        }
-        // Captured by the test harness (and shown whole with --show-output):
-        // the three skip at once, and raw stderr writes would interleave.
-        Err(Failure::Skipped(why)) => eprintln!("\n*** SKIPPED {name}: {why} ***\n"),
-        Err(f) => panic!("{name}: {f}"),
-    }
-}
-
-#[test]
-fn linux_stopped_guest_migrated_with_equal_ram() {
-    run("linux-precopy-stopped", e2e::linux::stopped);
-}
-
-#[test]
-fn linux_guest_under_load_migrated_live_keeps_console_clock_and_timers() {
-    run("linux-precopy-live", e2e::linux::live);
-}
-
-#[test]
-fn linux_destination_killed_source_console_still_answers() {
-    run("linux-precopy-dest-killed", e2e::linux::dest_killed);
+e2e::scenarios! {
+    linux_stopped_guest_migrated_with_equal_ram => "linux-precopy-stopped", e2e::linux::stopped;
+    linux_guest_under_load_migrated_live_keeps_console_clock_and_timers => "linux-precopy-live", e2e::linux::live;
+    linux_destination_killed_source_console_still_answers => "linux-precopy-dest-killed", e2e::linux::dest_killed;
 }

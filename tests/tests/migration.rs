@@ -6,35 +6,7 @@
 //! VM is started with `--accel kvm`, so a missing KVM fails instead. Boot-sector
 //! guests need KVM: without it they print a loud SKIPPED line.
 
-use std::io::Write;
-
-use e2e::{Failure, Outcome};
-
-fn run(name: &str, scenario: fn() -> Result<Outcome, Failure>) {
-    match scenario() {
-        Ok(o) => {
-            let accel = o.accel.as_deref().unwrap_or("-");
-            let _ = writeln!(std::io::stderr(), "{name} [{accel}]: {}", o.note);
-        }
-        Err(Failure::Skipped(why)) => {
-            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {name}: {why} ***\n");
-        }
-        Err(f) => panic!("{name}: {f}"),
-    }
-}
-
-macro_rules! scenarios {
-    ($($test:ident => $name:literal, $f:path;)*) => {
-        $(
-            #[test]
-            fn $test() {
-                run($name, $f);
-            }
-        )*
-    };
-}
-
-scenarios! {
+e2e::scenarios! {
     precopy_stopped_guest_over_tcp => "precopy-stopped-tcp", e2e::migration::stopped_tcp;
     precopy_stopped_guest_over_unix => "precopy-stopped-unix", e2e::migration::stopped_unix;
     precopy_live_ab_guest_on_two_vcpus => "precopy-live-ab", e2e::migration::live_ab;

@@ -1,35 +1,7 @@
 //! Postcopy between two `demovm` processes, driven over QMP: the destination
 //! runs the guest before all of its memory arrived.
 
-use std::io::Write;
-
-use e2e::{Failure, Outcome};
-
-fn run(name: &str, scenario: fn() -> Result<Outcome, Failure>) {
-    match scenario() {
-        Ok(o) => {
-            let accel = o.accel.as_deref().unwrap_or("-");
-            let _ = writeln!(std::io::stderr(), "{name} [{accel}]: {}", o.note);
-        }
-        Err(Failure::Skipped(why)) => {
-            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {name}: {why} ***\n");
-        }
-        Err(f) => panic!("{name}: {f}"),
-    }
-}
-
-macro_rules! scenarios {
-    ($($test:ident => $name:literal, $f:path;)*) => {
-        $(
-            #[test]
-            fn $test() {
-                run($name, $f);
-            }
-        )*
-    };
-}
-
-scenarios! {
+e2e::scenarios! {
     postcopy_ab_on_two_vcpus => "postcopy-live-ab", e2e::postcopy::live_ab;
     postcopy_ab_on_one_vcpu => "postcopy-live-ab-1vcpu", e2e::postcopy::live_ab_1vcpu;
     postcopy_ab_boot_sector => "postcopy-live-sector-ab", e2e::postcopy::live_sector_ab;

@@ -2,35 +2,7 @@
 //! running guest saved once per page under write protection, restored
 //! eagerly and lazily.
 
-use std::io::Write;
-
-use e2e::{Failure, Outcome};
-
-fn run(name: &str, scenario: fn() -> Result<Outcome, Failure>) {
-    match scenario() {
-        Ok(o) => {
-            let accel = o.accel.as_deref().unwrap_or("-");
-            let _ = writeln!(std::io::stderr(), "{name} [{accel}]: {}", o.note);
-        }
-        Err(Failure::Skipped(why)) => {
-            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {name}: {why} ***\n");
-        }
-        Err(f) => panic!("{name}: {f}"),
-    }
-}
-
-macro_rules! scenarios {
-    ($($test:ident => $name:literal, $f:path;)*) => {
-        $(
-            #[test]
-            fn $test() {
-                run($name, $f);
-            }
-        )*
-    };
-}
-
-scenarios! {
+e2e::scenarios! {
     a_running_ab_guest_is_snapshotted_and_restored => "snapshot-ab", e2e::snapshots::ab_eager;
     the_same_on_soft_vcpus => "snapshot-ab-soft", e2e::snapshots::ab_eager_soft;
     a_snapshot_is_restored_lazily => "snapshot-lazy-restore", e2e::snapshots::lazy;
