@@ -213,6 +213,51 @@ pub(crate) fn resident_zeros(len: usize) -> Vec<u8> {
     v
 }
 
+/// The loop of a thread that serves userfaultfd events (the postcopy fault
+/// thread, the snapshot saver's): waits on `uffd` and the `exit` eventfd,
+/// returns once `exit` fired with `stop` set; reads events in batches and
+/// hands each to `handle`, which returns whether to go on. A batch that did
+/// not fill `events` emptied the queue (a fault that came since makes the
+/// next wait return at once), so the thread sleeps right after it handled
+/// it, with no read that finds nothing: what it sent on a vCPU's behalf is
+/// not kept waiting for its CPU.
+pub(crate) fn serve_events(
+    uffd: &Uffd,
+    exit: &EventFd,
+    stop: &AtomicBool,
+    events: &mut EventBuf,
+    read_err: impl Fn(uffd_sys::Error) -> Error,
+    mut handle: impl FnMut(&[Event]) -> Result<bool>,
+) -> Result<()> {
+    let capacity = events.capacity();
+    loop {
+        let ready = uffd.wait_readable_or(exit, None).map_err(&read_err)?;
+        if ready.other {
+            // Consume the wake-up; a spurious one (nothing to read) is fine.
+            let _ = exit.read();
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+        }
+        if !ready.uffd {
+            continue;
+        }
+        loop {
+            let batch = uffd.read_events(events).map_err(&read_err)?;
+            if batch.is_empty() {
+                break;
+            }
+            let full = batch.len() >= capacity;
+            if !handle(batch)? {
+                return Ok(());
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
 /// The fault thread's own state.
 struct FaultThread {
     shared: Arc<Shared>,
@@ -234,44 +279,18 @@ impl FaultThread {
     }
 
     fn serve(&mut self) -> Result<()> {
-        let read_err = |source| Error::from(PostcopyError::FaultRead { source });
-        loop {
-            let ready = self
-                .shared
-                .uffd
-                .wait_readable_or(&self.exit, None)
-                .map_err(read_err)?;
-            if ready.other {
-                // Consume the wake-up; a spurious one (nothing to read) is fine.
-                let _ = self.exit.read();
-                if self.shared.stop.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-            }
-            if !ready.uffd {
-                continue;
-            }
-            // Non-blocking reads until the queue is empty: a batch that did
-            // not fill the buffer emptied it (a fault that came since makes
-            // the next wait return at once), so the thread sleeps right after
-            // its requests went, with no read that finds nothing.
-            let capacity = self.events.capacity();
-            loop {
-                let events = self
-                    .shared
-                    .uffd
-                    .read_events(&mut self.events)
-                    .map_err(read_err)?;
-                let full = events.len() >= capacity;
-                if events.is_empty() {
-                    break;
-                }
-                Self::handle(&self.shared, &*self.sink, &mut self.cursor, events);
-                if !full {
-                    break;
-                }
-            }
-        }
+        let (shared, sink, cursor) = (&self.shared, &*self.sink, &mut self.cursor);
+        serve_events(
+            &shared.uffd,
+            &self.exit,
+            &shared.stop,
+            &mut self.events,
+            |source| PostcopyError::FaultRead { source }.into(),
+            |events| {
+                Self::handle(shared, sink, cursor, events);
+                Ok(true)
+            },
+        )
     }
 
     /// Handles one batch of events.

@@ -64,6 +64,7 @@ mod support;
 pub use blocktime::{latency_bucket, BlocktimeSnapshot, LATENCY_BUCKETS};
 pub use discard::{Discarder, ThpGuard};
 pub use error::PostcopyError;
+pub(crate) use fault::serve_events;
 pub use fault::{FaultHandler, FaultStats, PageRequestSink};
 pub use incoming::PostcopyIncoming;
 pub use mlock::MunlockGuard;

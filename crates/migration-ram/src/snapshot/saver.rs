@@ -18,7 +18,7 @@ use super::{SnapshotError, SnapshotSink};
 use crate::bitmap::DirtyBitmap;
 use crate::block::{HostMap, RamBlock, RamBlocks};
 use crate::error::{Error, Result};
-use crate::postcopy::{block_backing, latency_bucket, LATENCY_BUCKETS};
+use crate::postcopy::{block_backing, latency_bucket, serve_events, LATENCY_BUCKETS};
 use crate::precopy::{chunk_pages_of, is_zero, CHUNK_BYTES};
 use crate::rate::RateLimiter;
 use crate::stats::{Params, Phase, RamStats};
@@ -749,43 +749,23 @@ impl FaultThread {
     }
 
     fn serve(&mut self) -> Result<()> {
-        let read_err = |source| Error::from(SnapshotError::FaultRead { source });
-        loop {
-            let ready = self
-                .shared
-                .uffd
-                .wait_readable_or(&self.exit, None)
-                .map_err(read_err)?;
-            if ready.other {
-                // Consume the wake-up; a spurious one (nothing to read) is fine.
-                let _ = self.exit.read();
-                if self.shared.stop.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-            }
-            if !ready.uffd {
-                continue;
-            }
-            loop {
-                let events = self
-                    .shared
-                    .uffd
-                    .read_events(&mut self.events)
-                    .map_err(read_err)?;
-                if events.is_empty() {
-                    break;
-                }
+        let (shared, queue, stalls) = (&self.shared, &self.queue, &mut self.stalls);
+        serve_events(
+            &shared.uffd,
+            &self.exit,
+            &shared.stop,
+            &mut self.events,
+            |source| SnapshotError::FaultRead { source }.into(),
+            |events| {
                 // Two clock reads per batch: every writer of the batch waited
                 // about as long as the batch took.
                 let start = Instant::now();
-                let (saved, more) = Self::handle(&self.shared, &self.queue, events)?;
+                let (saved, more) = Self::handle(shared, queue, events)?;
                 let us = u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX);
-                self.stalls.extend(std::iter::repeat_n(us, saved));
-                if !more {
-                    return Ok(());
-                }
-            }
-        }
+                stalls.extend(std::iter::repeat_n(us, saved));
+                Ok(more)
+            },
+        )
     }
 
     /// Handles one batch: returns the pages it saved, and whether the saver
