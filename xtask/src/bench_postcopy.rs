@@ -48,7 +48,9 @@
 //! second connection ([`PreemptSender`]) and a loader thread of its own placing
 //! them at the destination (`PrecopyLoader::load_preempt`), as the session does
 //! with `postcopy-preempt`: no hand-over to the saver thread, and no queue behind
-//! the background stream.
+//! the background stream. Its readahead is off here (one page per fault, as the count
+//! check wants): it sends pages after the requested one, which does not change
+//! when that one lands.
 //!
 //! Rounds alternate measured and floor; the samples of all rounds are pooled, and each
 //! figure is a percentile of the measured samples with the same percentile of the floor
@@ -370,7 +372,10 @@ fn remote_faults(
         let (requester, sender) = match preempt {
             None => (saver.page_requester(), None),
             Some(writer) => {
-                let sender = saver.preempt_sender(StreamWriter::new(writer));
+                let mut sender = saver.preempt_sender(StreamWriter::new(writer));
+                // One page per fault: the latency of a remote fault, and the count
+                // check below (the session's default readahead would send more).
+                sender.set_readahead(0);
                 let requester = sender.requester().clone();
                 (requester, Some(Arc::new(Mutex::new(Some(sender)))))
             }

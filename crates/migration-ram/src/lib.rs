@@ -136,7 +136,7 @@ pub use postcopy::{
 };
 pub use precopy::{IterationOutcome, PrecopyLoader, PrecopySaver};
 pub use precopy::{PostcopyOutcome, PostcopySwitch};
-pub use preempt::{PreemptSender, Served};
+pub use preempt::{PreemptSender, Served, PREEMPT_READAHEAD};
 pub use schedule::{Batch, LinearScan, PageRequester, PageScheduler, RequestFirst};
 pub use stats::{Params, PrecopyParams, RamStats, RamStatsSnapshot, SharedParams};
 /// The vm-memory crate this crate is built on, for callers that want the

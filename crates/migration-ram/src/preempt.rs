@@ -28,6 +28,11 @@
 //!   behind the background stream; the saver learns of it through one
 //!   atomic word ([`PageRequester::served`]) and moves its scan there at its
 //!   next chunk.
+//! - After the requested page is flushed, the pages just after it that are
+//!   still dirty follow on the same channel (64 KiB,
+//!   [`PreemptSender::set_readahead`]): a guest that reads memory in order
+//!   finds them there rather than faulting on each behind the background
+//!   stream's backlog.
 //! - A page that failed to go is dirty again (its bits restored), for a
 //!   recovery; a bad request fails the migration as it does without
 //!   preempt, reported to the saver.
@@ -40,22 +45,28 @@ use std::sync::Arc;
 
 use migration_stream::{BlockId, StreamWriter};
 
-use crate::block::RamBlocks;
+use crate::block::{RamBlock, RamBlocks};
 use crate::error::{Error, Result};
 use crate::precopy::{is_zero, read_page};
 use crate::schedule::PageRequester;
 use crate::stats::RamStats;
-use crate::GuestMemoryMmap;
+use crate::{GuestMemoryMmap, GuestRegionMmap};
 
 /// What one [`PreemptSender::serve`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Served {
-    /// Pages written and flushed on the preempt channel.
+    /// Pages asked for, written and flushed on the preempt channel.
     pub sent: u64,
     /// Pages asked for that were no longer dirty (sent already), or asked
     /// for once every page went.
     pub ignored: u64,
+    /// Pages after them sent too, on the same channel ([readahead](PreemptSender::set_readahead)).
+    pub ahead: u64,
 }
+
+/// The default [readahead](PreemptSender::set_readahead): 64 KiB after a
+/// requested page, the size of a background chunk in postcopy.
+pub const PREEMPT_READAHEAD: u64 = 64 << 10;
 
 /// The source's end of the preempt channel: serves a destination's page
 /// request from the thread that read it; see the [module docs](self).
@@ -71,6 +82,7 @@ pub struct PreemptSender<W: Write> {
     stats: Arc<RamStats>,
     writer: StreamWriter<W>,
     buf: Vec<u8>,
+    readahead: u64,
 }
 
 impl<W: Write> std::fmt::Debug for PreemptSender<W> {
@@ -101,7 +113,22 @@ impl<W: Write> PreemptSender<W> {
             stats,
             writer,
             buf: vec![0; page],
+            readahead: PREEMPT_READAHEAD,
         }
+    }
+
+    /// How many bytes after the last page of a request also go on the
+    /// preempt channel, those still dirty, once the requested page was
+    /// flushed (default [`PREEMPT_READAHEAD`]; 0 turns it off; at most a
+    /// background chunk's worth of pages). A guest that touches memory in
+    /// order then finds the next pages arrived instead of faulting on each
+    /// one: the background stream, which moves to the request too, comes
+    /// behind what the main channel's buffers already hold. The pages are
+    /// taken from the dirty bitmap as requested ones are, so nothing is sent
+    /// twice; a guest whose touches are scattered pays only for their
+    /// bytes, sent after its page.
+    pub fn set_readahead(&mut self, bytes: u64) {
+        self.readahead = bytes;
     }
 
     /// Serves a request as the return path carries it, `len` bytes at
@@ -121,11 +148,11 @@ impl<W: Write> PreemptSender<W> {
             self.requester.ignored(served.ignored);
             return Ok(served);
         }
-        let b = self
-            .blocks
-            .get(block)
-            .ok_or(Error::UnknownBlock { block })?;
-        let region = b.region(&self.mem).ok_or_else(|| Error::NotInMemory {
+        // Two reference counts, so the block and region outlive the borrows
+        // of `self` below.
+        let (blocks, mem) = (self.blocks.clone(), self.mem.clone());
+        let b = blocks.get(block).ok_or(Error::UnknownBlock { block })?;
+        let region = b.region(&mem).ok_or_else(|| Error::NotInMemory {
             name: b.name().to_owned(),
             guest_addr: b.guest_addr().0,
             size: b.size(),
@@ -171,9 +198,66 @@ impl<W: Write> PreemptSender<W> {
             self.requester.ignored(served.ignored);
         }
         if let Some(page) = last {
-            self.requester.served(index, page);
+            let ahead = self.read_ahead(block, b, region, page)?;
+            served.ahead = ahead.0;
+            self.requester.served(index, ahead.1);
         }
         Ok(served)
+    }
+
+    /// Sends the pages still dirty in the readahead window after page
+    /// `last` of block `b`, flushed once; returns how many went and the
+    /// last page of the window. If writing fails, every page of the window
+    /// is dirty again.
+    fn read_ahead(
+        &mut self,
+        block: BlockId,
+        b: &RamBlock,
+        region: &GuestRegionMmap,
+        last: u64,
+    ) -> Result<(u64, u64)> {
+        let page_size = u64::from(b.page_size());
+        let n = (self.readahead / page_size).min(crate::bitmap::TAKE_MAX_PAGES);
+        let first = last + 1;
+        if n == 0 || first >= b.pages() {
+            return Ok((0, last));
+        }
+        let taken = b.dirty().take_range(first, n);
+        let end = taken.end().saturating_sub(1).max(last);
+        if taken.is_empty() {
+            return Ok((0, end));
+        }
+        b.mark_sent(&taken);
+        let buf = &mut self.buf[..b.page_size() as usize];
+        let before = self.writer.bytes_written();
+        let (mut zero, mut normal) = (0, 0);
+        let mut result = Ok(());
+        for page in taken.iter() {
+            result = read_page(region, b, page, buf).and_then(|()| {
+                let offset = page * page_size;
+                if is_zero(buf) {
+                    zero += 1;
+                    self.writer.write_zero_page(block, offset)?;
+                } else {
+                    normal += 1;
+                    self.writer.write_page(block, offset, buf)?;
+                }
+                Ok(())
+            });
+            if result.is_err() {
+                break;
+            }
+        }
+        let result = result.and_then(|()| Ok(self.writer.flush()?));
+        self.stats
+            .add_transferred(self.writer.bytes_written() - before);
+        if let Err(e) = result {
+            b.dirty().restore(&taken);
+            return Err(e);
+        }
+        self.stats.add_zero_pages(zero);
+        self.stats.add_normal_pages(normal, page_size);
+        Ok((zero + normal, end))
     }
 
     /// Ends the preempt channel once the saver sent every page
@@ -251,12 +335,13 @@ mod tests {
             stats.clone(),
             StreamWriter::new(Vec::new()),
         );
+        s.set_readahead(0);
         let block = BlockId(0);
         assert_eq!(
             s.serve(block, 200 * 4096, 4096).unwrap(),
             Served {
                 sent: 1,
-                ignored: 0
+                ..Served::default()
             }
         );
         // A zero page goes as a zero-page record; a range as its pages.
@@ -265,7 +350,8 @@ mod tests {
             s.serve(block, 199 * 4096, 2 * 4096).unwrap(),
             Served {
                 sent: 1,
-                ignored: 1
+                ignored: 1,
+                ahead: 0
             }
         );
         assert_eq!(blocks.dirty_pages(), PAGES - 3);
@@ -300,6 +386,68 @@ mod tests {
         ));
         assert_eq!(page(&mut r), (199 * 4096, 200));
         assert_eq!(header(&mut r, &blocks), Record::EndOfSection);
+    }
+
+    #[test]
+    fn the_pages_after_a_request_follow_it_each_once() {
+        let (mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false).with_stats(stats.clone());
+        let requester = rf.requester(blocks.clone());
+        let mut s = PreemptSender::new(
+            mem,
+            blocks.clone(),
+            requester,
+            stats.clone(),
+            StreamWriter::new(Vec::new()),
+        );
+        s.set_readahead(4 * 4096);
+        // Page 12 went already (in the background, say).
+        let b = blocks.iter().next().unwrap();
+        assert!(!b.dirty().take_range(12, 1).is_empty());
+        assert_eq!(
+            s.serve(BlockId(0), 10 * 4096, 4096).unwrap(),
+            Served {
+                sent: 1,
+                ignored: 0,
+                ahead: 3
+            }
+        );
+        // At the end of the block, the window is cut there.
+        assert_eq!(
+            s.serve(BlockId(0), (PAGES - 2) * 4096, 4096).unwrap(),
+            Served {
+                sent: 1,
+                ignored: 0,
+                ahead: 1
+            }
+        );
+        assert_eq!(blocks.dirty_pages(), PAGES - 1 - 4 - 2);
+        let snap = stats.snapshot();
+        assert_eq!(
+            snap.postcopy_requests, 2,
+            "read-ahead pages are no requests"
+        );
+        // Page 255 holds 256 as a byte: zero.
+        assert_eq!((snap.normal, snap.duplicate), (5, 1));
+
+        // The requested page first, then its window in order.
+        let bytes = s.finish().unwrap();
+        let mut r = StreamReader::new(&bytes[..]);
+        let mut offsets = Vec::new();
+        loop {
+            match header(&mut r, &blocks) {
+                Record::Page(PageHeader { offset, .. }) => {
+                    let mut buf = [0u8; 4096];
+                    r.read_page_into(&mut buf).unwrap();
+                    assert_eq!(buf[0], (offset / 4096 + 1) as u8);
+                    offsets.push(offset / 4096);
+                }
+                Record::ZeroPage(PageHeader { offset, .. }) => offsets.push(offset / 4096),
+                Record::EndOfSection => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(offsets, [10, 11, 13, 14, PAGES - 2, PAGES - 1]);
     }
 
     #[test]
@@ -347,8 +495,8 @@ mod tests {
         assert_eq!(
             s.serve(BlockId(0), 0, 4096).unwrap(),
             Served {
-                sent: 0,
-                ignored: 1
+                ignored: 1,
+                ..Served::default()
             }
         );
         assert_eq!(blocks.dirty_pages(), PAGES);
@@ -367,6 +515,7 @@ mod tests {
             stats,
             StreamWriter::new(Vec::new()),
         );
+        s.set_readahead(0);
         s.serve(BlockId(0), 5 * 4096, 4096).unwrap();
         let bytes = s.finish().unwrap();
 
