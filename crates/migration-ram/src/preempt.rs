@@ -29,10 +29,10 @@
 //!   atomic word ([`PageRequester::served`]) and moves its scan there at its
 //!   next chunk.
 //! - After the requested page is flushed, the pages just after it that are
-//!   still dirty follow on the same channel (64 KiB,
-//!   [`PreemptSender::set_readahead`]): a guest that reads memory in order
-//!   finds them there rather than faulting on each behind the background
-//!   stream's backlog.
+//!   still dirty follow on the same channel (64 KiB, doubling up to 1 MiB
+//!   while requests come in order; [`PreemptSender::set_readahead`]): a
+//!   guest that reads memory in order finds them there rather than faulting
+//!   on each behind the background stream's backlog.
 //! - A page that failed to go is dirty again (its bits restored), for a
 //!   recovery; a bad request fails the migration as it does without
 //!   preempt, reported to the saver.
@@ -68,6 +68,25 @@ pub struct Served {
 /// requested page, the size of a background chunk in postcopy.
 pub const PREEMPT_READAHEAD: u64 = 64 << 10;
 
+/// The largest readahead window a run of requests in order grows to: 1 MiB.
+pub const PREEMPT_READAHEAD_MAX: u64 = 1 << 20;
+
+/// Pages of the readahead window flushed at a time, so the first ones land
+/// while the rest are read.
+const AHEAD_FLUSH_PAGES: u64 = 16;
+
+/// The last readahead window, to tell a guest that reads in order.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    block: BlockId,
+    /// The requested page it followed.
+    from: u64,
+    /// The first page after it.
+    end: u64,
+    /// Its size in pages.
+    pages: u64,
+}
+
 /// The source's end of the preempt channel: serves a destination's page
 /// request from the thread that read it; see the [module docs](self).
 ///
@@ -83,6 +102,7 @@ pub struct PreemptSender<W: Write> {
     writer: StreamWriter<W>,
     buf: Vec<u8>,
     readahead: u64,
+    window: Option<Window>,
 }
 
 impl<W: Write> std::fmt::Debug for PreemptSender<W> {
@@ -114,21 +134,44 @@ impl<W: Write> PreemptSender<W> {
             writer,
             buf: vec![0; page],
             readahead: PREEMPT_READAHEAD,
+            window: None,
         }
     }
 
     /// How many bytes after the last page of a request also go on the
     /// preempt channel, those still dirty, once the requested page was
-    /// flushed (default [`PREEMPT_READAHEAD`]; 0 turns it off; at most a
-    /// background chunk's worth of pages). A guest that touches memory in
-    /// order then finds the next pages arrived instead of faulting on each
-    /// one: the background stream, which moves to the request too, comes
-    /// behind what the main channel's buffers already hold. The pages are
-    /// taken from the dirty bitmap as requested ones are, so nothing is sent
-    /// twice; a guest whose touches are scattered pays only for their
-    /// bytes, sent after its page.
+    /// flushed (default [`PREEMPT_READAHEAD`]; 0 turns readahead off). A
+    /// guest that touches memory in order then finds the next pages arrived
+    /// instead of faulting on each one: the background stream, which moves
+    /// to the request too, comes behind what the main channel's buffers
+    /// already hold. While requests come in order (each within or just past
+    /// the window before it), the window doubles, up to
+    /// [`PREEMPT_READAHEAD_MAX`]; a request elsewhere starts again at
+    /// `bytes`. The pages are taken from the dirty bitmap as requested ones
+    /// are, so nothing is sent twice; a guest whose touches are scattered
+    /// pays only for the bytes of small windows, sent after its page. Huge
+    /// host pages (a request is 2 MiB already) get no readahead.
     pub fn set_readahead(&mut self, bytes: u64) {
         self.readahead = bytes;
+        self.window = None;
+    }
+
+    /// The size in pages of the window after page `page` of `block`.
+    fn window_pages(&self, block: BlockId, page: u64, page_size: u64) -> u64 {
+        let base = self.readahead / page_size;
+        if base == 0 {
+            return 0;
+        }
+        let max = (PREEMPT_READAHEAD_MAX / page_size)
+            .max(base)
+            .min(crate::bitmap::TAKE_MAX_PAGES);
+        match self.window {
+            // In order: inside the last window or within one more of it.
+            Some(w) if w.block == block && page > w.from && page <= w.end + w.pages => {
+                (w.pages * 2).min(max)
+            }
+            _ => base.min(max),
+        }
     }
 
     /// Serves a request as the return path carries it, `len` bytes at
@@ -217,12 +260,18 @@ impl<W: Write> PreemptSender<W> {
         last: u64,
     ) -> Result<(u64, u64)> {
         let page_size = u64::from(b.page_size());
-        let n = (self.readahead / page_size).min(crate::bitmap::TAKE_MAX_PAGES);
+        let n = self.window_pages(block, last, page_size);
         let first = last + 1;
         if n == 0 || first >= b.pages() {
             return Ok((0, last));
         }
         let taken = b.dirty().take_range(first, n);
+        self.window = Some(Window {
+            block,
+            from: last,
+            end: taken.end(),
+            pages: n,
+        });
         let end = taken.end().saturating_sub(1).max(last);
         if taken.is_empty() {
             return Ok((0, end));
@@ -232,7 +281,7 @@ impl<W: Write> PreemptSender<W> {
         let before = self.writer.bytes_written();
         let (mut zero, mut normal) = (0, 0);
         let mut result = Ok(());
-        for page in taken.iter() {
+        for (i, page) in taken.iter().enumerate() {
             result = read_page(region, b, page, buf).and_then(|()| {
                 let offset = page * page_size;
                 if is_zero(buf) {
@@ -241,6 +290,9 @@ impl<W: Write> PreemptSender<W> {
                 } else {
                     normal += 1;
                     self.writer.write_page(block, offset, buf)?;
+                }
+                if (i as u64 + 1) % AHEAD_FLUSH_PAGES == 0 {
+                    self.writer.flush()?;
                 }
                 Ok(())
             });
@@ -448,6 +500,23 @@ mod tests {
             }
         }
         assert_eq!(offsets, [10, 11, 13, 14, PAGES - 2, PAGES - 1]);
+    }
+
+    #[test]
+    fn the_window_doubles_while_requests_come_in_order_and_starts_over_elsewhere() {
+        let (mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false);
+        let requester = rf.requester(blocks.clone());
+        let mut s =
+            PreemptSender::new(mem, blocks, requester, stats, StreamWriter::new(Vec::new()));
+        s.set_readahead(4 * 4096);
+        let mut ahead = |page: u64| s.serve(BlockId(0), page * 4096, 4096).unwrap().ahead;
+        // 0, then 1..=4; 5 (just past), then 6..=13; 14, then 15..=30.
+        assert_eq!([ahead(0), ahead(5), ahead(14)], [4, 8, 16]);
+        // Elsewhere: back to the first size; in order again: it grows again.
+        assert_eq!([ahead(100), ahead(105)], [4, 8]);
+        // Behind the window is not in order.
+        assert_eq!(ahead(50), 4);
     }
 
     #[test]
