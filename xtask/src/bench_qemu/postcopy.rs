@@ -19,7 +19,9 @@
 //!    state, then the destination's. A round counts only if both say `completed`, the source sent
 //!    bytes in postcopy (`ram.postcopy-bytes`), the destination reports
 //!    `postcopy-blocktime` and runs the guest on (`query-status` `running`, and for
-//!    `ab` growing COM1 output; `random` prints nothing after its banner).
+//!    `ab` growing COM1 output; `random` prints nothing after its banner). A round
+//!    that does not count is run again (its reason on stderr, the count in the
+//!    figures' note), up to [`ATTEMPTS`] tries; then the run fails.
 //!
 //! Each VMM runs each scenario without and with `postcopy-preempt` (on both sides;
 //! with it, requested pages go on a second connection: `demovm`'s source sends them
@@ -77,6 +79,8 @@ const MAX_BANDWIDTH: u64 = 1 << 30;
 const DOWNTIME_LIMIT_MS: u64 = 1;
 /// Migrations per VMM and scenario.
 const ROUNDS: usize = 3;
+/// Tries of a round before the run fails.
+const ATTEMPTS: u32 = 3;
 /// How long after `migrate` the random-writes guest is switched to postcopy.
 const SWITCH_AFTER: Duration = Duration::from_millis(200);
 /// How long the random-writes guest runs after its banner before `migrate`, so its
@@ -417,14 +421,40 @@ pub fn figures() -> Result<Vec<Report>, String> {
             show_size(TOUCH),
         );
         let mut rounds: [Vec<Round>; 4] = Default::default();
+        let mut discarded = 0;
         for r in 0..ROUNDS {
             for (&(l, preempt), done) in variants.iter().zip(rounds.iter_mut()) {
                 let who = format!("{}{}", l.vmm.name(), if preempt { "+preempt" } else { "" });
-                let dir = scratch.0.join(format!("{}-{who}-{}", s.name, r + 1));
-                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let round = postcopy_once(l, s, preempt, &dir).map_err(|e| {
-                    format!("vs-qemu postcopy {} round {} ({who}): {e}", s.name, r + 1)
-                })?;
+                let mut attempt = 0;
+                let round = loop {
+                    attempt += 1;
+                    let dir = scratch
+                        .0
+                        .join(format!("{}-{who}-{}-{attempt}", s.name, r + 1));
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    match postcopy_once(l, s, preempt, &dir) {
+                        Ok(round) => break round,
+                        // A round that did not count (say, the migration
+                        // ended before the switch) is run again, and said.
+                        Err(e) if attempt < ATTEMPTS => {
+                            discarded += 1;
+                            eprintln!(
+                                "vs-qemu postcopy {} round {} ({who}) attempt {attempt} does \
+                                 not count, running it again: {e}",
+                                s.name,
+                                r + 1
+                            );
+                        }
+                        Err(e) => {
+                            return Err(format!(
+                                "vs-qemu postcopy {} round {} ({who}), attempt {attempt}: {e}",
+                                s.name,
+                                r + 1
+                            ))
+                        }
+                    }
+                };
                 eprintln!(
                     "vs-qemu postcopy {} round {}/{ROUNDS} {who:<14}: switched at {:>5.0} ms, \
                      destination ran {:>5.0} ms later, blocktime {:>5.0} ms, {:>6.0} \
@@ -447,7 +477,8 @@ pub fn figures() -> Result<Vec<Report>, String> {
              postcopy-blocktime on both sides, max-bandwidth {MAX_BANDWIDTH} (1 GiB/s) and \
              downtime-limit {DOWNTIME_LIMIT_MS} ms, max-postcopy-bandwidth 0, migrate over \
              loopback TCP, migrate-start-postcopy; medians of {ROUNDS} rounds each, the four \
-             variants alternating",
+             variants alternating; {discarded} round(s) that did not count run again (stderr \
+             says why)",
             s.sector.name(),
             show_size(TOUCH),
         );
