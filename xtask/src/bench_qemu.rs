@@ -32,9 +32,14 @@
 //! Where `qemu-system-x86_64` is missing the figures are SKIPPED with the package to
 //! install; where `/dev/kvm` is unusable, with the reason.
 //!
-//! The same driver can move other guests: a [`Launcher`] starts one VMM with one
+//! The same driver moves other guests: a [`Launcher`] starts one VMM with one
 //! [`Guest`], which says when the guest is ready to migrate and how the destination
-//! shows that it runs on.
+//! shows that it runs on. [`linux`] is the Linux row (`--only vs-qemu-linux`, part of
+//! `--vs-qemu`): the project's Linux test image, 2 vCPUs and 256 MiB, its workload
+//! dirtying 64 MiB, booted by QEMU with `-kernel`/`-initrd`/`-append` and by `demovm`
+//! with `--kernel`/`--initrd`/`--cmdline`; the destination must print a workload pass
+//! after the source's last. Where `/dev/kvm` is PVM, Linux does not boot, so that row
+//! re-runs this executable in kvm-box (nested KVM under TCG) and says so in its note.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,6 +52,7 @@ use vmm_glue::guest::boot_sector::{BootSector, AB_BANNER};
 use crate::bench::{median, Figure, Report};
 use crate::guests::show_size;
 
+pub mod linux;
 pub mod postcopy;
 
 /// Memory the guest dirties, pass after pass.
@@ -90,6 +96,8 @@ pub(crate) enum Guest {
     /// A boot sector file (the `ab` one here) in a [`MEM_MIB`] guest: QEMU boots it
     /// through SeaBIOS from an IDE disk, `demovm` at 0000:7c00.
     Sector(PathBuf),
+    /// The Linux test image with its workload ([`linux`]).
+    Linux(e2e::linux::Image),
 }
 
 impl Guest {
@@ -97,6 +105,7 @@ impl Guest {
     fn ready_what(&self) -> &'static str {
         match self {
             Guest::Sector(_) => "the guest's banner and one full pass",
+            Guest::Linux(_) => "the guest's shell and a first workload pass",
         }
     }
 
@@ -105,15 +114,19 @@ impl Guest {
     pub(crate) fn ready(&self, out: &[u8]) -> bool {
         match self {
             Guest::Sector(_) => one_pass_done(out),
+            Guest::Linux(_) => linux::ready(&String::from_utf8_lossy(out)),
         }
     }
 
     /// Whether the destination runs the guest on: `dst` is its COM1 output now,
     /// `dst_at_switch` its length when the migration completed, `src` the source's
     /// whole COM1 output.
-    fn goes_on(&self, _src: &[u8], dst_at_switch: usize, dst: &[u8]) -> bool {
+    fn goes_on(&self, src: &[u8], dst_at_switch: usize, dst: &[u8]) -> bool {
         match self {
             Guest::Sector(_) => dst.len() > dst_at_switch,
+            Guest::Linux(_) => {
+                linux::goes_on(&String::from_utf8_lossy(src), &String::from_utf8_lossy(dst))
+            }
         }
     }
 }
@@ -137,11 +150,17 @@ impl Launcher {
                     .arg("-drive")
                     .arg(format!("file={},format=raw,if=ide", sector.display()));
             }
+            (Vmm::Qemu, Guest::Linux(image)) => {
+                linux::qemu_args(&mut cmd, image);
+            }
             (Vmm::Demovm, Guest::Sector(sector)) => {
                 cmd.arg("--mem")
                     .arg(format!("{MEM_MIB}M"))
                     .arg("--guest")
                     .arg(sector);
+            }
+            (Vmm::Demovm, Guest::Linux(image)) => {
+                linux::demovm_args(&mut cmd, image);
             }
         }
         match self.vmm {
