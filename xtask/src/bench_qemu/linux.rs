@@ -310,9 +310,9 @@ fn in_box(image: &Image) -> Result<Vec<Report>, String> {
         return Ok(vec![Report::Skipped {
             name: format!("{PREFIX}.*"),
             why: format!(
-                "/dev/kvm is PVM (module kvm_pvm), where Linux fails to boot with an \
-                 emulation failure (under QEMU too), and kvm-box is unavailable: no \
-                 executable {} (set {BOX_ENV})",
+                "/dev/kvm is PVM (module kvm_pvm), where Linux does not boot (demovm's \
+                 stops with an emulation failure, QEMU's prints nothing), and kvm-box is \
+                 unavailable: no executable {} (set {BOX_ENV})",
                 run.display()
             ),
         }]);
