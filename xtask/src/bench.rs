@@ -23,6 +23,9 @@
 //! - `vs-qemu-postcopy` (also `--vs-qemu`): a random-writes and a running `ab` guest
 //!   moved in postcopy by QEMU and by `demovm`: blocktime, requests and total time
 //!   ([`crate::bench_qemu::postcopy`]).
+//! - `vs-qemu-linux` (also `--vs-qemu`): the project's Linux test image (2 vCPUs,
+//!   256 MiB, its workload dirtying 64 MiB) live-migrated by QEMU and by `demovm`; where
+//!   `/dev/kvm` is PVM, measured in kvm-box ([`crate::bench_qemu::linux`]).
 //! - `snapshot` rows are also part of `--vs-qemu`: background snapshots of the ab sector
 //!   by QEMU and by `demovm` ([`crate::bench_snapshot`]).
 //!
@@ -124,6 +127,9 @@ pub enum Group {
     VsQemu,
     /// The same guests moved in postcopy by QEMU and by demovm (part of --vs-qemu).
     VsQemuPostcopy,
+    /// The Linux test image live-migrated by QEMU and by demovm (part of --vs-qemu; in
+    /// kvm-box where /dev/kvm is PVM).
+    VsQemuLinux,
 }
 
 /// The groups run when neither `--only` nor `--vs-qemu` is given.
@@ -143,13 +149,14 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Run only these groups (repeat or separate with commas); default: every group
-    /// but vs-qemu and vs-qemu-postcopy.
+    /// but vs-qemu, vs-qemu-postcopy and vs-qemu-linux.
     #[arg(long, value_name = "GROUP", value_enum, value_delimiter = ',')]
     pub only: Vec<Group>,
     /// Live-migrate the ab boot sector (512 MiB touched, 1 GiB guest) with QEMU and
     /// with demovm, alternating, 3 rounds each, driven by the same QMP code, in
     /// precopy and then in postcopy (with the random-writes sector too), and
-    /// background-snapshot it to a file with both; needs
+    /// background-snapshot it to a file with both, and live-migrate the Linux test
+    /// image (in kvm-box where /dev/kvm is PVM) with both; needs
     /// qemu-system-x86_64 (Debian: apt-get install qemu-system-x86). Alone, it runs
     /// only this comparison.
     #[arg(long)]
@@ -168,14 +175,14 @@ impl Args {
     fn groups(&self) -> Vec<Group> {
         let mut chosen = self.only.clone();
         if self.vs_qemu {
-            chosen.extend([Group::VsQemu, Group::VsQemuPostcopy]);
+            chosen.extend([Group::VsQemu, Group::VsQemuPostcopy, Group::VsQemuLinux]);
         }
         if chosen.is_empty() {
             chosen = DEFAULT_GROUPS.to_vec();
         }
         let order = [
             DEFAULT_GROUPS.as_slice(),
-            &[Group::VsQemu, Group::VsQemuPostcopy],
+            &[Group::VsQemu, Group::VsQemuPostcopy, Group::VsQemuLinux],
         ]
         .concat();
         order.into_iter().filter(|g| chosen.contains(g)).collect()
@@ -230,6 +237,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
             .flatten()
             .collect(),
             Group::VsQemuPostcopy => crate::bench_qemu::postcopy::figures()?,
+            Group::VsQemuLinux => crate::bench_qemu::linux::figures()?,
         };
         for r in &reports {
             out.print(r)?;
@@ -459,7 +467,7 @@ mod tests {
         assert_eq!(groups(&[]), DEFAULT_GROUPS.to_vec());
         assert_eq!(
             groups(&["--vs-qemu"]),
-            vec![Group::VsQemu, Group::VsQemuPostcopy]
+            vec![Group::VsQemu, Group::VsQemuPostcopy, Group::VsQemuLinux]
         );
         assert_eq!(
             groups(&["--only", "dirty-sync,uffd", "--vs-qemu"]),
@@ -467,8 +475,13 @@ mod tests {
                 Group::Uffd,
                 Group::DirtySync,
                 Group::VsQemu,
-                Group::VsQemuPostcopy
+                Group::VsQemuPostcopy,
+                Group::VsQemuLinux
             ]
+        );
+        assert_eq!(
+            groups(&["--only", "vs-qemu-linux"]),
+            vec![Group::VsQemuLinux]
         );
         assert_eq!(
             groups(&["--only", "vs-qemu-postcopy"]),

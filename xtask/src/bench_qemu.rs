@@ -31,6 +31,15 @@
 //!
 //! Where `qemu-system-x86_64` is missing the figures are SKIPPED with the package to
 //! install; where `/dev/kvm` is unusable, with the reason.
+//!
+//! The same driver moves other guests: a [`Launcher`] starts one VMM with one
+//! [`Guest`], which says when the guest is ready to migrate and how the destination
+//! shows that it runs on. [`linux`] is the Linux row (`--only vs-qemu-linux`, part of
+//! `--vs-qemu`): the project's Linux test image, 2 vCPUs and 256 MiB, its workload
+//! dirtying 64 MiB, booted by QEMU with `-kernel`/`-initrd`/`-append` and by `demovm`
+//! with `--kernel`/`--initrd`/`--cmdline`; the destination must print a workload pass
+//! after the source's last. Where `/dev/kvm` is PVM, Linux does not boot, so that row
+//! re-runs this executable in kvm-box (nested KVM under TCG) and says so in its note.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +52,7 @@ use vmm_glue::guest::boot_sector::{BootSector, AB_BANNER};
 use crate::bench::{median, Figure, Report};
 use crate::guests::show_size;
 
+pub mod linux;
 pub mod postcopy;
 
 /// Memory the guest dirties, pass after pass.
@@ -80,25 +90,82 @@ impl Vmm {
     }
 }
 
-/// What starts a VMM: its binary and the guest's boot sector.
+/// The guest a [`Launcher`] starts.
+#[derive(Debug, Clone)]
+pub(crate) enum Guest {
+    /// A boot sector file (the `ab` one here) in a [`MEM_MIB`] guest: QEMU boots it
+    /// through SeaBIOS from an IDE disk, `demovm` at 0000:7c00.
+    Sector(PathBuf),
+    /// The Linux test image with its workload ([`linux`]).
+    Linux(e2e::linux::Image),
+}
+
+impl Guest {
+    /// What [`Guest::ready`] waits for, for messages.
+    fn ready_what(&self) -> &'static str {
+        match self {
+            Guest::Sector(_) => "the guest's banner and one full pass",
+            Guest::Linux(_) => "the guest's shell and a first workload pass",
+        }
+    }
+
+    /// Whether the COM1 output `out` shows the guest ready to migrate: its memory
+    /// populated and its load running.
+    pub(crate) fn ready(&self, out: &[u8]) -> bool {
+        match self {
+            Guest::Sector(_) => one_pass_done(out),
+            Guest::Linux(_) => linux::ready(&String::from_utf8_lossy(out)),
+        }
+    }
+
+    /// Whether the destination runs the guest on: `dst` is its COM1 output now,
+    /// `dst_at_switch` its length when the migration completed, `src` the source's
+    /// whole COM1 output.
+    fn goes_on(&self, src: &[u8], dst_at_switch: usize, dst: &[u8]) -> bool {
+        match self {
+            Guest::Sector(_) => dst.len() > dst_at_switch,
+            Guest::Linux(_) => {
+                linux::goes_on(&String::from_utf8_lossy(src), &String::from_utf8_lossy(dst))
+            }
+        }
+    }
+}
+
+/// What starts a VMM: its binary and the guest.
 pub(crate) struct Launcher {
     pub(crate) vmm: Vmm,
     pub(crate) bin: PathBuf,
-    pub(crate) sector: PathBuf,
+    pub(crate) guest: Guest,
 }
 
 impl Launcher {
     /// The command line of one process (`incoming`: the destination's listening URI).
     pub(crate) fn command(&self, qmp: &Path, serial: &Path, incoming: Option<&str>) -> Command {
         let mut cmd = Command::new(&self.bin);
-        match self.vmm {
-            Vmm::Qemu => {
+        match (self.vmm, &self.guest) {
+            (Vmm::Qemu, Guest::Sector(sector)) => {
                 cmd.arg("-enable-kvm")
                     .arg("-m")
                     .arg(MEM_MIB.to_string())
                     .arg("-drive")
-                    .arg(format!("file={},format=raw,if=ide", self.sector.display()))
-                    .arg("-display")
+                    .arg(format!("file={},format=raw,if=ide", sector.display()));
+            }
+            (Vmm::Qemu, Guest::Linux(image)) => {
+                linux::qemu_args(&mut cmd, image);
+            }
+            (Vmm::Demovm, Guest::Sector(sector)) => {
+                cmd.arg("--mem")
+                    .arg(format!("{MEM_MIB}M"))
+                    .arg("--guest")
+                    .arg(sector);
+            }
+            (Vmm::Demovm, Guest::Linux(image)) => {
+                linux::demovm_args(&mut cmd, image);
+            }
+        }
+        match self.vmm {
+            Vmm::Qemu => {
+                cmd.arg("-display")
                     .arg("none")
                     .arg("-serial")
                     .arg(format!("file:{}", serial.display()))
@@ -109,18 +176,10 @@ impl Launcher {
                 }
             }
             Vmm::Demovm => {
-                cmd.arg("--mem")
-                    .arg(format!("{MEM_MIB}M"))
-                    .arg("--guest")
-                    .arg(&self.sector)
-                    .arg("--qmp")
-                    .arg(qmp)
-                    .arg("--serial")
-                    .arg(serial)
-                    .env(
-                        "DEMOVM_LOG",
-                        std::env::var("DEMOVM_LOG").unwrap_or_else(|_| "warn".into()),
-                    );
+                cmd.arg("--qmp").arg(qmp).arg("--serial").arg(serial).env(
+                    "DEMOVM_LOG",
+                    std::env::var("DEMOVM_LOG").unwrap_or_else(|_| "warn".into()),
+                );
                 if let Some(uri) = incoming {
                     cmd.arg("--incoming").arg(uri);
                 }
@@ -292,17 +351,35 @@ struct Round {
     ram_total_mib: f64,
 }
 
+/// The migration parameters both VMMs are given over QMP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// `max-bandwidth`, bytes per second.
+    pub(crate) max_bandwidth: u64,
+    /// `downtime-limit`, milliseconds.
+    pub(crate) downtime_limit_ms: u64,
+}
+
+/// The ab row's parameters.
+const AB_LIMITS: Limits = Limits {
+    max_bandwidth: MAX_BANDWIDTH,
+    downtime_limit_ms: DOWNTIME_LIMIT_MS,
+};
+
 /// One live migration of `l`'s guest between two fresh processes, driven the same way
-/// whichever the VMM (see the module documentation).
-fn migrate_once(l: &Launcher, dir: &Path) -> Result<Round, String> {
+/// whichever the VMM and the guest (see the module documentation).
+fn migrate_once(l: &Launcher, dir: &Path, limits: Limits) -> Result<Round, String> {
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     let mut dst = Process::start(l, dir, "dst", Some(&uri))?;
     let mut src = Process::start(l, dir, "src", None)?;
-    src.wait_serial("the guest's banner and one full pass", one_pass_done)?;
+    src.wait_serial(l.guest.ready_what(), |out| l.guest.ready(out))?;
     src.qmp
         .cmd(
             "migrate-set-parameters",
-            json!({"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}),
+            json!({
+                "max-bandwidth": limits.max_bandwidth,
+                "downtime-limit": limits.downtime_limit_ms,
+            }),
         )
         .map_err(|e| format!("{}: {e}", src.name))?;
     src.qmp
@@ -317,13 +394,14 @@ fn migrate_once(l: &Launcher, dir: &Path) -> Result<Round, String> {
     if q.get("status").and_then(Value::as_str) != Some("completed") {
         return Err(format!("{}: the migration did not complete: {q}", src.name));
     }
-    // The destination must run the guest on: running, and printing.
+    // The destination must run the guest on: running, and its load's output going on.
     dst.poll("query-status", "the guest to run", |s| {
         s.get("status").and_then(Value::as_str) == Some("running")
     })?;
     let printed = dst.serial().len();
-    dst.wait_serial("the migrated guest's COM1 output to grow", |out| {
-        out.len() > printed
+    let src_out = src.serial();
+    dst.wait_serial("the migrated guest's output to go on", |out| {
+        l.guest.goes_on(&src_out, printed, out)
     })?;
     let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
     Ok(Round {
@@ -332,6 +410,59 @@ fn migrate_once(l: &Launcher, dir: &Path) -> Result<Round, String> {
         transferred_mib: mib(field(&q, "ram.transferred")),
         ram_total_mib: mib(field(&q, "ram.total")),
     })
+}
+
+/// [`ROUNDS`] migrations by each launcher (QEMU's first), alternating, each in its own
+/// directory under `scratch`; `row` names the row in the progress lines. Returns each
+/// launcher's rounds, in the launchers' order.
+fn alternate(
+    row: &str,
+    launchers: &[Launcher; 2],
+    scratch: &Path,
+    limits: Limits,
+) -> Result<[Vec<Round>; 2], String> {
+    let mut rounds: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..ROUNDS {
+        for (l, done) in launchers.iter().zip(rounds.iter_mut()) {
+            let dir = scratch.join(format!("{}-{}", l.vmm.name(), r + 1));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let round = migrate_once(l, &dir, limits)
+                .map_err(|e| format!("{row} round {} ({}): {e}", r + 1, l.vmm.name()))?;
+            eprintln!(
+                "{row} round {}/{ROUNDS} {:<6}: total {:>6.0} ms, downtime {:>4.0} ms, \
+                 transferred {:>6.0} MiB (ram.total {:.0} MiB); destination runs on",
+                r + 1,
+                l.vmm.name(),
+                round.total_ms,
+                round.downtime_ms,
+                round.transferred_mib,
+                round.ram_total_mib
+            );
+            done.push(round);
+        }
+    }
+    Ok(rounds)
+}
+
+/// The median of `f` over `rounds`.
+fn med(rounds: &[Round], f: fn(&Round) -> f64) -> f64 {
+    median(rounds.iter().map(f).collect())
+}
+
+/// The three figures of a row: `PREFIX.total_time`, `.downtime` and `.transferred`,
+/// demovm's medians against QEMU's, all with `note`.
+fn row_figures(prefix: &str, [qemu, demovm]: &[Vec<Round>; 2], note: &str) -> Vec<Report> {
+    let figure = |name: &str, unit: &'static str, f: fn(&Round) -> f64| -> Report {
+        Figure::new(format!("{prefix}.{name}"), med(demovm, f), unit)
+            .baseline(med(qemu, f))
+            .note(note)
+            .into()
+    };
+    vec![
+        figure("total_time", "ms", |r| r.total_ms),
+        figure("downtime", "ms", |r| r.downtime_ms),
+        figure("transferred", "MiB", |r| r.transferred_mib),
+    ]
 }
 
 /// The first line of `qemu-system-x86_64 --version`.
@@ -401,12 +532,12 @@ pub fn figures() -> Result<Vec<Report>, String> {
         Launcher {
             vmm: Vmm::Qemu,
             bin: qemu,
-            sector: sector.clone(),
+            guest: Guest::Sector(sector.clone()),
         },
         Launcher {
             vmm: Vmm::Demovm,
             bin: demovm,
-            sector,
+            guest: Guest::Sector(sector),
         },
     ];
     eprintln!(
@@ -415,28 +546,7 @@ pub fn figures() -> Result<Vec<Report>, String> {
         show_size(TOUCH),
         MAX_BANDWIDTH
     );
-    let mut rounds: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
-    for r in 0..ROUNDS {
-        for (l, done) in launchers.iter().zip(rounds.iter_mut()) {
-            let dir = scratch.0.join(format!("{}-{}", l.vmm.name(), r + 1));
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let round = migrate_once(l, &dir)
-                .map_err(|e| format!("vs-qemu round {} ({}): {e}", r + 1, l.vmm.name()))?;
-            eprintln!(
-                "vs-qemu round {}/{ROUNDS} {:<6}: total {:>6.0} ms, downtime {:>4.0} ms, \
-                 transferred {:>6.0} MiB (ram.total {:.0} MiB); destination runs on",
-                r + 1,
-                l.vmm.name(),
-                round.total_ms,
-                round.downtime_ms,
-                round.transferred_mib,
-                round.ram_total_mib
-            );
-            done.push(round);
-        }
-    }
-    let [qemu_rounds, demovm_rounds] = rounds;
-    let med = |rs: &[Round], f: fn(&Round) -> f64| median(rs.iter().map(f).collect());
+    let [qemu_rounds, demovm_rounds] = alternate("vs-qemu", &launchers, &scratch.0, AB_LIMITS)?;
     let kvm = if e2e::harness::kvm_is_pvm() {
         "KVM (PVM, kvm_pvm)"
     } else {
@@ -454,17 +564,7 @@ pub fn figures() -> Result<Vec<Report>, String> {
         med(&demovm_rounds, |r| r.ram_total_mib),
         med(&qemu_rounds, |r| r.ram_total_mib),
     );
-    let figure = |name: &str, unit: &'static str, f: fn(&Round) -> f64| -> Report {
-        Figure::new(format!("{PREFIX}.{name}"), med(&demovm_rounds, f), unit)
-            .baseline(med(&qemu_rounds, f))
-            .note(note.clone())
-            .into()
-    };
-    Ok(vec![
-        figure("total_time", "ms", |r| r.total_ms),
-        figure("downtime", "ms", |r| r.downtime_ms),
-        figure("transferred", "MiB", |r| r.transferred_mib),
-    ])
+    Ok(row_figures(PREFIX, &[qemu_rounds, demovm_rounds], &note))
 }
 
 #[cfg(test)]
@@ -490,7 +590,7 @@ mod tests {
             let l = Launcher {
                 vmm,
                 bin: PathBuf::from("x"),
-                sector: PathBuf::from("/g/ab.bin"),
+                guest: Guest::Sector(PathBuf::from("/g/ab.bin")),
             };
             let cmd = l.command(q, s, incoming);
             cmd.get_args()

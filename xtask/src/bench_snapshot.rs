@@ -44,7 +44,7 @@ use vmm_glue::guest::boot_sector::BootSector;
 
 use crate::bench::{median, Figure, Report};
 use crate::bench_qemu::{
-    in_path, one_pass_done, qemu_version, read_lossy, Launcher, Scratch, Vmm, MEM_MIB, QEMU,
+    in_path, one_pass_done, qemu_version, read_lossy, Guest, Launcher, Scratch, Vmm, MEM_MIB, QEMU,
     QEMU_PACKAGE, TOUCH,
 };
 use crate::guests::show_size;
@@ -464,7 +464,7 @@ fn qemu_launcher(sector: &Path) -> Result<(Launcher, String), String> {
         Launcher {
             vmm: Vmm::Qemu,
             bin,
-            sector: sector.to_owned(),
+            guest: Guest::Sector(sector.to_owned()),
         },
         version,
     ))

@@ -66,8 +66,8 @@ use serde_json::{json, Value};
 use vmm_glue::guest::boot_sector::{BootSector, RANDOM_BANNER};
 
 use super::{
-    free_port, in_path, one_pass_done, qemu_version, Launcher, Process, Scratch, Vmm, MEM_MIB,
-    QEMU, QEMU_PACKAGE, TOUCH,
+    free_port, in_path, one_pass_done, qemu_version, Guest, Launcher, Process, Scratch, Vmm,
+    MEM_MIB, QEMU, QEMU_PACKAGE, TOUCH,
 };
 use crate::bench::{median, Figure, Report};
 use crate::guests::show_size;
@@ -396,14 +396,14 @@ pub fn figures() -> Result<Vec<Report>, String> {
         let qemu_l = Launcher {
             vmm: Vmm::Qemu,
             bin: qemu.clone(),
-            sector: sector.clone(),
+            guest: Guest::Sector(sector.clone()),
         };
         let demovm_l = Launcher {
             vmm: Vmm::Demovm,
             bin: demovm.clone(),
-            sector,
+            guest: Guest::Sector(sector),
         };
-        // Without and with postcopy-preempt, each VMM: VARIANTS' order.
+        // Without and with postcopy-preempt, each VMM: the order of `rounds`.
         let variants = [
             (&qemu_l, false),
             (&demovm_l, false),
