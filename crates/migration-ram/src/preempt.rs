@@ -47,7 +47,7 @@ use migration_stream::{BlockId, StreamWriter};
 
 use crate::block::{RamBlock, RamBlocks};
 use crate::error::{Error, Result};
-use crate::precopy::{is_zero, read_page};
+use crate::precopy::{chunk_pages_of, is_zero, read_page, POSTCOPY_CHUNK_BYTES};
 use crate::schedule::PageRequester;
 use crate::stats::RamStats;
 use crate::{GuestMemoryMmap, GuestRegionMmap};
@@ -249,8 +249,9 @@ impl<W: Write> PreemptSender<W> {
     }
 
     /// Sends the pages still dirty in the readahead window after page
-    /// `last` of block `b`, flushed once; returns how many went and the
-    /// last page of the window. If writing fails, every page of the window
+    /// `last` of block `b`, flushed every [`AHEAD_FLUSH_PAGES`]; returns how
+    /// many went and the page the background scan goes on after (past the
+    /// room of the next window). If writing fails, every page of the window
     /// is dirty again.
     fn read_ahead(
         &mut self,
@@ -272,7 +273,19 @@ impl<W: Write> PreemptSender<W> {
             end: taken.end(),
             pages: n,
         });
-        let end = taken.end().saturating_sub(1).max(last);
+        // The background scan goes on past the room the next window of a
+        // guest reading in order takes: pages it took there would wait in
+        // the main channel's backlog instead of coming on this channel.
+        // The scan restarts at a chunk boundary: the first one past that room.
+        let max = (PREEMPT_READAHEAD_MAX / page_size).min(crate::bitmap::TAKE_MAX_PAGES);
+        let chunk = chunk_pages_of(POSTCOPY_CHUNK_BYTES, b.page_size());
+        let room = taken.end() + (n * 2).min(max.max(n));
+        let end = room
+            .div_ceil(chunk)
+            .saturating_mul(chunk)
+            .min(b.pages())
+            .saturating_sub(1)
+            .max(last);
         if taken.is_empty() {
             return Ok((0, end));
         }
@@ -517,6 +530,27 @@ mod tests {
         assert_eq!([ahead(100), ahead(105)], [4, 8]);
         // Behind the window is not in order.
         assert_eq!(ahead(50), 4);
+    }
+
+    #[test]
+    fn the_scan_goes_on_past_the_room_of_the_next_window() {
+        let (mem, blocks, stats) = setup();
+        let mut rf = RequestFirst::new(false);
+        let requester = rf.requester(blocks.clone());
+        let mut s = PreemptSender::new(
+            mem,
+            blocks.clone(),
+            requester,
+            stats,
+            StreamWriter::new(Vec::new()),
+        );
+        s.set_readahead(4 * 4096);
+        // 10, then 11..=14; the next window would be 15..=22: the scan
+        // (64 KiB chunks, 16 pages) goes on at 32, leaving 15..32 dirty.
+        assert_eq!(s.serve(BlockId(0), 10 * 4096, 4096).unwrap().ahead, 4);
+        let first = rf.next(&blocks).unwrap();
+        assert_eq!(first.pages.iter().next(), Some(32));
+        assert_eq!(s.serve(BlockId(0), 15 * 4096, 4096).unwrap().ahead, 8);
     }
 
     #[test]
