@@ -124,6 +124,13 @@ use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 /// and the unsent low watermark): about 0.5 ms at 1 GB/s.
 pub const POSTCOPY_BACKLOG: usize = 256 << 10;
 
+/// [`POSTCOPY_BACKLOG`] when a postcopy preempt channel carries the
+/// requested pages: the main connection then carries the background stream
+/// only, and a page the guest touches that is already taken into it (no
+/// longer served on the preempt channel) waits behind what its buffers
+/// hold; 64 KiB keeps that short.
+pub const PREEMPT_MAIN_BACKLOG: usize = 64 << 10;
+
 /// Why a connection could not be made or accepted.
 ///
 /// [`TransportError::kind`] says whose fault it is.

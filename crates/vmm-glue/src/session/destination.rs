@@ -22,7 +22,7 @@ use migration_ram::{CopyPlacer, PrecopyLoader, RamBlocks};
 use migration_stream::{
     read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ConnectionHandle,
     ErrorKind, Hello, Listener, MigrationId, Record, ReturnMessage, ReturnPathWriter, Role,
-    SnapshotReader, StreamReader, POSTCOPY_BACKLOG,
+    SnapshotReader, StreamReader, POSTCOPY_BACKLOG, PREEMPT_MAIN_BACKLOG,
 };
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -279,7 +279,12 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
                     // Postcopy: a page the guest waits for comes behind
                     // what the socket buffers hold; keep that small (the
                     // source does the same at its end).
-                    if let Err(e) = conn.handle.limit_backlog(POSTCOPY_BACKLOG) {
+                    let backlog = if listener.is_some() {
+                        PREEMPT_MAIN_BACKLOG
+                    } else {
+                        POSTCOPY_BACKLOG
+                    };
+                    if let Err(e) = conn.handle.limit_backlog(backlog) {
                         log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
                     }
                     let state = received
