@@ -431,8 +431,7 @@ pub fn figures() -> Result<Vec<Report>, String> {
                     let dir = scratch
                         .0
                         .join(format!("{}-{who}-{}-{attempt}", s.name, r + 1));
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
                     match postcopy_once(l, s, preempt, &dir) {
                         Ok(round) => break round,
                         // A round that did not count (say, the migration
