@@ -250,12 +250,22 @@ fn wait_until(what: &str, handler: Option<&FaultHandler>, done: impl Fn() -> boo
     }
 }
 
+/// Waits until no thread named `postcopy-fault` is left (hang guard). A
+/// joined thread leaves `/proc/self/task` a moment after its join returned
+/// (the kernel wakes the joiner before it releases the task), so this waits
+/// for that moment rather than reading the list once.
+fn fault_thread_gone() {
+    wait_until("the fault thread to be gone", None, || {
+        threads_named("postcopy-fault") == 0
+    });
+}
+
 /// The whole destination side of postcopy over `guest`, with `vcpus` vCPU
 /// threads making `touches` touches each.
 fn scenario(test: &str, guest: Guest, vcpus: usize, touches: usize) {
     let Guest { kind, mem, blocks } = guest;
     let threads_before = threads();
-    assert_eq!(threads_named("postcopy-fault"), 0);
+    fault_thread_gone();
 
     // 1. Before anything is received: can this host serve postcopy?
     let uffd = check_support(&mem, &blocks).unwrap();
@@ -494,11 +504,7 @@ fn scenario(test: &str, guest: Guest, vcpus: usize, touches: usize) {
     // 7. Complete: fault handling ends, huge pages are advised on again.
     let stats = handler.finish().unwrap();
     discarder.finish().unwrap();
-    assert_eq!(
-        threads_named("postcopy-fault"),
-        0,
-        "the fault thread is gone"
-    );
+    fault_thread_gone();
     assert_eq!(
         threads_started_since(&threads_before, TESTS),
         Vec::<String>::new(),
@@ -739,7 +745,7 @@ fn dropping_the_handler_releases_blocked_threads_and_joins_its_own() {
     drop(handler);
     // Unregistered: the reader faults normally and reads an empty page.
     assert_eq!(join_within("the reader", reader, None), 0);
-    assert_eq!(threads_named("postcopy-fault"), 0);
+    fault_thread_gone();
     assert_eq!(threads_started_since(&before, TESTS), Vec::<String>::new());
     // The placer outlives the handler but can no longer place.
     let b = block(&guest.blocks, 1);

@@ -166,15 +166,29 @@ pub fn threads() -> HashSet<u32> {
 /// The names of the threads that exist now and did not in `before`, except
 /// the test harness's own (named after `tests`, which start and end while a
 /// test runs). Every thread the tests and the library start is named, so a
-/// thread left behind shows here.
+/// thread left behind shows here. A thread joined a moment ago may still be
+/// listed (the kernel wakes its joiner before it releases the task): the
+/// list is read again, every millisecond for up to a second, until it is
+/// empty, and returned as last read.
 pub fn threads_started_since(before: &HashSet<u32>, tests: &[&str]) -> Vec<String> {
-    threads()
-        .difference(before)
-        .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok())
-        .map(|c| c.trim().to_owned())
-        // The kernel keeps 15 bytes of a thread's name.
-        .filter(|c| !tests.iter().any(|t| t.len() >= c.len() && t.starts_with(c.as_str())))
-        .collect()
+    let read = || -> Vec<String> {
+        threads()
+            .difference(before)
+            .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok())
+            .map(|c| c.trim().to_owned())
+            // The kernel keeps 15 bytes of a thread's name.
+            .filter(|c| !tests.iter().any(|t| t.len() >= c.len() && t.starts_with(c.as_str())))
+            .collect()
+    };
+    let mut left = read();
+    for _ in 0..1000 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        left = read();
+    }
+    left
 }
 
 /// Spawns a thread named `name`.
