@@ -334,15 +334,21 @@ fn capabilities_and_parameters_are_checked() {
         !s.capabilities().get(Capability::PostcopyRam),
         "all or nothing"
     );
-    // Preempt is planned: refused at migrate, naming it.
+    // Preempt opens a second connection: refused over a connection the VMM
+    // hands in, at once, saying why.
     s.set_capabilities(&[
         (Capability::PostcopyRam, true),
         (Capability::PostcopyPreempt, true),
     ])
     .unwrap();
     assert_eq!(
-        usage(s.migrate("tcp:127.0.0.1:1")),
-        UsageError::Unavailable(Capability::PostcopyPreempt)
+        usage(s.migrate_to(migration_stream::memory_pair().0)),
+        UsageError::PreemptNeedsUri
+    );
+    assert!(
+        !s.info().status.in_progress(),
+        "nothing started: {:?}",
+        s.info().status
     );
     s.set_capabilities(&[
         (Capability::PostcopyRam, false),

@@ -593,6 +593,11 @@ impl Session {
             if let Some(c) = st.caps.enabled().find(|c| !c.available()) {
                 return Err(UsageError::Unavailable(c).into());
             }
+            let preempt =
+                st.caps.get(Capability::PostcopyRam) && st.caps.get(Capability::PostcopyPreempt);
+            if preempt && matches!(target, Target::Connection(_)) {
+                return Err(UsageError::PreemptNeedsUri.into());
+            }
             let run = st.new_run();
             st.outgoing = true;
             sh.set_status_locked(&mut st, MigrationStatus::Setup);

@@ -66,9 +66,9 @@ fn outgoing(
         let caps = sh.state.lock().caps;
         caps.get(Capability::PostcopyRam) && caps.get(Capability::PostcopyPreempt)
     };
+    // `start_outgoing` refused preempt over a connection handed in.
     let (conn, preempt_uri) = match target {
         Target::Uri(uri) => (connect(&uri, Role::Main)?, preempt.then_some(uri)),
-        Target::Connection(_) if preempt => return Err(UsageError::PreemptNeedsUri.into()),
         Target::Connection(c) => (c, None),
     };
     let handle = conn.handle.clone();
