@@ -480,6 +480,26 @@ pub(crate) fn qemu_version(bin: &Path) -> String {
         .unwrap_or_else(|| "QEMU of unknown version".into())
 }
 
+/// The QEMU binary, or why there is none (with the package to install).
+pub(crate) fn find_qemu() -> Result<PathBuf, String> {
+    in_path(QEMU).ok_or_else(|| {
+        format!(
+            "{QEMU} not found in PATH: install it to compare with QEMU \
+             (apt-get install {QEMU_PACKAGE})"
+        )
+    })
+}
+
+/// Why the VMMs cannot run on KVM here, if they cannot.
+pub(crate) fn kvm_unusable() -> Option<String> {
+    vmm_glue::kvm::host_facts().err().map(|e| {
+        format!(
+            "both VMMs need KVM and /dev/kvm is unusable: {}",
+            vmm_glue::error_chain(&e)
+        )
+    })
+}
+
 /// `name` found in a directory of `PATH`.
 pub(crate) fn in_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
@@ -506,17 +526,12 @@ pub fn figures() -> Result<Vec<Report>, String> {
             why,
         }])
     };
-    let Some(qemu) = in_path(QEMU) else {
-        return skip(format!(
-            "{QEMU} not found in PATH: install it to compare with QEMU \
-             (apt-get install {QEMU_PACKAGE})"
-        ));
+    let qemu = match find_qemu() {
+        Ok(q) => q,
+        Err(why) => return skip(why),
     };
-    if let Err(e) = vmm_glue::kvm::host_facts() {
-        return skip(format!(
-            "both VMMs need KVM and /dev/kvm is unusable: {}",
-            vmm_glue::error_chain(&e)
-        ));
+    if let Some(why) = kvm_unusable() {
+        return skip(why);
     }
     let demovm = e2e::harness::demovm_path()?;
     let scratch =

@@ -44,8 +44,8 @@ use vmm_glue::guest::boot_sector::BootSector;
 
 use crate::bench::{median, Figure, Report};
 use crate::bench_qemu::{
-    in_path, one_pass_done, qemu_version, read_lossy, Guest, Launcher, Scratch, Vmm, MEM_MIB, QEMU,
-    QEMU_PACKAGE, TOUCH,
+    find_qemu, one_pass_done, qemu_version, read_lossy, Guest, Launcher, Scratch, Vmm, MEM_MIB,
+    TOUCH,
 };
 use crate::guests::show_size;
 
@@ -453,12 +453,7 @@ fn qemu_round(l: &Launcher, dir: &Path) -> Result<Save, String> {
 
 /// The QEMU launcher, or why there is none.
 fn qemu_launcher(sector: &Path) -> Result<(Launcher, String), String> {
-    let Some(bin) = in_path(QEMU) else {
-        return Err(format!(
-            "{QEMU} not found in PATH: install it to compare with QEMU \
-             (apt-get install {QEMU_PACKAGE})"
-        ));
-    };
+    let bin = find_qemu()?;
     let version = qemu_version(&bin);
     Ok((
         Launcher {

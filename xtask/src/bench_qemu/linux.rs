@@ -57,8 +57,8 @@ use serde::{Deserialize, Serialize};
 use vmm_glue::boot::linux::DEFAULT_CMDLINE;
 
 use super::{
-    alternate, in_path, med, qemu_version, row_figures, Guest, Launcher, Limits, Scratch, Vmm,
-    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, QEMU, QEMU_PACKAGE,
+    alternate, find_qemu, kvm_unusable, med, qemu_version, row_figures, Guest, Launcher, Limits,
+    Scratch, Vmm, DOWNTIME_LIMIT_MS, MAX_BANDWIDTH,
 };
 use crate::bench::{Figure, Report};
 
@@ -152,11 +152,9 @@ pub fn figures() -> Result<Vec<Report>, String> {
             why,
         }])
     };
-    let Some(qemu) = in_path(QEMU) else {
-        return skip(format!(
-            "{QEMU} not found in PATH: install it to compare with QEMU \
-             (apt-get install {QEMU_PACKAGE})"
-        ));
+    let qemu = match find_qemu() {
+        Ok(q) => q,
+        Err(why) => return skip(why),
     };
     let image = match e2e::linux::image() {
         Ok(i) => i,
@@ -167,14 +165,11 @@ pub fn figures() -> Result<Vec<Report>, String> {
     if out.is_none() && e2e::harness::kvm_is_pvm() {
         return in_box(&image);
     }
-    let reports = match vmm_glue::kvm::host_facts() {
-        Ok(_) => measure(qemu, image)?,
-        Err(e) => vec![Report::Skipped {
+    let reports = match kvm_unusable() {
+        None => measure(qemu, image)?,
+        Some(why) => vec![Report::Skipped {
             name: format!("{PREFIX}.*"),
-            why: format!(
-                "both VMMs need KVM and /dev/kvm is unusable: {}",
-                vmm_glue::error_chain(&e)
-            ),
+            why,
         }],
     };
     if let Some(out) = out {

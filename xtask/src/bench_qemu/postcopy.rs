@@ -66,8 +66,8 @@ use serde_json::{json, Value};
 use vmm_glue::guest::boot_sector::{BootSector, RANDOM_BANNER};
 
 use super::{
-    free_port, in_path, one_pass_done, qemu_version, Guest, Launcher, Process, Scratch, Vmm,
-    MEM_MIB, QEMU, QEMU_PACKAGE, TOUCH,
+    find_qemu, free_port, kvm_unusable, one_pass_done, qemu_version, Guest, Launcher, Process,
+    Scratch, Vmm, MEM_MIB, TOUCH,
 };
 use crate::bench::{median, Figure, Report};
 use crate::guests::show_size;
@@ -357,17 +357,12 @@ pub fn figures() -> Result<Vec<Report>, String> {
             why,
         }])
     };
-    let Some(qemu) = in_path(QEMU) else {
-        return skip(format!(
-            "{QEMU} not found in PATH: install it to compare with QEMU \
-             (apt-get install {QEMU_PACKAGE})"
-        ));
+    let qemu = match find_qemu() {
+        Ok(q) => q,
+        Err(why) => return skip(why),
     };
-    if let Err(e) = vmm_glue::kvm::host_facts() {
-        return skip(format!(
-            "both VMMs need KVM and /dev/kvm is unusable: {}",
-            vmm_glue::error_chain(&e)
-        ));
+    if let Some(why) = kvm_unusable() {
+        return skip(why);
     }
     if let Err(e) = uffd_sys::Uffd::new() {
         return skip(format!(
