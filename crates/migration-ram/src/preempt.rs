@@ -384,12 +384,17 @@ mod tests {
         (mem, blocks, Arc::new(RamStats::default()))
     }
 
-    fn header(r: &mut StreamReader<&[u8]>, blocks: &RamBlocks) -> Record {
-        r.read_record(blocks).unwrap()
-    }
-
-    #[test]
-    fn a_request_is_sent_at_once_once_and_the_scan_follows_it() {
+    /// A sender over [`setup`]'s memory with `readahead` bytes of
+    /// readahead; its scheduler (which counts in the same statistics), the
+    /// blocks and the statistics.
+    fn sender(
+        readahead: u64,
+    ) -> (
+        RequestFirst,
+        PreemptSender<Vec<u8>>,
+        Arc<RamBlocks>,
+        Arc<RamStats>,
+    ) {
         let (mem, blocks, stats) = setup();
         let mut rf = RequestFirst::new(false).with_stats(stats.clone());
         let requester = rf.requester(blocks.clone());
@@ -400,7 +405,17 @@ mod tests {
             stats.clone(),
             StreamWriter::new(Vec::new()),
         );
-        s.set_readahead(0);
+        s.set_readahead(readahead);
+        (rf, s, blocks, stats)
+    }
+
+    fn header(r: &mut StreamReader<&[u8]>, blocks: &RamBlocks) -> Record {
+        r.read_record(blocks).unwrap()
+    }
+
+    #[test]
+    fn a_request_is_sent_at_once_once_and_the_scan_follows_it() {
+        let (mut rf, mut s, blocks, stats) = sender(0);
         let block = BlockId(0);
         assert_eq!(
             s.serve(block, 200 * 4096, 4096).unwrap(),
@@ -455,17 +470,7 @@ mod tests {
 
     #[test]
     fn the_pages_after_a_request_follow_it_each_once() {
-        let (mem, blocks, stats) = setup();
-        let mut rf = RequestFirst::new(false).with_stats(stats.clone());
-        let requester = rf.requester(blocks.clone());
-        let mut s = PreemptSender::new(
-            mem,
-            blocks.clone(),
-            requester,
-            stats.clone(),
-            StreamWriter::new(Vec::new()),
-        );
-        s.set_readahead(4 * 4096);
+        let (_rf, mut s, blocks, stats) = sender(4 * 4096);
         // Page 12 went already (in the background, say).
         let b = blocks.iter().next().unwrap();
         assert!(!b.dirty().take_range(12, 1).is_empty());
@@ -517,12 +522,7 @@ mod tests {
 
     #[test]
     fn the_window_doubles_while_requests_come_in_order_and_starts_over_elsewhere() {
-        let (mem, blocks, stats) = setup();
-        let mut rf = RequestFirst::new(false);
-        let requester = rf.requester(blocks.clone());
-        let mut s =
-            PreemptSender::new(mem, blocks, requester, stats, StreamWriter::new(Vec::new()));
-        s.set_readahead(4 * 4096);
+        let (_rf, mut s, _blocks, _stats) = sender(4 * 4096);
         let mut ahead = |page: u64| s.serve(BlockId(0), page * 4096, 4096).unwrap().ahead;
         // 0, then 1..=4; 5 (just past), then 6..=13; 14, then 15..=30.
         assert_eq!([ahead(0), ahead(5), ahead(14)], [4, 8, 16]);
@@ -534,17 +534,7 @@ mod tests {
 
     #[test]
     fn the_scan_goes_on_past_the_room_of_the_next_window() {
-        let (mem, blocks, stats) = setup();
-        let mut rf = RequestFirst::new(false);
-        let requester = rf.requester(blocks.clone());
-        let mut s = PreemptSender::new(
-            mem,
-            blocks.clone(),
-            requester,
-            stats,
-            StreamWriter::new(Vec::new()),
-        );
-        s.set_readahead(4 * 4096);
+        let (mut rf, mut s, blocks, _stats) = sender(4 * 4096);
         // 10, then 11..=14; the next window would be 15..=22: the scan
         // (64 KiB chunks, 16 pages) goes on at 32, leaving 15..32 dirty.
         assert_eq!(s.serve(BlockId(0), 10 * 4096, 4096).unwrap().ahead, 4);
@@ -555,16 +545,7 @@ mod tests {
 
     #[test]
     fn a_bad_request_sends_nothing_and_fails_the_saver() {
-        let (mem, blocks, stats) = setup();
-        let mut rf = RequestFirst::new(false);
-        let requester = rf.requester(blocks.clone());
-        let mut s = PreemptSender::new(
-            mem,
-            blocks.clone(),
-            requester,
-            stats,
-            StreamWriter::new(Vec::new()),
-        );
+        let (mut rf, mut s, blocks, _stats) = sender(PREEMPT_READAHEAD);
         for (block, offset, len) in [
             (BlockId(1), 0, 4096),
             (BlockId(0), PAGES * 4096, 4096),
@@ -584,16 +565,7 @@ mod tests {
 
     #[test]
     fn after_the_saver_finished_requests_are_ignored() {
-        let (mem, blocks, stats) = setup();
-        let mut rf = RequestFirst::new(false).with_stats(stats.clone());
-        let requester = rf.requester(blocks.clone());
-        let mut s = PreemptSender::new(
-            mem,
-            blocks.clone(),
-            requester,
-            stats.clone(),
-            StreamWriter::new(Vec::new()),
-        );
+        let (mut rf, mut s, blocks, stats) = sender(PREEMPT_READAHEAD);
         rf.finish();
         assert_eq!(
             s.serve(BlockId(0), 0, 4096).unwrap(),
@@ -608,17 +580,7 @@ mod tests {
 
     #[test]
     fn the_preempt_loader_places_pages_until_end_of_section_and_nothing_else() {
-        let (src_mem, blocks, stats) = setup();
-        let mut rf = RequestFirst::new(false);
-        let requester = rf.requester(blocks.clone());
-        let mut s = PreemptSender::new(
-            src_mem,
-            blocks.clone(),
-            requester,
-            stats,
-            StreamWriter::new(Vec::new()),
-        );
-        s.set_readahead(0);
+        let (_rf, mut s, _blocks, _stats) = sender(0);
         s.serve(BlockId(0), 5 * 4096, 4096).unwrap();
         let bytes = s.finish().unwrap();
 
