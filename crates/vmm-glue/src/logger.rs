@@ -1,10 +1,14 @@
 //! A minimal logger to stderr for the `log` facade, for binaries of this crate.
 
 use std::io::Write;
+use std::time::Instant;
 
-/// Logs `LEVEL target: message` lines to stderr.
+/// Logs `[seconds] LEVEL target: message` lines to stderr; the seconds
+/// count from the logger's installation, to the microsecond, so the steps of
+/// a migration can be timed from its log.
 pub struct Logger {
     level: log::LevelFilter,
+    start: Instant,
 }
 
 impl Logger {
@@ -15,7 +19,10 @@ impl Logger {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(log::LevelFilter::Info);
-        let logger: &'static Logger = Box::leak(Box::new(Logger { level }));
+        let logger: &'static Logger = Box::leak(Box::new(Logger {
+            level,
+            start: Instant::now(),
+        }));
         if log::set_logger(logger).is_ok() {
             log::set_max_level(level);
         }
@@ -31,7 +38,8 @@ impl log::Log for Logger {
         if self.enabled(r.metadata()) {
             let _ = writeln!(
                 std::io::stderr(),
-                "{} {}: {}",
+                "[{:>11.6}] {} {}: {}",
+                self.start.elapsed().as_secs_f64(),
                 r.level(),
                 r.target(),
                 r.args()
