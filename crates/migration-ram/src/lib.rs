@@ -129,7 +129,7 @@ pub use keepalive::{Keepalive, PeerLiveness};
 /// The three kinds of error a migration tells apart, answered by
 /// [`Error::kind`].
 pub use migration_stream::ErrorKind;
-pub use placer::{CopyPlacer, PagePlacer, UffdPlacer};
+pub use placer::{CopyPlacer, PagePlacer, UffdPlacer, ZERO_RUN_DISCARD_BYTES};
 pub use postcopy::{
     check_support, Discarder, FaultHandler, FaultStats, PageRequestSink, PostcopyError,
     PostcopyIncoming,

@@ -10,7 +10,7 @@
 //!
 //! | placer | how | use |
 //! |--------|-----|-----|
-//! | [`CopyPlacer`] (default) | a plain copy through vm-memory; a zero page that never arrived before and already reads as zero is not written at all | precopy |
+//! | [`CopyPlacer`] (default) | a plain copy through vm-memory; a zero page that never arrived before and already reads as zero is not written at all; a run of zero pages is discarded | precopy |
 //! | [`UffdPlacer`] | one atomic `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`; a zeroed copy on hugetlbfs, which has none) into memory registered with a userfaultfd for MISSING faults, waking the vCPUs that wait on it | postcopy |
 //!
 //! Both take `&self` and are `Send + Sync`, so the loader of the main
@@ -39,6 +39,17 @@ pub trait PagePlacer: Send + Sync {
     /// Places a zero page as page `page` of `block`, then sets its
     /// `received` bit.
     fn place_zero(&self, block: &RamBlock, page: u64) -> Result<()>;
+
+    /// Places zero pages as the `count` pages of `block` from `first`, then
+    /// sets their `received` bits. The default places them one by one with
+    /// [`place_zero`](PagePlacer::place_zero); a placer that can empty a
+    /// run of pages at once (the [`CopyPlacer`]) does so.
+    fn place_zero_run(&self, block: &RamBlock, first: u64, count: u64) -> Result<()> {
+        for page in first..first.saturating_add(count) {
+            self.place_zero(block, page)?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks a placement: the page exists and `len` (if given) is the block's
@@ -66,6 +77,13 @@ fn check(block: &RamBlock, page: u64, len: Option<usize>) -> Result<GuestAddress
 /// Zeros for writing zero pages piece by piece, with no allocation.
 static ZEROS: [u8; 4096] = [0; 4096];
 
+/// The least a run of zero pages spans for the [`CopyPlacer`] to discard it
+/// (one `madvise` or hole punch) rather than handle each page: 32 KiB, 8
+/// small pages. Checking whether an untouched page reads as zero costs a
+/// page fault (which maps the kernel's zero page), and a guest's untouched
+/// memory arrives as long runs of zero pages.
+pub const ZERO_RUN_DISCARD_BYTES: u64 = 32 << 10;
+
 /// Places pages with plain copies through vm-memory.
 ///
 /// A zero page whose `received` bit is clear and whose bytes already read
@@ -75,10 +93,20 @@ static ZEROS: [u8; 4096] = [0; 4096];
 /// something into the destination's RAM before the migration (firmware, a
 /// previous failed attempt) is still right: those pages do not read as
 /// zero and are cleared.
+///
+/// A run of zero pages of at least [`ZERO_RUN_DISCARD_BYTES`]
+/// ([`place_zero_run`](PagePlacer::place_zero_run)) is discarded instead,
+/// whatever it held: it then reads as zero and holds no memory, and no page
+/// of it is read. Where guest memory cannot be discarded (locked with
+/// `mlock`, say) the placer says so once in the log and handles such runs
+/// page by page from then on.
 #[derive(Debug)]
 pub struct CopyPlacer {
     mem: Arc<GuestMemoryMmap>,
     fresh: AtomicBool,
+    /// Whether runs of zero pages are discarded (cleared for good by the
+    /// first discard that fails).
+    discard_runs: AtomicBool,
 }
 
 impl CopyPlacer {
@@ -87,6 +115,7 @@ impl CopyPlacer {
         CopyPlacer {
             mem,
             fresh: AtomicBool::new(true),
+            discard_runs: AtomicBool::new(true),
         }
     }
 
@@ -159,6 +188,37 @@ impl PagePlacer for CopyPlacer {
             }
         }
         block.received().set(page);
+        Ok(())
+    }
+
+    fn place_zero_run(&self, block: &RamBlock, first: u64, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let at = check(block, first, None)?;
+        check(block, first.saturating_add(count - 1), None)?;
+        let bytes = count * u64::from(block.page_size());
+        if bytes >= ZERO_RUN_DISCARD_BYTES && self.discard_runs.load(Ordering::Relaxed) {
+            // Checked above: whole pages inside the block's region.
+            let len = usize::try_from(bytes).unwrap_or(usize::MAX);
+            match uffd_sys::discard_guest(&self.mem, at, len) {
+                Ok(_) => {
+                    // Only after the contents are gone.
+                    block.received().set_range(first, count);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.discard_runs.store(false, Ordering::Relaxed);
+                    log::info!(
+                        "zero pages: guest memory cannot be discarded ({e}); \
+                         each zero page is handled by itself from now on"
+                    );
+                }
+            }
+        }
+        for page in first..first + count {
+            self.place_zero(block, page)?;
+        }
         Ok(())
     }
 }
@@ -403,5 +463,74 @@ mod tests {
         mem.write_slice(&[7; 4096], block.page_addr(8)).unwrap();
         placer.place_zero(block, 8).unwrap();
         assert_eq!(page_of(&mem, block, 8), vec![0; 4096]);
+    }
+
+    /// Fills every page of `block` with a byte of its own (page `p`: `p + 1`).
+    fn fill(mem: &GuestMemoryMmap, block: &RamBlock) {
+        for p in 0..block.pages() {
+            mem.write_slice(&[p as u8 + 1; 4096], block.page_addr(p))
+                .unwrap();
+        }
+    }
+
+    /// Checks that pages `zeros` of `block` read as zero and are received,
+    /// and that every other page still holds what [`fill`] wrote and is not.
+    fn check_zero_run(mem: &GuestMemoryMmap, block: &RamBlock, zeros: std::ops::Range<u64>) {
+        for p in 0..block.pages() {
+            if zeros.contains(&p) {
+                assert_eq!(page_of(mem, block, p), vec![0; 4096], "page {p}");
+                assert!(block.received().test(p), "page {p} not received");
+            } else {
+                assert_eq!(page_of(mem, block, p), vec![p as u8 + 1; 4096], "page {p}");
+                assert!(!block.received().test(p), "page {p} received");
+            }
+        }
+    }
+
+    #[test]
+    fn copy_placer_zero_runs_clear_exactly_their_pages() {
+        let (mem, blocks) = setup();
+        let block = blocks.iter().next().unwrap();
+        let placer = CopyPlacer::new(mem.clone());
+        // Pages the VMM wrote: a long run (discarded) and a short one (page
+        // by page) must both clear them, and nothing around them.
+        fill(&mem, block);
+        let long = ZERO_RUN_DISCARD_BYTES / 4096 + 3;
+        placer.place_zero_run(block, 2, long).unwrap();
+        check_zero_run(&mem, block, 2..2 + long);
+        placer.place_zero_run(block, 14, 1).unwrap();
+        placer.place_zero_run(block, 15, 0).unwrap();
+        assert_eq!(page_of(&mem, block, 14), vec![0; 4096]);
+        assert_eq!(page_of(&mem, block, 15), vec![16; 4096]);
+        // A run past the block's end is refused, and nothing is cleared.
+        match placer.place_zero_run(block, 12, 5) {
+            Err(Error::PageOutOfRange { .. }) => {}
+            other => panic!("a run past the end gave {other:?}"),
+        }
+        assert_eq!(page_of(&mem, block, 12), vec![0; 4096]);
+        assert_eq!(page_of(&mem, block, 15), vec![16; 4096]);
+    }
+
+    #[test]
+    fn copy_placer_zero_runs_in_locked_memory_are_cleared_page_by_page() {
+        let (mem, blocks) = setup();
+        let block = blocks.iter().next().unwrap();
+        fill(&mem, block);
+        let len = block.size() as usize;
+        if let Err(e) =
+            uffd_sys::mlock_guest(&mem, block.guest_addr(), len, uffd_sys::MlockMode::Populate)
+        {
+            println!(
+                "*** SKIPPED copy_placer_zero_runs_in_locked_memory_are_cleared_page_by_page: \
+                 cannot lock 64 KiB ({e}) ***"
+            );
+            return;
+        }
+        // Locked memory cannot be discarded: the run is written instead.
+        let placer = CopyPlacer::new(mem.clone());
+        placer.place_zero_run(block, 0, 12).unwrap();
+        check_zero_run(&mem, block, 0..12);
+        assert!(!placer.discard_runs.load(Ordering::Relaxed));
+        uffd_sys::munlock_guest(&mem, block.guest_addr(), len).unwrap();
     }
 }

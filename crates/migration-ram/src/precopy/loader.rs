@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use migration_stream::{BlockInfo, PageHeader, Record, StreamReader};
+use migration_stream::{BlockId, BlockInfo, PageHeader, Record, StreamReader};
 
 use crate::block::{RamBlock, RamBlocks};
 use crate::error::{Error, Result};
@@ -21,6 +21,11 @@ pub struct PrecopyLoader {
     copy: Option<Arc<CopyPlacer>>,
     page: Vec<u8>,
     setup_done: bool,
+    /// Zero pages in a row read by [`load`](PrecopyLoader::load) and not
+    /// placed yet: block, first page, count. Only with the default placer
+    /// (no vCPU waits for them); placed as one run before any other record
+    /// is handled.
+    zeros: Option<(BlockId, u64, u64)>,
 }
 
 impl std::fmt::Debug for PrecopyLoader {
@@ -71,6 +76,7 @@ impl PrecopyLoader {
             placer,
             copy: None,
             setup_done: false,
+            zeros: None,
         }
     }
 
@@ -180,6 +186,42 @@ impl PrecopyLoader {
         Ok(())
     }
 
+    /// Takes zero page `hdr` into the run of zero pages not placed yet when
+    /// it extends it and the default placer places pages (precopy: no vCPU
+    /// waits for them); otherwise places the run and then this page, or this
+    /// page at once.
+    fn queue_zero_page(&mut self, hdr: PageHeader) -> Result<()> {
+        if self.copy.is_none() {
+            return self.load_zero_page(hdr);
+        }
+        let (_, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
+        match &mut self.zeros {
+            Some((block, first, count)) if *block == hdr.block && *first + *count == page => {
+                *count += 1;
+            }
+            _ => {
+                self.place_zeros()?;
+                self.zeros = Some((hdr.block, page, 1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Places the run of zero pages not placed yet, if any (see
+    /// [`PagePlacer::place_zero_run`]).
+    fn place_zeros(&mut self) -> Result<()> {
+        let Some((block, first, count)) = self.zeros.take() else {
+            return Ok(());
+        };
+        let b = self
+            .blocks
+            .get(block)
+            .ok_or(Error::UnknownBlock { block })?;
+        self.placer.place_zero_run(b, first, count)?;
+        self.stats.add_zero_pages(count);
+        Ok(())
+    }
+
     /// Pages received so far (each counted once).
     pub fn received_pages(&self) -> u64 {
         self.blocks.received_pages()
@@ -197,6 +239,7 @@ impl PrecopyLoader {
             copy: self.copy.clone(),
             page: vec![0; self.page.len()],
             setup_done: self.setup_done,
+            zeros: None,
         }
     }
 
@@ -229,14 +272,32 @@ impl PrecopyLoader {
     /// Reads and applies RAM records (`RamSetup`, pages, zero pages,
     /// `EndOfSection`, `Sync`) until another record (a command or
     /// `Complete`), which it returns for the caller to handle.
+    ///
+    /// With the default placer, zero pages in a row are placed together
+    /// ([`PagePlacer::place_zero_run`]) when the run ends: at the next other
+    /// record, or when the stream fails. Every page read is placed before
+    /// this returns.
     pub fn load<R: Read>(&mut self, r: &mut StreamReader<R>) -> Result<Record> {
         loop {
             let before = r.bytes_read();
-            let record = r.read_record(&*self.blocks)?;
+            let record = match r.read_record(&*self.blocks) {
+                Ok(record) => record,
+                Err(e) => {
+                    // What was read before the stream broke is placed: the
+                    // received bitmaps then say all that arrived.
+                    if let Err(placing) = self.place_zeros() {
+                        log::warn!("placing the last zero pages read: {placing}");
+                    }
+                    return Err(e.into());
+                }
+            };
+            if !matches!(record, Record::ZeroPage(_)) {
+                self.place_zeros()?;
+            }
             match record {
                 Record::RamSetup(announced) => self.check_setup(&announced)?,
                 Record::Page(hdr) => self.load_page(hdr, r)?,
-                Record::ZeroPage(hdr) => self.load_zero_page(hdr)?,
+                Record::ZeroPage(hdr) => self.queue_zero_page(hdr)?,
                 Record::EndOfSection | Record::Sync { .. } => {}
                 other => {
                     self.stats.add_transferred(r.bytes_read() - before);
