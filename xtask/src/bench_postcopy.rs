@@ -180,11 +180,13 @@ fn destination(
         RequestPath::Queue => None,
         RequestPath::Preempt => Some(listener.accept().map_err(e)?),
     };
-    // As the session does for postcopy: a bounded backlog, so a requested page
-    // does not queue behind megabytes of background pages.
-    conn.handle
-        .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
-        .map_err(e)?;
+    // As the session does for postcopy without preempt: a bounded backlog, so
+    // a requested page does not queue behind megabytes of background pages.
+    if path == RequestPath::Queue {
+        conn.handle
+            .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
+            .map_err(e)?;
+    }
     let blocks = blocks(&mem)?;
     let mut pc = PostcopyIncoming::new(Arc::clone(&mem), Arc::clone(&blocks)).map_err(e)?;
     let mut loader = PrecopyLoader::new(Arc::clone(&mem), blocks, Arc::new(RamStats::new()));
@@ -344,9 +346,11 @@ fn remote_faults(
             s.spawn(move || destination(listener, dst, listening_tx, path))
         };
         let conn = connect(&uri, Role::Main).map_err(e)?;
-        conn.handle
-            .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
-            .map_err(e)?;
+        if path == RequestPath::Queue {
+            conn.handle
+                .limit_backlog(migration_stream::POSTCOPY_BACKLOG)
+                .map_err(e)?;
+        }
         let preempt = match path {
             RequestPath::Queue => None,
             RequestPath::Preempt => {

@@ -167,7 +167,7 @@ pub use snapshot::{
 pub use transport::{
     connect, connect_str, memory_pair, try_memory_pair, BoxedReader, BoxedWriter, Connection,
     ConnectionHandle, Listener, ListenerCanceller, TransportError, MAX_PENDING_HELLOS,
-    POSTCOPY_BACKLOG, PREEMPT_MAIN_BACKLOG,
+    POSTCOPY_BACKLOG,
 };
 pub use uri::{MigrationUri, UriError};
 

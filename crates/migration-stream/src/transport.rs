@@ -122,14 +122,14 @@ use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 /// bench --only vs-qemu-postcopy` took more faults, on noisy figures). A
 /// requested page then waits behind up to about twice this (the window
 /// and the unsent low watermark): about 0.5 ms at 1 GB/s.
+///
+/// Not for a main connection beside a postcopy preempt channel: requested
+/// pages do not travel on it, and bounding it only slows the background
+/// stream, which leaves more pages missing for longer. Measured with
+/// `cargo xtask bench --only vs-qemu-postcopy`, 8 rounds each: a 64 KiB bound
+/// there gave the ab guest a median blocktime of 163 ms, the kernel's own
+/// buffers 44 ms.
 pub const POSTCOPY_BACKLOG: usize = 256 << 10;
-
-/// [`POSTCOPY_BACKLOG`] when a postcopy preempt channel carries the
-/// requested pages: the main connection then carries the background stream
-/// only, and a page the guest touches that is already taken into it (no
-/// longer served on the preempt channel) waits behind what its buffers
-/// hold; 64 KiB keeps that short.
-pub const PREEMPT_MAIN_BACKLOG: usize = 64 << 10;
 
 /// Why a connection could not be made or accepted.
 ///

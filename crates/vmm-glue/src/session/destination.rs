@@ -22,7 +22,7 @@ use migration_ram::{CopyPlacer, PrecopyLoader, RamBlocks};
 use migration_stream::{
     read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, Connection, ConnectionHandle,
     ErrorKind, Hello, Listener, MigrationId, Record, ReturnMessage, ReturnPathWriter, Role,
-    SnapshotReader, StreamReader, POSTCOPY_BACKLOG, PREEMPT_MAIN_BACKLOG,
+    SnapshotReader, StreamReader, POSTCOPY_BACKLOG,
 };
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -276,16 +276,14 @@ fn incoming(sh: &Arc<Shared>, origin: Origin, run: &Run) -> Result<Loaded, Sessi
                     postcopy(sh)?.discard(block, &ranges)?;
                 }
                 Record::Command(Command::Packaged(bytes)) => {
-                    // Postcopy: a page the guest waits for comes behind
-                    // what the socket buffers hold; keep that small (the
-                    // source does the same at its end).
-                    let backlog = if listener.is_some() {
-                        PREEMPT_MAIN_BACKLOG
-                    } else {
-                        POSTCOPY_BACKLOG
-                    };
-                    if let Err(e) = conn.handle.limit_backlog(backlog) {
-                        log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+                    // Postcopy without preempt: a page the guest waits for
+                    // comes behind what the socket buffers hold; keep that
+                    // small (the source does the same at its end). With
+                    // preempt it comes on the other channel.
+                    if listener.is_none() {
+                        if let Err(e) = conn.handle.limit_backlog(POSTCOPY_BACKLOG) {
+                            log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+                        }
                     }
                     let state = received
                         .take()

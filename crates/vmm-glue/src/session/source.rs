@@ -26,7 +26,7 @@ use migration_stream::ErrorKind;
 use migration_stream::{
     connect, read_preamble, AdviseFlags, BlockId, BoxedWriter, Command, ConnectionHandle, Hello,
     MigrationId, MigrationUri, ReturnMessage, ReturnPathReader, Role, StreamWriter,
-    POSTCOPY_BACKLOG, PREEMPT_MAIN_BACKLOG,
+    POSTCOPY_BACKLOG,
 };
 
 use parking_lot::Mutex;
@@ -377,16 +377,14 @@ fn switch_to_postcopy<W: std::io::Write>(
         switch.discarded_ranges,
         switch.remaining_pages
     );
-    // A requested page waits behind what the socket buffers hold of the
-    // background stream: keep that small from here on (the destination
-    // does the same at its end).
-    let backlog = if preempt.is_some() {
-        PREEMPT_MAIN_BACKLOG
-    } else {
-        POSTCOPY_BACKLOG
-    };
-    if let Err(e) = ch.handle.limit_backlog(backlog) {
-        log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+    // Without preempt a requested page waits behind what the socket buffers
+    // hold of the background stream: keep that small from here on (the
+    // destination does the same at its end). With preempt it does not travel
+    // here, and the background stream keeps the kernel's buffers.
+    if preempt.is_none() {
+        if let Err(e) = ch.handle.limit_backlog(POSTCOPY_BACKLOG) {
+            log::warn!("postcopy: cannot bound the main channel's backlog: {e}");
+        }
     }
     // Requests may come as soon as the destination runs.
     let _preempt = match preempt {
