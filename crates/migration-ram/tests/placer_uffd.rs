@@ -145,6 +145,51 @@ fn uffd_placer_on_4k_anonymous_memory() {
     blocked_readers_are_woken_by_placement(&mem, &uffd, &blocks);
 }
 
+/// A run of pages placed at once, with a present page in its middle (one
+/// that came on the preempt channel, say): the pages around it land, it
+/// keeps its bytes, a reader blocked on a page after it wakes with the run's
+/// bytes, and every page of the run is received.
+#[test]
+fn uffd_placer_places_a_run_around_a_present_page() {
+    let test = "uffd_placer_places_a_run_around_a_present_page";
+    let Some(uffd) = open_uffd(test, Features::empty()) else {
+        return;
+    };
+    const PS: usize = 4096;
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(1 << 20), 16 * PS)]).unwrap());
+    let blocks = RamBlocks::from_guest_memory(&mem, &["pc.ram"]).unwrap();
+    let block = blocks.iter().next().unwrap();
+    uffd.register(
+        block.host_addr(&mem).unwrap(),
+        block.size(),
+        RegisterMode::MISSING,
+    )
+    .unwrap();
+    let placer = UffdPlacer::new(Arc::clone(&mem), Arc::clone(&uffd), &blocks);
+    placer.place(block, 6, &[6; PS]).unwrap();
+    let (done, h) = reader(&mem, block.page_addr(9));
+    next_fault(&uffd);
+    assert!(!done.load(Ordering::SeqCst), "read a missing page");
+    // Pages 4..12, each holding 0x40 + its number.
+    let data: Vec<u8> = (4..12u8).flat_map(|p| [0x40 + p; PS]).collect();
+    placer.place_run(block, 4, &data).unwrap();
+    assert_eq!(h.join().unwrap(), [0x49; 8]);
+    for p in 4..12u64 {
+        let mut page = vec![0u8; PS];
+        mem.read_slice(&mut page, block.page_addr(p)).unwrap();
+        let want = if p == 6 { 6 } else { 0x40 + p as u8 };
+        assert!(page.iter().all(|&b| b == want), "page {p}");
+    }
+    assert_eq!(
+        block.received().iter_set().collect::<Vec<_>>(),
+        (4..12).collect::<Vec<_>>()
+    );
+    // A run that is not whole pages, or goes past the block, is refused.
+    assert!(placer.place_run(block, 12, &data[..PS + 1]).is_err());
+    assert!(placer.place_run(block, 12, &data).is_err());
+    assert_eq!(block.received().count(), 8);
+}
+
 #[test]
 fn uffd_placer_on_2m_hugetlbfs_memory() {
     let test = "uffd_placer_on_2m_hugetlbfs_memory";

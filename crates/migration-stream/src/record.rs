@@ -486,6 +486,13 @@ impl<R: Read> StreamReader<R> {
         self.inner.count
     }
 
+    /// Bytes read from the channel into the buffer and not consumed yet.
+    /// When 0, the next read may wait for the peer: a caller holding work
+    /// back (pages gathered to place together, say) does it first.
+    pub fn buffered(&self) -> usize {
+        self.inner.inner.buffer().len()
+    }
+
     /// The channel.
     pub fn get_ref(&self) -> &R {
         self.inner.inner.get_ref()

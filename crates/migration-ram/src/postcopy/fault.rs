@@ -388,6 +388,16 @@ impl PagePlacer for PostcopyPlacer {
         Ok(())
     }
 
+    fn place_run(&self, block: &RamBlock, first: u64, data: &[u8]) -> Result<()> {
+        let index = self.shared.index_of(block)?;
+        self.inner.place_run(block, first, data)?;
+        let ps = u64::from(block.page_size());
+        for page in first..first + data.len() as u64 / ps {
+            self.shared.placed(index, page, ps);
+        }
+        Ok(())
+    }
+
     fn place_zero(&self, block: &RamBlock, page: u64) -> Result<()> {
         let index = self.shared.index_of(block)?;
         let ps = u64::from(block.page_size());

@@ -26,7 +26,18 @@ pub struct PrecopyLoader {
     /// (no vCPU waits for them); placed as one run before any other record
     /// is handled.
     zeros: Option<(BlockId, u64, u64)>,
+    /// Pages in a row read by [`load`](PrecopyLoader::load) into `run_buf`
+    /// and not placed yet: block, first page, count. Placed as one run
+    /// ([`PagePlacer::place_run`]) when the buffer is full, before any other
+    /// record is handled, and before a read that may wait for the peer.
+    run: Option<(BlockId, u64, u64)>,
+    run_buf: Vec<u8>,
 }
+
+/// The most bytes of pages in a row [`PrecopyLoader::load`] gathers to place
+/// together: 64 KiB, a postcopy background chunk. Pages larger than half of
+/// it are placed one by one.
+const RUN_BYTES: usize = 64 << 10;
 
 impl std::fmt::Debug for PrecopyLoader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,6 +88,8 @@ impl PrecopyLoader {
             copy: None,
             setup_done: false,
             zeros: None,
+            run: None,
+            run_buf: vec![0; RUN_BYTES],
         }
     }
 
@@ -222,6 +235,64 @@ impl PrecopyLoader {
         Ok(())
     }
 
+    /// Reads the payload of page `hdr` into the run of pages not placed yet
+    /// when it extends it (placing the run once full), else places that run
+    /// and starts another with it. Pages too large to gather are placed at
+    /// once ([`load_page`](PrecopyLoader::load_page)).
+    fn queue_page<R: Read>(&mut self, hdr: PageHeader, r: &mut StreamReader<R>) -> Result<()> {
+        let (ps, page) = {
+            let (block, page) = Self::locate(&self.blocks, self.setup_done, &hdr)?;
+            (block.page_size() as usize, page)
+        };
+        let room = self.run_buf.len();
+        if ps * 2 > room {
+            self.place_run()?;
+            return self.load_page(hdr, r);
+        }
+        let extends = matches!(self.run, Some((block, first, count))
+            if block == hdr.block && first + count == page);
+        if !extends {
+            self.place_run()?;
+            self.run = Some((hdr.block, page, 0));
+        }
+        let Some((_, _, count)) = self.run.as_mut() else {
+            return Ok(());
+        };
+        let at = *count as usize * ps;
+        r.read_page_into(&mut self.run_buf[at..at + ps])?;
+        *count += 1;
+        if at + 2 * ps > room {
+            self.place_run()?;
+        }
+        Ok(())
+    }
+
+    /// Places the run of pages not placed yet, if any.
+    fn place_run(&mut self) -> Result<()> {
+        let Some((block, first, count)) = self.run.take() else {
+            return Ok(());
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        let b = self
+            .blocks
+            .get(block)
+            .ok_or(Error::UnknownBlock { block })?;
+        let ps = u64::from(b.page_size());
+        let len = usize::try_from(count * ps).unwrap_or(usize::MAX);
+        self.placer.place_run(b, first, &self.run_buf[..len])?;
+        self.stats.add_normal_pages(count, ps);
+        Ok(())
+    }
+
+    /// Places what [`load`](PrecopyLoader::load) holds back: a run of pages
+    /// or of zero pages.
+    fn place_held(&mut self) -> Result<()> {
+        self.place_run()?;
+        self.place_zeros()
+    }
+
     /// Pages received so far (each counted once).
     pub fn received_pages(&self) -> u64 {
         self.blocks.received_pages()
@@ -240,6 +311,8 @@ impl PrecopyLoader {
             page: vec![0; self.page.len()],
             setup_done: self.setup_done,
             zeros: None,
+            run: None,
+            run_buf: Vec::new(),
         }
     }
 
@@ -273,30 +346,46 @@ impl PrecopyLoader {
     /// `EndOfSection`, `Sync`) until another record (a command or
     /// `Complete`), which it returns for the caller to handle.
     ///
-    /// With the default placer, zero pages in a row are placed together
-    /// ([`PagePlacer::place_zero_run`]) when the run ends: at the next other
-    /// record, or when the stream fails. Every page read is placed before
-    /// this returns.
+    /// Pages in a row are placed together ([`PagePlacer::place_run`], up to
+    /// 64 KiB), and so are zero pages in a row with the default placer
+    /// ([`PagePlacer::place_zero_run`]): when the run ends (at the next other
+    /// record), when it fills, before a read that may wait for the peer (a
+    /// vCPU may wait for one of its pages), or when the stream fails. Every
+    /// page read is placed before this returns.
     pub fn load<R: Read>(&mut self, r: &mut StreamReader<R>) -> Result<Record> {
         loop {
+            if r.buffered() == 0 {
+                self.place_held()?;
+            }
             let before = r.bytes_read();
             let record = match r.read_record(&*self.blocks) {
                 Ok(record) => record,
                 Err(e) => {
                     // What was read before the stream broke is placed: the
                     // received bitmaps then say all that arrived.
-                    if let Err(placing) = self.place_zeros() {
-                        log::warn!("placing the last zero pages read: {placing}");
+                    if let Err(placing) = self.place_held() {
+                        log::warn!("placing the last pages read: {placing}");
                     }
                     return Err(e.into());
                 }
             };
+            if !matches!(record, Record::Page(_)) {
+                self.place_run()?;
+            }
             if !matches!(record, Record::ZeroPage(_)) {
                 self.place_zeros()?;
             }
             match record {
                 Record::RamSetup(announced) => self.check_setup(&announced)?,
-                Record::Page(hdr) => self.load_page(hdr, r)?,
+                Record::Page(hdr) => {
+                    if let Err(e) = self.queue_page(hdr, r) {
+                        // The pages before it were read whole.
+                        if let Err(placing) = self.place_held() {
+                            log::warn!("placing the last pages read: {placing}");
+                        }
+                        return Err(e);
+                    }
+                }
                 Record::ZeroPage(hdr) => self.queue_zero_page(hdr)?,
                 Record::EndOfSection | Record::Sync { .. } => {}
                 other => {
