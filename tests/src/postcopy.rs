@@ -185,6 +185,7 @@ pub fn live_with(guest: &Guest, preempt: Preempt) -> Result<Outcome, Failure> {
     // sent yet (the others were on their way).
     let requests = field(&d, "x-postcopy-requests");
     let served = field(&q, "ram.postcopy-requests");
+    let resent = field(&q, "ram.x-postcopy-pages-resent");
     let blocktime = field(&d, "postcopy-blocktime");
     let per_vcpu = d
         .get("postcopy-vcpu-blocktime")
@@ -209,6 +210,12 @@ pub fn live_with(guest: &Guest, preempt: Preempt) -> Result<Outcome, Failure> {
     expect(preempt == Preempt::Off || served > 0, || {
         format!("with postcopy-preempt the source served no request: {q}")
     })?;
+    // Only a preempt channel sends a page twice, and never more pages than
+    // were asked for.
+    expect(
+        resent <= requests && (preempt == Preempt::On || resent == 0),
+        || format!("{resent} pages sent again for {requests} requests: {q}"),
+    )?;
     let accel = accel_of(&mut [&mut src, &mut dst])?;
     Ok(outcome(
         &q,
@@ -222,8 +229,11 @@ pub fn live_with(guest: &Guest, preempt: Preempt) -> Result<Outcome, Failure> {
             per_vcpu,
             preempt.note(),
             match preempt {
-                Preempt::Off => "from the saver's queue on the main channel",
-                Preempt::On => "by its return-path thread on the preempt channel",
+                Preempt::Off => "from the saver's queue on the main channel".to_owned(),
+                Preempt::On => format!(
+                    "by its return-path thread on the preempt channel, {resent} more sent \
+                     again there as they were on their way on the main one"
+                ),
             },
             if guest.has_ab_check() { ", a-b check holds" } else { "" }
         ) + &locked_note,

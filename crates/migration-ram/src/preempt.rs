@@ -59,9 +59,12 @@ use crate::{GuestMemoryMmap, GuestRegionMmap};
 pub struct Served {
     /// Pages asked for, written and flushed on the preempt channel.
     pub sent: u64,
-    /// Pages asked for that were no longer dirty (sent already), or asked
-    /// for once every page went.
+    /// Huge pages asked for that were no longer dirty (sent already on the
+    /// main channel, or asked for twice), not sent again.
     pub ignored: u64,
+    /// Pages asked for that were no longer dirty, sent again on this
+    /// channel (see [`PreemptSender::serve`]).
+    pub resent: u64,
     /// Pages after them sent too, on the same channel ([readahead](PreemptSender::set_readahead)).
     pub ahead: u64,
 }
@@ -72,6 +75,10 @@ pub const PREEMPT_READAHEAD: u64 = 64 << 10;
 
 /// The largest readahead window a run of requests in order grows to: 1 MiB.
 pub const PREEMPT_READAHEAD_MAX: u64 = 1 << 20;
+
+/// Pages smaller than this that are asked for again are
+/// [sent again](PreemptSender::serve); huge pages are not.
+const RESEND_BELOW: u64 = 64 << 10;
 
 /// Pages of the readahead window flushed at a time, so the first ones land
 /// while the rest are read.
@@ -190,20 +197,23 @@ impl<W: Write> PreemptSender<W> {
     /// Serves a request as the return path carries it, `len` bytes at
     /// `offset` of `block`: each of its pages that is still dirty is taken
     /// from the dirty bitmap, read, written and flushed, at once, on this
-    /// thread; the others are counted as ignored. A bad request fails with
-    /// [`Error::BadPageRequest`] and is reported to the saver, sending
-    /// nothing. If a write fails, the page is dirty again and the error is
-    /// returned (of kind [`ErrorKind::Link`](crate::ErrorKind::Link) for a
-    /// broken connection); the caller reports it to the saver with
-    /// [`PageRequester::fail`].
+    /// thread. A page no longer dirty was taken by the background stream and
+    /// is on its way on the main channel (the destination would not ask for
+    /// one it has): it is sent again here, as the guest would otherwise wait
+    /// for it behind the main channel's buffers, milliseconds with the
+    /// kernel's own (the source's memory no longer changes in postcopy, and
+    /// the destination places whichever copy comes first). Huge pages are
+    /// not sent twice, only counted as ignored: 2 MiB here costs about what
+    /// waiting for them there does.
+    ///
+    /// A bad request fails with [`Error::BadPageRequest`] and is reported
+    /// to the saver, sending nothing. If a write fails, the page is dirty
+    /// again and the error is returned (of kind
+    /// [`ErrorKind::Link`](crate::ErrorKind::Link) for a broken connection);
+    /// the caller reports it to the saver with [`PageRequester::fail`].
     pub fn serve(&mut self, block: BlockId, offset: u64, len: u64) -> Result<Served> {
         let (index, pages) = self.requester.check_range(block, offset, len)?;
         let mut served = Served::default();
-        if self.requester.is_finished() {
-            served.ignored = pages.end - pages.start;
-            self.requester.ignored(served.ignored);
-            return Ok(served);
-        }
         // Two reference counts, so the block and region outlive the borrows
         // of `self` below.
         let (blocks, mem) = (self.blocks.clone(), self.mem.clone());
@@ -214,16 +224,22 @@ impl<W: Write> PreemptSender<W> {
             size: b.size(),
         })?;
         let page_size = u64::from(b.page_size());
-        let buf = &mut self.buf[..b.page_size() as usize];
         let mut last = None;
+        let resend = page_size < RESEND_BELOW;
         for page in pages {
             let taken = b.dirty().take_range(page, 1);
             if taken.is_empty() {
-                served.ignored += 1;
+                if resend {
+                    self.resend(block, b, region, page)?;
+                    served.resent += 1;
+                } else {
+                    served.ignored += 1;
+                }
                 continue;
             }
             // The destination may get it from here on.
             b.mark_sent(&taken);
+            let buf = &mut self.buf[..b.page_size() as usize];
             let before = self.writer.bytes_written();
             let result = read_page(region, b, page, buf).and_then(|()| {
                 let offset = page * page_size;
@@ -253,12 +269,39 @@ impl<W: Write> PreemptSender<W> {
         if served.ignored > 0 {
             self.requester.ignored(served.ignored);
         }
+        if served.resent > 0 {
+            self.stats.add_postcopy_pages_resent(served.resent);
+        }
         if let Some(page) = last {
             let ahead = self.read_ahead(block, b, region, page)?;
             served.ahead = ahead.0;
             self.requester.served(index, ahead.1);
         }
         Ok(served)
+    }
+
+    /// Sends page `page` of block `b` again (see [`serve`](Self::serve)),
+    /// flushed; its bitmaps are left as they are.
+    fn resend(
+        &mut self,
+        block: BlockId,
+        b: &RamBlock,
+        region: &GuestRegionMmap,
+        page: u64,
+    ) -> Result<()> {
+        let buf = &mut self.buf[..b.page_size() as usize];
+        read_page(region, b, page, buf)?;
+        let before = self.writer.bytes_written();
+        let offset = page * u64::from(b.page_size());
+        let result = if is_zero(buf) {
+            self.writer.write_zero_page(block, offset)
+        } else {
+            self.writer.write_page(block, offset, buf)
+        }
+        .and_then(|()| self.writer.flush());
+        self.stats
+            .add_transferred(self.writer.bytes_written() - before);
+        Ok(result?)
     }
 
     /// Sends the pages still dirty in the readahead window after page
@@ -443,21 +486,27 @@ mod tests {
                 ..Served::default()
             }
         );
-        // A zero page goes as a zero-page record; a range as its pages.
+        // A zero page goes as a zero-page record; a range as its pages,
+        // a page that went already (200) again.
         assert_eq!(s.serve(block, 7 * 4096, 4096).unwrap().sent, 1);
         assert_eq!(
             s.serve(block, 199 * 4096, 2 * 4096).unwrap(),
             Served {
                 sent: 1,
-                ignored: 1,
-                ahead: 0
+                resent: 1,
+                ..Served::default()
             }
         );
         assert_eq!(blocks.dirty_pages(), PAGES - 3);
         let snap = stats.snapshot();
         assert_eq!(snap.postcopy_requests, 3);
-        assert_eq!(snap.postcopy_requests_ignored, 1);
-        assert_eq!((snap.normal, snap.duplicate), (2, 1));
+        assert_eq!(snap.postcopy_pages_resent, 1);
+        assert_eq!(snap.postcopy_requests_ignored, 0);
+        assert_eq!(
+            (snap.normal, snap.duplicate),
+            (2, 1),
+            "pages sent again are not counted twice"
+        );
 
         // The saver's scan goes on after the last page served (199), from
         // its chunk (64 KiB: pages 192..208), and skips what went.
@@ -484,6 +533,7 @@ mod tests {
             Record::ZeroPage(PageHeader { offset, .. }) if offset == 7 * 4096
         ));
         assert_eq!(page(&mut r), (199 * 4096, 200));
+        assert_eq!(page(&mut r), (200 * 4096, 201));
         assert_eq!(header(&mut r, &blocks), Record::EndOfSection);
     }
 
@@ -495,8 +545,7 @@ mod tests {
         assert!(!b.dirty().take_range(12, 1).is_empty());
         let only = Served {
             sent: 1,
-            ignored: 0,
-            ahead: 0,
+            ..Served::default()
         };
         // A first request: no readahead yet.
         assert_eq!(s.serve(BlockId(0), 9 * 4096, 4096).unwrap(), only);
@@ -505,8 +554,8 @@ mod tests {
             s.serve(BlockId(0), 10 * 4096, 4096).unwrap(),
             Served {
                 sent: 1,
-                ignored: 0,
-                ahead: 3
+                ahead: 3,
+                ..Served::default()
             }
         );
         // At the end of the block, the window is cut there.
@@ -515,8 +564,8 @@ mod tests {
             s.serve(BlockId(0), (PAGES - 2) * 4096, 4096).unwrap(),
             Served {
                 sent: 1,
-                ignored: 0,
-                ahead: 1
+                ahead: 1,
+                ..Served::default()
             }
         );
         assert_eq!(blocks.dirty_pages(), PAGES - 1 - 5 - 3);
@@ -598,18 +647,32 @@ mod tests {
     }
 
     #[test]
-    fn after_the_saver_finished_requests_are_ignored() {
+    fn after_the_saver_finished_a_request_is_sent_again() {
         let (mut rf, mut s, blocks, stats) = sender(PREEMPT_READAHEAD);
+        // Every page went on the main channel (page 0 here), and the
+        // destination asks for one still on its way there.
+        let b = blocks.iter().next().unwrap();
+        assert!(!b.dirty().take_range(0, 1).is_empty());
         rf.finish();
         assert_eq!(
             s.serve(BlockId(0), 0, 4096).unwrap(),
             Served {
-                ignored: 1,
+                resent: 1,
                 ..Served::default()
             }
         );
-        assert_eq!(blocks.dirty_pages(), PAGES);
-        assert_eq!(stats.snapshot().postcopy_requests_ignored, 1);
+        assert_eq!(blocks.dirty_pages(), PAGES - 1);
+        let snap = stats.snapshot();
+        assert_eq!(
+            (snap.postcopy_pages_resent, snap.postcopy_requests_ignored),
+            (1, 0)
+        );
+        let bytes = s.finish().unwrap();
+        let mut r = StreamReader::new(&bytes[..]);
+        assert!(matches!(
+            header(&mut r, &blocks),
+            Record::Page(PageHeader { offset: 0, .. })
+        ));
     }
 
     #[test]

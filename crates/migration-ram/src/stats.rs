@@ -187,6 +187,7 @@ pub struct RamStats {
     dirty_pages_rate: AtomicU64,
     iterations: AtomicU64,
     postcopy_requests_ignored: AtomicU64,
+    postcopy_pages_resent: AtomicU64,
     /// The `Phase` that `add_transferred` counts bytes in.
     phase: AtomicU8,
     precopy_bytes: AtomicU64,
@@ -234,8 +235,16 @@ pub struct RamStatsSnapshot {
     pub iterations: u64,
     /// Page requests of a postcopy destination for pages already sent
     /// (not sent again): a fault that raced with the page in flight, a
-    /// page asked twice, or a request after the last page went.
+    /// page asked twice, or a request after the last page went. With a
+    /// preempt channel, only huge pages (the others are
+    /// [resent](RamStatsSnapshot::postcopy_pages_resent)).
     pub postcopy_requests_ignored: u64,
+    /// Pages sent a second time, on the postcopy preempt channel: the
+    /// destination asked for them while they were on their way on the main
+    /// channel, where the guest would wait for them behind that channel's
+    /// buffers. The source's memory no longer changes, and the destination
+    /// places whichever copy comes first.
+    pub postcopy_pages_resent: u64,
     /// Bytes written while the guest ran at the source (QEMU's
     /// `precopy-bytes`).
     pub precopy_bytes: u64,
@@ -269,6 +278,7 @@ impl RamStats {
             dirty_pages_rate: r(&self.dirty_pages_rate),
             iterations: r(&self.iterations),
             postcopy_requests_ignored: r(&self.postcopy_requests_ignored),
+            postcopy_pages_resent: r(&self.postcopy_pages_resent),
             precopy_bytes: r(&self.precopy_bytes),
             downtime_bytes: r(&self.downtime_bytes),
             postcopy_bytes: r(&self.postcopy_bytes),
@@ -298,6 +308,11 @@ impl RamStats {
     pub fn add_postcopy_requests_ignored(&self, n: u64) {
         self.postcopy_requests_ignored
             .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` pages sent a second time on the preempt channel.
+    pub fn add_postcopy_pages_resent(&self, n: u64) {
+        self.postcopy_pages_resent.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts the bytes written from now on in `phase`.
@@ -404,6 +419,7 @@ mod tests {
         s.add_sync(77);
         s.add_postcopy_requests(3);
         s.add_postcopy_requests_ignored(2);
+        s.add_postcopy_pages_resent(4);
         s.add_iteration();
         s.set_phase(Phase::Downtime);
         s.add_transferred(5);
@@ -424,6 +440,7 @@ mod tests {
                 dirty_pages_rate: 77,
                 iterations: 1,
                 postcopy_requests_ignored: 2,
+                postcopy_pages_resent: 4,
                 precopy_bytes: 10,
                 downtime_bytes: 5,
                 postcopy_bytes: 7,

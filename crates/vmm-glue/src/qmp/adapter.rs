@@ -314,6 +314,11 @@ pub fn query_migrate_reply(info: &MigrationInfo) -> Value {
             ram.insert("precopy-bytes".into(), json!(s.precopy_bytes));
             ram.insert("downtime-bytes".into(), json!(s.downtime_bytes));
             ram.insert("postcopy-bytes".into(), json!(s.postcopy_bytes));
+            // Not QEMU's: pages a preempt channel sent a second time.
+            ram.insert(
+                "x-postcopy-pages-resent".into(),
+                json!(s.postcopy_pages_resent),
+            );
         }
     }
     if let Some(pc) = &info.postcopy {

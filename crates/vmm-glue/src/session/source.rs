@@ -427,12 +427,15 @@ fn switch_to_postcopy<W: std::io::Write>(
     if let Some(s) = sender {
         s.finish()?;
     }
+    let stats = saver.stats().snapshot();
     log::info!(
-        "postcopy: {} pages sent on the main channel, {} requests served there, {} in all, {} ignored",
+        "postcopy: {} pages sent on the main channel, {} requests served there, {} in all, \
+         {} ignored, {} pages sent again on the preempt channel",
         out.pages_sent,
         out.requests_served,
-        saver.stats().snapshot().postcopy_requests,
-        out.requests_ignored
+        stats.postcopy_requests,
+        stats.postcopy_requests_ignored,
+        stats.postcopy_pages_resent
     );
     w.write_complete()?;
     w.flush()?;
