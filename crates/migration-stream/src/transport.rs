@@ -83,7 +83,7 @@
 //! the kernel's buffer autotuning plus the large user-space buffers of
 //! [`crate::StreamWriter`] and [`crate::StreamReader`] stand in for them.
 //! For latency, [`ConnectionHandle::limit_backlog`] bounds those buffers
-//! (`TCP_NOTSENT_LOWAT`, `SO_RCVBUF`; `SO_SNDBUF` on Unix sockets).
+//! (`TCP_NOTSENT_LOWAT` and `SO_SNDBUF`; `SO_SNDBUF` on Unix sockets).
 //!
 //! A `file:` migration has no return path
 //! ([`ConnectionHandle::has_return_path`] is false): the source's
@@ -115,13 +115,13 @@ use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 /// The backlog bound for the main connection once postcopy starts, for
 /// [`ConnectionHandle::limit_backlog`] at both ends: a requested page then
 /// waits behind about this much of the background stream rather than the
-/// megabytes autotuned buffers hold. The window caps the background stream
+/// megabytes autotuned buffers hold. The send buffer caps what is in flight
 /// at about this much per round trip: 256 KiB keeps a 10 Gbit/s link busy
 /// up to a round trip of about 200 us, and is four segments on loopback
 /// (64 KiB MSS; with 128 KiB, two segments, the ab guest of `cargo xtask
 /// bench --only vs-qemu-postcopy` took more faults, on noisy figures). A
-/// requested page then waits behind up to about twice this (the window
-/// and the unsent low watermark): about 0.5 ms at 1 GB/s.
+/// requested page then waits behind up to about twice this (in flight and
+/// the unsent low watermark): about 0.5 ms at 1 GB/s.
 ///
 /// Not for a main connection beside a postcopy preempt channel: requested
 /// pages do not travel on it, and bounding it only slows the background
@@ -340,9 +340,14 @@ impl ConnectionHandle {
     /// background stream's backlog); call it on both ends.
     ///
     /// - TCP: `TCP_NOTSENT_LOWAT` (a write waits while more than `bytes`
-    ///   are still unsent) and `SO_RCVBUF` (the window this end offers, so
-    ///   at most about `bytes` are in flight to it or wait to be read; the
-    ///   kernel turns off its receive-buffer autotuning for this socket).
+    ///   are still unsent) and `SO_SNDBUF` (sent data stays in the send
+    ///   buffer until acknowledged, so at most about `bytes` are in flight
+    ///   from this end; the kernel turns off its send-buffer autotuning for
+    ///   this socket). Not `SO_RCVBUF`: shrinking the window a receiver
+    ///   already offered makes it drop what the sender still sends into the
+    ///   old one, and the sender retransmits only after its 200 ms minimum
+    ///   timeout (on loopback, `TcpExtTCPRcvQDrop` and one `TCPTimeouts` per
+    ///   stall: postcopy faults of 200 ms and more).
     /// - Unix sockets: `SO_SNDBUF` (what this end's writes may have queued
     ///   at the peer).
     /// - Files: no-op.
@@ -357,7 +362,7 @@ impl ConnectionHandle {
         match &*self.inner {
             HandleInner::Tcp(s) => {
                 set_int(s, IntOption::TcpNotSentLowat, bytes)?;
-                set_int(s, IntOption::RecvBuffer, bytes)
+                set_int(s, IntOption::SendBuffer, bytes)
             }
             HandleInner::Unix(s) => set_int(s, IntOption::SendBuffer, bytes),
             HandleInner::File(_) => Ok(()),

@@ -1,6 +1,6 @@
 //! The two socket options the standard library does not expose and
-//! [`super::ConnectionHandle::limit_backlog`] sets: `SO_RCVBUF`/`SO_SNDBUF`
-//! (how much the kernel buffers for a socket) and `TCP_NOTSENT_LOWAT` (how
+//! [`super::ConnectionHandle::limit_backlog`] sets: `SO_SNDBUF` (how much
+//! the kernel buffers for a socket's writes) and `TCP_NOTSENT_LOWAT` (how
 //! much written data may wait unsent). The only unsafe code of this crate:
 //! one `setsockopt` call on a descriptor the caller owns.
 #![allow(unsafe_code)]
@@ -11,8 +11,6 @@ use std::os::fd::{AsFd, AsRawFd};
 /// A socket option at a level: what `setsockopt` takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum IntOption {
-    /// `SOL_SOCKET`/`SO_RCVBUF`.
-    RecvBuffer,
     /// `SOL_SOCKET`/`SO_SNDBUF`.
     SendBuffer,
     /// `IPPROTO_TCP`/`TCP_NOTSENT_LOWAT` (TCP sockets only).
@@ -22,7 +20,6 @@ pub(super) enum IntOption {
 impl IntOption {
     fn level_name(self) -> (libc::c_int, libc::c_int) {
         match self {
-            IntOption::RecvBuffer => (libc::SOL_SOCKET, libc::SO_RCVBUF),
             IntOption::SendBuffer => (libc::SOL_SOCKET, libc::SO_SNDBUF),
             IntOption::TcpNotSentLowat => (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
         }
@@ -73,10 +70,9 @@ mod tests {
     fn sets_the_buffer_and_the_low_watermark_of_a_tcp_socket() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        set_int(&s, IntOption::RecvBuffer, 64 << 10).unwrap();
         set_int(&s, IntOption::SendBuffer, 64 << 10).unwrap();
         set_int(&s, IntOption::TcpNotSentLowat, 16 << 10).unwrap();
-        let e = set_int(&s, IntOption::RecvBuffer, usize::MAX).unwrap_err();
+        let e = set_int(&s, IntOption::SendBuffer, usize::MAX).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
