@@ -128,7 +128,9 @@ use link::{LinkTimeout, Socket, SocketReader, SocketWriter};
 /// stream, which leaves more pages missing for longer. Measured with
 /// `cargo xtask bench --only vs-qemu-postcopy`, 8 rounds each: a 64 KiB bound
 /// there gave the ab guest a median blocktime of 163 ms, the kernel's own
-/// buffers 44 ms.
+/// buffers 44 ms (the bound was on the receive buffer then, whose drops
+/// and retransmit timeouts were part of that; see
+/// [`ConnectionHandle::limit_backlog`]).
 pub const POSTCOPY_BACKLOG: usize = 256 << 10;
 
 /// Why a connection could not be made or accepted.
