@@ -132,6 +132,13 @@ fn uffd_placer_on_4k_anonymous_memory() {
     let Some(uffd) = open_uffd(test, Features::empty()) else {
         return;
     };
+    let (mem, blocks) = anonymous_16_pages(&uffd);
+    blocked_readers_are_woken_by_placement(&mem, &uffd, &blocks);
+}
+
+/// 16 pages of 4 KiB anonymous guest memory, one block over them, registered
+/// with `uffd` for MISSING faults.
+fn anonymous_16_pages(uffd: &Uffd) -> (Arc<GuestMemoryMmap>, RamBlocks) {
     let mem =
         Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(1 << 20), 16 * 4096)]).unwrap());
     let blocks = RamBlocks::from_guest_memory(&mem, &["pc.ram"]).unwrap();
@@ -142,7 +149,7 @@ fn uffd_placer_on_4k_anonymous_memory() {
         RegisterMode::MISSING,
     )
     .unwrap();
-    blocked_readers_are_woken_by_placement(&mem, &uffd, &blocks);
+    (mem, blocks)
 }
 
 /// A run of pages placed at once, with a present page in its middle (one
@@ -156,15 +163,8 @@ fn uffd_placer_places_a_run_around_a_present_page() {
         return;
     };
     const PS: usize = 4096;
-    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(1 << 20), 16 * PS)]).unwrap());
-    let blocks = RamBlocks::from_guest_memory(&mem, &["pc.ram"]).unwrap();
+    let (mem, blocks) = anonymous_16_pages(&uffd);
     let block = blocks.iter().next().unwrap();
-    uffd.register(
-        block.host_addr(&mem).unwrap(),
-        block.size(),
-        RegisterMode::MISSING,
-    )
-    .unwrap();
     let placer = UffdPlacer::new(Arc::clone(&mem), Arc::clone(&uffd), &blocks);
     placer.place(block, 6, &[6; PS]).unwrap();
     let (done, h) = reader(&mem, block.page_addr(9));

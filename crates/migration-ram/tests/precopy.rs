@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use migration_ram::{
-    PrecopyLoader, PrecopyParams, PrecopySaver, RamStats, RamStatsSnapshot, VmmDirtyLog,
+    GuestMemoryMmap, IterationOutcome, PrecopyLoader, PrecopyParams, PrecopySaver, RamStats,
+    RamStatsSnapshot, VmmDirtyLog,
 };
 use migration_stream::{
     memory_pair, read_preamble, Hello, MigrationId, Record, Role, StreamReader, StreamWriter,
@@ -134,14 +135,14 @@ fn live_precopy_with_a_dirtying_writer_converges_and_copies_everything() {
     assert_eq!(s.postcopy_requests, 0);
 }
 
-#[test]
-fn stopped_guest_precopy_over_a_vec() {
-    let src = memory(640 << 10, 3 << 20);
-    fill(&src, 4, 99);
+/// The whole stream of a stopped guest's precopy (setup, one pass,
+/// completion, `Complete`) with the default parameters, the source's
+/// statistics and the pass's outcome.
+fn stopped_stream(src: &Arc<GuestMemoryMmap>) -> (Vec<u8>, Arc<RamStats>, IterationOutcome) {
     let stats = Arc::new(RamStats::new());
     let mut saver = PrecopySaver::new(
         src.clone(),
-        blocks(&src),
+        blocks(src),
         Arc::new(VmmDirtyLog::new(src.clone())),
         PrecopyParams::default().shared(),
         stats.clone(),
@@ -150,10 +151,17 @@ fn stopped_guest_precopy_over_a_vec() {
     let mut w = StreamWriter::new(Vec::new());
     saver.setup(&mut w).unwrap();
     let out = saver.iterate(&mut w).unwrap();
-    assert!(out.switchover);
     saver.complete(&mut w).unwrap();
     w.write_complete().unwrap();
-    let stream = w.into_inner().unwrap();
+    (w.into_inner().unwrap(), stats, out)
+}
+
+#[test]
+fn stopped_guest_precopy_over_a_vec() {
+    let src = memory(640 << 10, 3 << 20);
+    fill(&src, 4, 99);
+    let (stream, stats, out) = stopped_stream(&src);
+    assert!(out.switchover);
 
     let dst = fresh_like(&src);
     assert_eq!(load_partial(&dst, &stream), StreamEnd::Complete);
@@ -289,21 +297,7 @@ fn runs_of_zero_pages_clear_stale_memory_and_are_counted() {
                 .unwrap();
         }
     }
-    let stats = Arc::new(RamStats::new());
-    let mut saver = PrecopySaver::new(
-        src.clone(),
-        blocks(&src),
-        Arc::new(VmmDirtyLog::new(src.clone())),
-        PrecopyParams::default().shared(),
-        stats.clone(),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let mut w = StreamWriter::new(Vec::new());
-    saver.setup(&mut w).unwrap();
-    saver.iterate(&mut w).unwrap();
-    saver.complete(&mut w).unwrap();
-    w.write_complete().unwrap();
-    let stream = w.into_inner().unwrap();
+    let (stream, stats, _) = stopped_stream(&src);
 
     let dst = fresh_like(&src);
     for r in dst.iter() {
